@@ -126,7 +126,7 @@ const std::set<std::string>& input_keys() {
   static const std::set<std::string> keys = {
       "logits", "probs", "hidden_states", "router_weight", "router_bias", "noise_weight",
       "token_mask", "sequence_length", "labels", "replay", "global_counts", "global_tokens",
-      "num_threads", "dtype", "d_weights", "d_aux_loss", "d_z_loss", "d_dispatch", "d_combine"};
+      "num_threads", "dtype", "logit_noise", "d_weights", "d_aux_loss", "d_z_loss", "d_dispatch", "d_combine"};
   return keys;
 }
 
@@ -152,6 +152,12 @@ json route_typed(const RoutingConfig& config, const json& in) {
   if (in.contains("global_counts")) {
     global_counts = vector_at<double>(in["global_counts"], "global_counts");
     options.global_counts = global_counts;
+  }
+  std::vector<double> logit_noise;
+  if (in.contains("logit_noise")) {
+    const Matrix<double> m = matrix_at<double>(in["logit_noise"], "logit_noise");
+    logit_noise = m.values;
+    options.logit_noise = logit_noise;
   }
   if (in.contains("global_tokens")) options.global_tokens = integer_at(in["global_tokens"], "global_tokens");
   if (in.contains("num_threads")) {

@@ -107,6 +107,22 @@ void check_options(const RoutingConfig& config, const RoutingOptions& options,
       }
     }
   }
+  if (!options.logit_noise.empty()) {
+    const int64_t cols = config.routing_method == RoutingMethod::kSoftMoe
+                             ? config.num_experts * config.slots_per_expert
+                             : config.num_experts;
+    if (static_cast<int64_t>(options.logit_noise.size()) != num_tokens * cols) {
+      throw_input_error("logit_noise size", detail::concat(num_tokens * cols, " (num_tokens · num_experts)"),
+                        options.logit_noise.size());
+    }
+    if (!(config.noise_std > 0) || !noise_active(config)) {
+      throw_input_error("logit_noise", "noise_std > 0 and training (or noise_in_eval)",
+                        detail::concat("noise_std ", config.noise_std, ", training ", config.training));
+    }
+    for (size_t i = 0; i < options.logit_noise.size(); ++i)
+      if (!std::isfinite(options.logit_noise[i]))
+        throw_input_error("logit_noise", "finite values", detail::concat(options.logit_noise[i], " at [", i, "]"));
+  }
   if (options.replay != nullptr && config.routing_method == RoutingMethod::kSoftMoe) {
     throw_input_error("replay", "a token-choice, dense or expert-choice method", "soft_moe");
   }
@@ -242,6 +258,9 @@ class Router {
   void compute_losses();
   void compute_stats();
 
+  // Combine weight of selection i (of token t) as if nothing were dropped.
+  double pre_drop_weight(int64_t t, int64_t i) const;
+
   // Selection key of token t for top-k and group choice.
   void selection_keys(int64_t t, std::vector<double>& keys) const;
 
@@ -278,8 +297,10 @@ void Router<Real>::prepare_logits(ConstMatrixView<Real> input, bool scores_given
     const double std_dev = c_.noise_std / double(num_experts_);
     for (int64_t t = 0; t < num_tokens_; ++t) {
       for (int64_t e = 0; e < cols; ++e) {
-        s.logits(t, e) += Real(std_dev * detail::random_normal(c_.seed, RandomStream::kLogitNoise,
-                                                               uint64_t(t), uint64_t(e)));
+        s.logits(t, e) += Real(opt_.logit_noise.empty()
+                                   ? std_dev * detail::random_normal(c_.seed, RandomStream::kLogitNoise,
+                                                                     uint64_t(t), uint64_t(e))
+                                   : opt_.logit_noise[t * cols + e]);
       }
     }
   }
@@ -530,6 +551,23 @@ void Router<Real>::apply_random_routing() {
 }
 
 template <typename Real>
+double Router<Real>::pre_drop_weight(int64_t t, int64_t i) const {
+  const BasicRoutingPlan<Real>& p = r_.plan;
+  const RoutingSaved<Real>& s = r_.saved;
+  double z = 1;
+  // Before drops the weight is normalised only by renormalize before_drop (or the softmax
+  // over the selected logits); after_drop normalises the survivors, which are not known yet.
+  if (c_.renormalize == Renormalize::kBeforeDrop ||
+      (c_.softmax_order == SoftmaxOrder::kAfterTopK && c_.scoring_func == ScoringFunc::kSoftmax &&
+       !s.scores_given)) {
+    z = uses_sigmoid(c_) && !s.scores_given ? kSigmoidNormEps : 0.0;
+    for (int64_t j = p.token_offsets[t]; j < p.token_offsets[t + 1]; ++j)
+      z += double(s.scores(t, p.token_experts[j]));
+  }
+  return c_.routed_scaling_factor * double(s.scores(t, p.token_experts[i])) / z;
+}
+
+template <typename Real>
 void Router<Real>::apply_capacity() {
   BasicRoutingPlan<Real>& p = r_.plan;
   const RoutingSaved<Real>& s = r_.saved;
@@ -600,6 +638,8 @@ void Router<Real>::apply_capacity() {
             key = detail::random_uniform(c_.seed, RandomStream::kRandomDrop, uint64_t(t), uint64_t(e));
           } else if (c_.drop_score == DropScore::kLogits && !s.scores_given) {
             key = double(s.logits(t, e));
+          } else if (c_.drop_score == DropScore::kWeights) {
+            key = pre_drop_weight(t, i);
           } else {
             key = double(s.scores(t, e));
           }
@@ -812,8 +852,17 @@ void balance_counts(const RoutingConfig& c, const BasicRoutingPlan<Real>& p,
                     const RoutingSaved<Real>& s, int64_t first, int64_t last,
                     std::vector<double>& counts) {
   counts.assign(static_cast<size_t>(c.num_experts), 0.0);
+  std::vector<double> probs;
+  std::vector<int32_t> top;
   for (int64_t t = first; t < last; ++t) {
     if (!s.token_mask[t]) continue;
+    if (c.aux_loss_recompute_topk) {
+      balance_probs(c, s, t, probs);
+      const int64_t k = c.aux_loss_counts == AuxLossCounts::kFirstChoice ? 1 : c.num_experts_per_tok;
+      top_k_indices(probs.data(), c.num_experts, k, top);
+      for (int32_t e : top) counts[e] += 1.0;
+      continue;
+    }
     const int64_t begin = p.token_offsets[t], end = p.token_offsets[t + 1];
     if (c.aux_loss_dropped_to_expert0) {
       // HF Switch: the expert index is the argmax of the capacity-masked one-hot, so a
@@ -838,7 +887,8 @@ void Router<Real>::compute_losses() {
   int64_t n_real = 0;
   for (int64_t t = 0; t < num_tokens_; ++t) n_real += real(t);
 
-  // z-loss: mean over real tokens of logsumexp(logits)² (ST-MoE), on the clean logits.
+  // z-loss: mean over real tokens of logsumexp(logits)² (ST-MoE), on the clean logits. With
+  // padding_in_loss_means, padding rows count with zero logits: lse = log(cols) each.
   if (!s.scores_given && n_real > 0) {
     double sum = 0;
     for (int64_t t = 0; t < num_tokens_; ++t) {
@@ -846,7 +896,11 @@ void Router<Real>::compute_losses() {
       const double lse = logsumexp_row(s.clean_logits.row(t), s.clean_logits.cols);
       sum += lse * lse;
     }
-    l.z_loss = sum / double(n_real);
+    if (c_.padding_in_loss_means) {
+      const double pad_lse = std::log(double(s.clean_logits.cols));
+      sum += double(num_tokens_ - n_real) * pad_lse * pad_lse;
+    }
+    l.z_loss = sum / double(c_.padding_in_loss_means ? num_tokens_ : n_real);
   }
   if (c_.routing_method == RoutingMethod::kSoftMoe || n_real == 0) {
     l.total = c_.router_z_loss_coef * l.z_loss;
@@ -907,6 +961,7 @@ void Router<Real>::compute_losses() {
         for (int64_t e = 0; e < n_experts; ++e) mean_p[e] += probs[e];
       }
       if (tokens == 0) continue;
+      if (c_.padding_in_loss_means) tokens = last - first;  // padding rows count as zeros
       double count_tokens = double(tokens);
       if (c_.aux_loss_scope == AuxLossScope::kGlobal && !opt_.global_counts.empty()) {
         for (int64_t e = 0; e < n_experts; ++e) counts[e] += opt_.global_counts[e];
@@ -1195,7 +1250,8 @@ Matrix<Real> backward_impl(const RoutingConfig& c, const RoutingResult<Real>& r,
     for (int64_t t = 0; t < num_tokens; ++t) {
       if (!s.token_mask[t]) continue;
       const double lse = logsumexp_row(s.clean_logits.row(t), cols);
-      const double factor = g.d_z_loss * 2.0 * lse / double(n_real);
+      const double factor =
+          g.d_z_loss * 2.0 * lse / double(c.padding_in_loss_means ? num_tokens : n_real);
       for (int64_t e = 0; e < cols; ++e)
         d_logits(t, e) += Real(factor * std::exp(double(s.clean_logits(t, e)) - lse));
     }

@@ -69,8 +69,10 @@ enum class DropPolicy {
 // (token, choice) pairs: DeepSpeed topk 'position', Megablocks bins).
 enum class PositionOrder { kChoiceMajor, kTokenMajor };
 
-// Ranking key for DropPolicy::kProbs: router probability (Megatron) or raw logit (DeepSpeed).
-enum class DropScore { kProbs, kLogits };
+// Ranking key for DropPolicy::kProbs: the router score q, the raw logit (DeepSpeed topk), or
+// the combine weight before drops (Megatron: softmax over the selected logits, or normalised and
+// scaled sigmoid).
+enum class DropScore { kProbs, kLogits, kWeights };
 
 // What goes into the reported `aux_loss`.
 enum class AuxLossType {
@@ -154,6 +156,12 @@ struct RoutingConfig {
   AuxLossCounts aux_loss_counts = AuxLossCounts::kAllChoices;
   AuxLossScope aux_loss_scope = AuxLossScope::kBatch;
   bool aux_loss_dropped_to_expert0 = false;  // HF Switch: dropped tokens count as expert 0
+  // Padding stays in the denominators of the balance and z losses, with zero probabilities, no
+  // selections and zero logits (flaxformer ignore_padding_tokens); default: real tokens only.
+  bool padding_in_loss_means = false;
+  // f counts the top-k of the balance probabilities recomputed without groups, bias, noise or
+  // replay (Megatron), instead of the routing's own selection.
+  bool aux_loss_recompute_topk = false;
   double router_aux_loss_coef = 0.0;
   double router_z_loss_coef = 0.0;
   double importance_loss_weight = 1.0;

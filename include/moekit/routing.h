@@ -54,6 +54,9 @@ struct RoutingOptions {
   // (Megatron global_aux); empty: this call only.
   std::span<const double> global_counts;  // [num_experts]
   int64_t global_tokens = 0;              // tokens behind global_counts
+  // Gaussian logit noise to add instead of seeded draws (already scaled; used where noise_std
+  // noise would be drawn, e.g. to reproduce a peer's noise exactly).
+  std::span<const double> logit_noise;  // [num_tokens · num_experts]
   int num_threads = 1;                    // results are bitwise identical for any value
 };
 

@@ -1,0 +1,1100 @@
+// RoutingConfig: JSON parsing and serialisation, peer presets and validation.
+//
+// Every canonical key is described once in a field table (key, parser, serialiser), so parsing,
+// serialising, unknown-key suggestions and the alias check cannot drift apart.
+
+#include "moekit/config.h"
+
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <cmath>
+#include <cstddef>
+#include <functional>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string_view>
+#include <type_traits>
+
+#include "moekit/error.h"
+
+namespace moekit {
+namespace {
+
+using Json = nlohmann::json;
+// Ordered so that the serialised config lists keys in declaration order, as docs/config.md does.
+using OrderedJson = nlohmann::ordered_json;
+
+// ---------------------------------------------------------------------------------------------
+// Enum spellings (docs/config.md).
+
+template <typename E>
+struct EnumName {
+  E value;
+  std::string_view name;
+};
+
+constexpr std::array kRoutingMethodNames{
+    EnumName<RoutingMethod>{RoutingMethod::kTopK, "topk"},
+    EnumName<RoutingMethod>{RoutingMethod::kDense, "dense"},
+    EnumName<RoutingMethod>{RoutingMethod::kExpertChoice, "expert_choice"},
+    EnumName<RoutingMethod>{RoutingMethod::kSoftMoe, "soft_moe"},
+    EnumName<RoutingMethod>{RoutingMethod::kSinkhorn, "sinkhorn"},
+};
+constexpr std::array kScoringFuncNames{
+    EnumName<ScoringFunc>{ScoringFunc::kSoftmax, "softmax"},
+    EnumName<ScoringFunc>{ScoringFunc::kSigmoid, "sigmoid"},
+};
+constexpr std::array kSoftmaxOrderNames{
+    EnumName<SoftmaxOrder>{SoftmaxOrder::kBeforeTopK, "before_topk"},
+    EnumName<SoftmaxOrder>{SoftmaxOrder::kAfterTopK, "after_topk"},
+};
+constexpr std::array kRenormalizeNames{
+    EnumName<Renormalize>{Renormalize::kNone, "none"},
+    EnumName<Renormalize>{Renormalize::kBeforeDrop, "before_drop"},
+    EnumName<Renormalize>{Renormalize::kAfterDrop, "after_drop"},
+};
+constexpr std::array kGroupScoreNames{
+    EnumName<GroupScore>{GroupScore::kSumTop2, "sum_top2"},
+    EnumName<GroupScore>{GroupScore::kSumTopKPerGroup, "sum_topk_per_group"},
+    EnumName<GroupScore>{GroupScore::kMax, "max"},
+};
+constexpr std::array kMaskedGroupFillNames{
+    EnumName<MaskedGroupFill>{MaskedGroupFill::kNegInf, "neg_inf"},
+    EnumName<MaskedGroupFill>{MaskedGroupFill::kZero, "zero"},
+};
+constexpr std::array kCapacityFormulaNames{
+    EnumName<CapacityFormula>{CapacityFormula::kStandard, "standard"},
+    EnumName<CapacityFormula>{CapacityFormula::kTutel, "tutel"},
+};
+constexpr std::array kCapacityRoundingNames{
+    EnumName<CapacityRounding>{CapacityRounding::kCeil, "ceil"},
+    EnumName<CapacityRounding>{CapacityRounding::kRoundHalfEven, "round"},
+    EnumName<CapacityRounding>{CapacityRounding::kFloor, "floor"},
+};
+constexpr std::array kScopeNames{
+    EnumName<Scope>{Scope::kBatch, "batch"},
+    EnumName<Scope>{Scope::kSequence, "sequence"},
+};
+constexpr std::array kDropPolicyNames{
+    EnumName<DropPolicy>{DropPolicy::kPosition, "position"},
+    EnumName<DropPolicy>{DropPolicy::kProbs, "probs"},
+    EnumName<DropPolicy>{DropPolicy::kRandom, "random"},
+};
+constexpr std::array kPositionOrderNames{
+    EnumName<PositionOrder>{PositionOrder::kChoiceMajor, "choice_major"},
+    EnumName<PositionOrder>{PositionOrder::kTokenMajor, "token_major"},
+};
+constexpr std::array kDropScoreNames{
+    EnumName<DropScore>{DropScore::kProbs, "probs"},
+    EnumName<DropScore>{DropScore::kLogits, "logits"},
+    EnumName<DropScore>{DropScore::kWeights, "weights"},
+};
+constexpr std::array kGumbelNoiseNames{
+    EnumName<GumbelNoise>{GumbelNoise::kNone, "none"},
+    EnumName<GumbelNoise>{GumbelNoise::kAll, "all"},
+    EnumName<GumbelNoise>{GumbelNoise::kSecond, "second"},
+};
+constexpr std::array kAuxLossTypeNames{
+    EnumName<AuxLossType>{AuxLossType::kNone, "none"},
+    EnumName<AuxLossType>{AuxLossType::kLoadBalancing, "load_balancing"},
+    EnumName<AuxLossType>{AuxLossType::kImportanceLoad, "importance_load"},
+};
+constexpr std::array kAuxLossScaleNames{
+    EnumName<AuxLossScale>{AuxLossScale::kK, "k"},
+    EnumName<AuxLossScale>{AuxLossScale::kOne, "one"},
+};
+constexpr std::array kAuxLossCountsNames{
+    EnumName<AuxLossCounts>{AuxLossCounts::kAllChoices, "all_choices"},
+    EnumName<AuxLossCounts>{AuxLossCounts::kFirstChoice, "first_choice"},
+};
+constexpr std::array kAuxLossScopeNames{
+    EnumName<AuxLossScope>{AuxLossScope::kBatch, "batch"},
+    EnumName<AuxLossScope>{AuxLossScope::kSequence, "sequence"},
+    EnumName<AuxLossScope>{AuxLossScope::kGlobal, "global"},
+};
+
+template <typename E, std::size_t N>
+std::string_view enum_name(E value, const std::array<EnumName<E>, N>& names) {
+  for (const auto& entry : names) {
+    if (entry.value == value) return entry.name;
+  }
+  return "<invalid>";
+}
+
+template <typename E, std::size_t N>
+std::string enum_choices(const std::array<EnumName<E>, N>& names) {
+  std::string out = "one of ";
+  for (std::size_t i = 0; i < N; ++i) {
+    if (i > 0) out += ", ";
+    out += names[i].name;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message helpers.
+
+// Shortest round-trip form: error.h's 17-digit stream would print 0.1 as 0.10000000000000001.
+std::string format_number(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buffer[64];
+  const auto result = std::to_chars(buffer, buffer + sizeof(buffer), x);
+  return std::string(buffer, result.ptr);
+}
+
+std::string quote_text(std::string_view text) { return "\"" + std::string(text) + "\""; }
+
+// "string \"8\"", "number 8.5", "null": the JSON type first, since that is what was wrong.
+std::string describe_json(const Json& value) {
+  if (value.is_null()) return "null";
+  constexpr std::size_t kMaxShown = 40;
+  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
+  if (text.size() > kMaxShown) text = text.substr(0, kMaxShown - 3) + "...";
+  return std::string(value.type_name()) + " " + text;
+}
+
+std::size_t edit_distance(std::string_view a, std::string_view b) {
+  std::vector<std::size_t> previous(b.size() + 1), current(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) previous[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    current[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
+    }
+    std::swap(previous, current);
+  }
+  return previous[b.size()];
+}
+
+// The closest candidate, or "" when none is close enough to be a plausible typo.
+std::string closest_name(std::string_view name, const std::vector<std::string>& candidates) {
+  std::string best;
+  std::size_t best_distance = std::numeric_limits<std::size_t>::max();
+  for (const auto& candidate : candidates) {
+    const std::size_t distance = edit_distance(name, candidate);
+    if (distance < best_distance) {
+      best_distance = distance;
+      best = candidate;
+    }
+  }
+  const std::size_t limit = std::max<std::size_t>(2, name.size() / 3);
+  return best_distance <= limit ? best : std::string();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed JSON readers. `field` is the key as the user wrote it (with the canonical name when it
+// was an alias), so the message points at their text.
+
+int64_t read_int(const Json& value, const std::string& field) {
+  if (!value.is_number_integer()) throw_config_error(field, "an integer", describe_json(value));
+  if (value.is_number_unsigned() &&
+      value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    throw_config_error(field, "an integer in the int64 range", describe_json(value));
+  }
+  return value.get<int64_t>();
+}
+
+// nlohmann stores every non-negative integer literal as unsigned, so anything else is negative,
+// fractional or not a number.
+uint64_t read_uint(const Json& value, const std::string& field) {
+  if (!value.is_number_unsigned())
+    throw_config_error(field, "an integer >= 0", describe_json(value));
+  return value.get<uint64_t>();
+}
+
+double read_number(const Json& value, const std::string& field) {
+  if (!value.is_number()) throw_config_error(field, "a number", describe_json(value));
+  return value.get<double>();
+}
+
+bool read_bool(const Json& value, const std::string& field) {
+  if (!value.is_boolean()) throw_config_error(field, "a boolean", describe_json(value));
+  return value.get<bool>();
+}
+
+std::string read_string(const Json& value, const std::string& field) {
+  if (!value.is_string()) throw_config_error(field, "a string", describe_json(value));
+  return value.get<std::string>();
+}
+
+template <typename E, std::size_t N>
+E read_enum(const Json& value, const std::string& field, const std::array<EnumName<E>, N>& names) {
+  if (!value.is_string()) {
+    throw_config_error(field, "a string, " + enum_choices(names), describe_json(value));
+  }
+  const auto text = value.get<std::string>();
+  for (const auto& entry : names) {
+    if (entry.name == text) return entry.value;
+  }
+  throw_config_error(field, enum_choices(names), quote_text(text));
+}
+
+template <typename T>
+T read_value(const Json& value, const std::string& field) {
+  if constexpr (std::is_same_v<T, int64_t>) {
+    return read_int(value, field);
+  } else if constexpr (std::is_same_v<T, uint64_t>) {
+    return read_uint(value, field);
+  } else if constexpr (std::is_same_v<T, double>) {
+    return read_number(value, field);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return read_bool(value, field);
+  } else if constexpr (std::is_same_v<T, std::optional<double>>) {
+    if (value.is_null()) return std::nullopt;
+    if (!value.is_number()) throw_config_error(field, "a number or null", describe_json(value));
+    return value.get<double>();
+  } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
+    if (value.is_null()) return std::nullopt;
+    if (!value.is_number_integer()) {
+      throw_config_error(field, "an integer or null", describe_json(value));
+    }
+    return read_int(value, field);
+  } else if constexpr (std::is_same_v<T, std::vector<double>>) {
+    if (!value.is_array()) throw_config_error(field, "an array of numbers", describe_json(value));
+    std::vector<double> out;
+    out.reserve(value.size());
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      out.push_back(read_number(value[i], field + "[" + std::to_string(i) + "]"));
+    }
+    return out;
+  } else {
+    static_assert(!sizeof(T), "no JSON reader for this field type");
+  }
+}
+
+template <typename T>
+OrderedJson write_value(const T& value) {
+  if constexpr (std::is_same_v<T, std::optional<double>> ||
+                std::is_same_v<T, std::optional<int64_t>>) {
+    return value ? OrderedJson(*value) : OrderedJson(nullptr);
+  } else {
+    return OrderedJson(value);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field and alias tables.
+
+using ReadFn = std::function<void(RoutingConfig&, const Json&, const std::string& field)>;
+using WriteFn = std::function<OrderedJson(const RoutingConfig&)>;
+
+struct FieldSpec {
+  std::string key;
+  ReadFn read;
+  WriteFn write;
+};
+
+template <typename T>
+FieldSpec field(std::string key, T RoutingConfig::*member) {
+  return {std::move(key),
+          [member](RoutingConfig& config, const Json& value, const std::string& name) {
+            config.*member = read_value<T>(value, name);
+          },
+          [member](const RoutingConfig& config) { return write_value(config.*member); }};
+}
+
+template <typename E, std::size_t N>
+FieldSpec enum_field(std::string key, E RoutingConfig::*member,
+                     const std::array<EnumName<E>, N>& names) {
+  return {std::move(key),
+          [member, &names](RoutingConfig& config, const Json& value, const std::string& name) {
+            config.*member = read_enum(value, name, names);
+          },
+          [member, &names](const RoutingConfig& config) {
+            return OrderedJson(std::string(enum_name(config.*member, names)));
+          }};
+}
+
+// Every canonical key except `preset`, in declaration order.
+const std::vector<FieldSpec>& field_specs() {
+  using C = RoutingConfig;
+  static const std::vector<FieldSpec> kFields = {
+      field("num_experts", &C::num_experts),
+      field("num_experts_per_tok", &C::num_experts_per_tok),
+      enum_field("routing_method", &C::routing_method, kRoutingMethodNames),
+      enum_field("scoring_func", &C::scoring_func, kScoringFuncNames),
+      enum_field("softmax_order", &C::softmax_order, kSoftmaxOrderNames),
+      enum_field("renormalize", &C::renormalize, kRenormalizeNames),
+      field("routed_scaling_factor", &C::routed_scaling_factor),
+      field("temperature", &C::temperature),
+      field("e_score_correction_bias", &C::e_score_correction_bias),
+      field("expert_bias_update_rate", &C::expert_bias_update_rate),
+      field("n_group", &C::n_group),
+      field("topk_group", &C::topk_group),
+      enum_field("group_score", &C::group_score, kGroupScoreNames),
+      enum_field("masked_group_fill", &C::masked_group_fill, kMaskedGroupFillNames),
+      field("capacity_factor", &C::capacity_factor),
+      field("eval_capacity_factor", &C::eval_capacity_factor),
+      field("expert_capacity", &C::expert_capacity),
+      field("drop_tokens", &C::drop_tokens),
+      enum_field("capacity_formula", &C::capacity_formula, kCapacityFormulaNames),
+      enum_field("capacity_rounding", &C::capacity_rounding, kCapacityRoundingNames),
+      field("capacity_times_k", &C::capacity_times_k),
+      field("min_capacity", &C::min_capacity),
+      field("capacity_multiple", &C::capacity_multiple),
+      enum_field("capacity_scope", &C::capacity_scope, kScopeNames),
+      enum_field("drop_policy", &C::drop_policy, kDropPolicyNames),
+      enum_field("position_order", &C::position_order, kPositionOrderNames),
+      enum_field("drop_score", &C::drop_score, kDropScoreNames),
+      field("batch_prioritized_routing", &C::batch_prioritized_routing),
+      field("slots_per_expert", &C::slots_per_expert),
+      field("sinkhorn_max_iterations", &C::sinkhorn_max_iterations),
+      field("sinkhorn_tolerance", &C::sinkhorn_tolerance),
+      field("router_jitter_noise", &C::router_jitter_noise),
+      field("noise_std", &C::noise_std),
+      field("noisy_gating", &C::noisy_gating),
+      enum_field("gumbel_noise", &C::gumbel_noise, kGumbelNoiseNames),
+      field("random_routing", &C::random_routing),
+      field("noise_in_eval", &C::noise_in_eval),
+      field("seed", &C::seed),
+      enum_field("aux_loss_type", &C::aux_loss_type, kAuxLossTypeNames),
+      enum_field("aux_loss_scale", &C::aux_loss_scale, kAuxLossScaleNames),
+      enum_field("aux_loss_counts", &C::aux_loss_counts, kAuxLossCountsNames),
+      enum_field("aux_loss_scope", &C::aux_loss_scope, kAuxLossScopeNames),
+      field("aux_loss_dropped_to_expert0", &C::aux_loss_dropped_to_expert0),
+      field("padding_in_loss_means", &C::padding_in_loss_means),
+      field("aux_loss_recompute_topk", &C::aux_loss_recompute_topk),
+      field("router_aux_loss_coef", &C::router_aux_loss_coef),
+      field("router_z_loss_coef", &C::router_z_loss_coef),
+      field("importance_loss_weight", &C::importance_loss_weight),
+      field("load_loss_weight", &C::load_loss_weight),
+      field("collapse_threshold", &C::collapse_threshold),
+      field("training", &C::training),
+  };
+  return kFields;
+}
+
+struct AliasSpec {
+  std::string alias;
+  std::string canonical;
+  ReadFn read;  // empty: the canonical key's reader (same JSON type and values)
+};
+
+const std::vector<AliasSpec>& alias_specs() {
+  static const std::vector<AliasSpec> kAliases = {
+      {"num_local_experts", "num_experts", {}},
+      {"n_routed_experts", "num_experts", {}},
+      {"num_moe_experts", "num_experts", {}},
+      {"moe_num_experts", "num_experts", {}},
+      {"expert_count", "num_experts", {}},
+      {"top_k", "num_experts_per_tok", {}},
+      {"moe_router_topk", "num_experts_per_tok", {}},
+      {"k", "num_experts_per_tok", {}},
+      {"num_selected_experts", "num_experts_per_tok", {}},
+      {"experts_per_token", "num_experts_per_tok", {}},
+      {"expert_used_count", "num_experts_per_tok", {}},
+      {"router_type", "routing_method", {}},
+      {"moe_router_score_function", "scoring_func", {}},
+      {"score_function", "scoring_func", {}},
+      // Megatron's flag is a bool; true means softmax over all experts before the top-k.
+      {"moe_router_pre_softmax", "softmax_order",
+       [](RoutingConfig& config, const Json& value, const std::string& name) {
+         config.softmax_order =
+             read_bool(value, name) ? SoftmaxOrder::kBeforeTopK : SoftmaxOrder::kAfterTopK;
+       }},
+      // HF's flag is a bool; HF renormalises over the selected experts (there are no drops).
+      {"norm_topk_prob", "renormalize",
+       [](RoutingConfig& config, const Json& value, const std::string& name) {
+         config.renormalize =
+             read_bool(value, name) ? Renormalize::kBeforeDrop : Renormalize::kNone;
+       }},
+      {"moe_router_topk_scaling_factor", "routed_scaling_factor", {}},
+      {"router_temperature", "temperature", {}},
+      {"expert_bias", "e_score_correction_bias", {}},
+      {"moe_router_bias_update_rate", "expert_bias_update_rate", {}},
+      {"moe_router_num_groups", "n_group", {}},
+      {"num_expert_group", "n_group", {}},
+      {"moe_router_group_topk", "topk_group", {}},
+      {"moe_expert_capacity_factor", "capacity_factor", {}},
+      {"capacity_alignment", "capacity_multiple", {}},
+      {"moe_token_drop_policy", "drop_policy", {}},
+      {"use_bpr", "batch_prioritized_routing", {}},
+      {"num_slots_per_expert", "slots_per_expert", {}},
+      {"moe_input_jitter_eps", "router_jitter_noise", {}},
+      {"jitter_eps", "router_jitter_noise", {}},
+      {"gate_noise", "noise_std", {}},
+      {"moe_router_load_balancing_type", "aux_loss_type", {}},
+      {"moe_aux_loss_coeff", "router_aux_loss_coef", {}},
+      {"aux_loss_coef", "router_aux_loss_coef", {}},
+      {"moe_z_loss_coeff", "router_z_loss_coef", {}},
+      {"z_loss_coef", "router_z_loss_coef", {}},
+  };
+  return kAliases;
+}
+
+constexpr std::string_view kPresetKey = "preset";
+// Accepted for compatibility with HF Switch and Megatron configs, then ignored: moekit routes in
+// fp32 or fp64 whatever the model dtype, so the choice has nothing left to select.
+constexpr std::string_view kRouterDtypeKey = "router_dtype";
+constexpr std::array<std::string_view, 4> kRouterDtypes = {"float32", "fp32", "float64", "fp64"};
+
+// What a key resolves to: the canonical key and the reader to apply.
+struct KeyTarget {
+  std::string canonical;
+  const ReadFn* read = nullptr;
+};
+
+const std::map<std::string, KeyTarget, std::less<>>& key_targets() {
+  static const auto kTargets = [] {
+    std::map<std::string, KeyTarget, std::less<>> targets;
+    std::map<std::string, const ReadFn*, std::less<>> canonical_readers;
+    for (const auto& spec : field_specs()) {
+      targets[spec.key] = {spec.key, &spec.read};
+      canonical_readers[spec.key] = &spec.read;
+    }
+    for (const auto& spec : alias_specs()) {
+      targets[spec.alias] = {spec.canonical,
+                             spec.read ? &spec.read : canonical_readers.at(spec.canonical)};
+    }
+    return targets;
+  }();
+  return kTargets;
+}
+
+std::vector<std::string> known_keys() {
+  std::vector<std::string> keys{std::string(kPresetKey), std::string(kRouterDtypeKey)};
+  for (const auto& [key, target] : key_targets()) keys.push_back(key);
+  return keys;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Presets. Each entry reproduces one peer system; the comment above it names the peer files it
+// mirrors. Fields not named keep the RoutingConfig defaults. Designated initialisers must follow
+// declaration order, so entries list fields in that order.
+
+struct PresetSpec {
+  std::string_view name;
+  void (*apply)(RoutingConfig&);  // sets the peer's values on a default RoutingConfig
+};
+
+const std::vector<PresetSpec>& preset_table() {
+  static const std::vector<PresetSpec> kPresets = {
+      // transformers switch_transformers/configuration_switch_transformers.py (defaults) and
+      // modeling_switch_transformers.py (SwitchTransformersTop1Router, router_z_loss_func,
+      // load_balancing_loss_func). Capacity is a fixed 64 per batch row; the loss is
+      // E²·mean over rows and experts, i.e. a per-row loss averaged over rows; dropped tokens
+      // count as expert 0 (argmax of an all-zero row).
+      {"hf-switch",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 1;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.expert_capacity = 64;
+         c.capacity_scope = Scope::kSequence;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kChoiceMajor;
+         c.router_jitter_noise = 0.01;
+         c.noise_in_eval = false;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kSequence;
+         // transformers 5.x takes the expert index from router_logits.argmax, so a dropped
+         // token counts for the expert it chose; older releases counted it as expert 0.
+         c.aux_loss_dropped_to_expert0 = false;
+         c.router_aux_loss_coef = 0.001;
+         c.router_z_loss_coef = 0.001;
+       }},
+      // transformers mixtral/modeling_mixtral.py (MixtralSparseMoeBlock, load_balancing_loss_func)
+      // and configuration_mixtral.py: softmax over all experts, top-k, w /= Σw, no capacity;
+      // aux = E·Σ f·P over all tokens (k at balance); jitter default 0.
+      {"hf-mixtral",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.001;
+       }},
+      // transformers qwen2_moe/modeling_qwen2_moe.py and configuration_qwen2_moe.py: the Mixtral
+      // router with norm_topk_prob false by default (the shared expert is not routing).
+      {"hf-qwen2-moe",
+       [](RoutingConfig& c) {
+         c.num_experts = 60;
+         c.num_experts_per_tok = 4;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.001;
+       }},
+      // transformers qwen3_moe/modeling_qwen3_moe.py. Qwen3MoeConfig defaults norm_topk_prob to
+      // false, but every released Qwen3-MoE checkpoint sets it true; the preset follows the
+      // checkpoints, which is what users route with.
+      {"hf-qwen3-moe",
+       [](RoutingConfig& c) {
+         c.num_experts = 128;
+         c.num_experts_per_tok = 8;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.001;
+       }},
+      // transformers olmoe/modeling_olmoe.py and configuration_olmoe.py (norm_topk_prob false,
+      // router_aux_loss_coef 0.01).
+      {"hf-olmoe",
+       [](RoutingConfig& c) {
+         c.num_experts = 64;
+         c.num_experts_per_tok = 8;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.01;
+       }},
+      // transformers deepseek_v3/modeling_deepseek_v3.py (DeepseekV3TopkRouter) and
+      // configuration_deepseek_v3.py. Experts of dropped groups are filled with 0.0, as in that
+      // snapshot (the DeepSeek reference uses -inf: set masked_group_fill to neg_inf for it).
+      // The correction bias is a zero buffer until a checkpoint is loaded, hence empty here.
+      {"hf-deepseek-v3",
+       [](RoutingConfig& c) {
+         c.num_experts = 256;
+         c.num_experts_per_tok = 8;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSigmoid;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.routed_scaling_factor = 2.5;
+         c.n_group = 8;
+         c.topk_group = 4;
+         c.group_score = GroupScore::kSumTop2;
+         // transformers 5.x masks dropped groups with -inf (earlier snapshots filled 0.0).
+         c.masked_group_fill = MaskedGroupFill::kNegInf;
+         c.aux_loss_type = AuxLossType::kNone;
+       }},
+      // transformers gpt_oss/modeling_gpt_oss.py (GptOssTopKRouter: top-k of the logits, then
+      // softmax over those k) and configuration_gpt_oss.py (router_aux_loss_coef 0.9).
+      {"hf-gpt-oss",
+       [](RoutingConfig& c) {
+         c.num_experts = 32;
+         c.num_experts_per_tok = 4;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kAfterTopK;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.9;
+       }},
+      // Megatron-LM megatron/core/transformer/moe/router.py (TopKRouter) and moe_utils.py
+      // (topk_routing_with_score_function, get_capacity, apply_router_token_dropping,
+      // switch_load_balancing_loss_func). pre_softmax false: softmax over the k selected logits.
+      // With moe_router_pre_softmax true Megatron does not renormalise, so set renormalize none
+      // next to it; renormalize stays before_drop here because sigmoid scores are normalised.
+      // Dropless until a capacity factor is given. 'position' drops by token index per expert,
+      // hence token-major. Input jitter is applied without a training check.
+      {"megatron",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kAfterTopK;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = true;
+         c.min_capacity = 0;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kProbs;
+         c.position_order = PositionOrder::kTokenMajor;
+         c.drop_score = DropScore::kWeights;  // 'probs' ranks the final routing probabilities
+         c.noise_in_eval = true;
+         c.aux_loss_recompute_topk = true;  // compute_routing_scores_for_aux_loss
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+       }},
+      // DeepSpeed deepspeed/moe/sharded_moe.py (top1gating, _capacity) and layer.py defaults:
+      // C = max(ceil(T/E·cf), 8), random token selection (use_rts true), combine = raw gate.
+      {"deepspeed-top1",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 1;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.0;
+         c.eval_capacity_factor = 1.0;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = true;
+         c.min_capacity = 8;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kRandom;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+       }},
+      // DeepSpeed deepspeed/moe/sharded_moe.py (top2gating): C = max(ceil(2·T/E·cf), 8), every
+      // first choice before any second choice, g1 and g2 renormalised over the survivors, l_aux
+      // from first choices only. DeepSpeed's top2_2nd_expert_sampling (Gumbel noise on the second
+      // pick) defaults to on but also samples in evaluation, so eval routing is random
+      // (deepspeed PR #8620); it is off here. For DeepSpeed's exact behaviour set gumbel_noise
+      // "second", and noise_in_eval true to include its evaluation sampling.
+      {"deepspeed-top2",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kAfterDrop;
+         c.capacity_factor = 1.0;
+         c.eval_capacity_factor = 1.0;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = true;
+         c.min_capacity = 8;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kChoiceMajor;
+         c.gumbel_noise = GumbelNoise::kNone;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kFirstChoice;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+       }},
+      // DeepSpeed deepspeed/moe/sharded_moe.py (topkgating): TopKGate never passes drop_policy,
+      // so it is always 'probs', ranked by the top-k logits; renormalised over the survivors;
+      // l_aux divided by k (1 at balance). 'position' would be a joint cumsum: token-major.
+      {"deepspeed-topk",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kAfterDrop;
+         c.capacity_factor = 1.0;
+         c.eval_capacity_factor = 1.0;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = true;
+         c.min_capacity = 8;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kProbs;
+         c.position_order = PositionOrder::kTokenMajor;
+         c.drop_score = DropScore::kProbs;  // top-C of the full-softmax probabilities
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+       }},
+      // flaxformer flaxformer/architectures/moe/routing.py (TokensChooseMaskedRouter,
+      // _load_balancing_loss) and moe_layers.py, with t5x's MoE gin defaults (capacity factor
+      // 1.25 train / 2.0 eval, k 2, aux 0.01, router z 0). C = max(round(cf·T_g/E), 4) per
+      // group; the loss is per group, averaged over groups.
+      {"flaxformer-tokens-choose",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.25;
+         c.eval_capacity_factor = 2.0;
+         c.capacity_rounding = CapacityRounding::kRoundHalfEven;
+         c.capacity_times_k = false;
+         c.min_capacity = 4;
+         c.capacity_scope = Scope::kSequence;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kChoiceMajor;
+         c.batch_prioritized_routing = false;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kK;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kSequence;
+         c.router_aux_loss_coef = 0.01;
+         c.router_z_loss_coef = 0.0;
+         c.padding_in_loss_means = true;  // ignore_padding_tokens: means still over all tokens
+       }},
+      // flaxformer flaxformer/architectures/moe/routing.py (ExpertsChooseMaskedRouter): top-C
+      // tokens per expert, combine = p, no aux loss; same capacity rule and gin factors as above.
+      {"flaxformer-experts-choose",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.routing_method = RoutingMethod::kExpertChoice;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.25;
+         c.eval_capacity_factor = 2.0;
+         c.capacity_rounding = CapacityRounding::kRoundHalfEven;
+         c.capacity_times_k = false;
+         c.min_capacity = 4;
+         c.capacity_scope = Scope::kSequence;
+         c.aux_loss_type = AuxLossType::kNone;
+         c.router_z_loss_coef = 0.0;
+         c.padding_in_loss_means = true;
+       }},
+      // google-research/vmoe vmoe/nn/routing.py (NoisyTopExpertsPerItemRouter), vmoe/moe.py
+      // (capacity: ceil(cf·T·k/E), at least 1, up to a multiple of 4) and
+      // vmoe/configs/vmoe_paper/common.py (capacity_factor 1.05, routing per group). Router
+      // defaults weigh importance and load by 1 each; the paper's 0.005 weights are the loss
+      // coefficient here, so aux_loss keeps the router's own value.
+      {"vmoe",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.05;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = true;
+         c.min_capacity = 1;
+         c.capacity_multiple = 4;
+         c.capacity_scope = Scope::kSequence;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kChoiceMajor;
+         c.batch_prioritized_routing = false;
+         c.noise_std = 1.0;
+         c.aux_loss_type = AuxLossType::kImportanceLoad;
+         c.aux_loss_scope = AuxLossScope::kSequence;
+         c.router_aux_loss_coef = 0.005;
+         c.importance_loss_weight = 1.0;
+         c.load_loss_weight = 1.0;
+       }},
+      // google-research/vmoe vmoe/nn/routing.py (NoisyTopItemsPerExpertRouter: noise_std 1.0 by
+      // default, auxiliary_loss 0) and vmoe/moe.py (top items per expert, capacity ceil, up to a
+      // multiple of 4).
+      {"vmoe-experts-choose",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.routing_method = RoutingMethod::kExpertChoice;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.0;
+         c.capacity_rounding = CapacityRounding::kCeil;
+         c.capacity_times_k = false;
+         c.min_capacity = 1;
+         c.capacity_multiple = 4;
+         c.capacity_scope = Scope::kSequence;
+         c.noise_std = 1.0;
+         c.aux_loss_type = AuxLossType::kNone;
+       }},
+      // microsoft/tutel tutel/impls/moe_layer.py (TopKGate: capacity_factor 1.0, top_k 2,
+      // gates normalised before capacity), tutel/impls/fast_dispatch.py (choice j after all
+      // choices < j) and tutel/impls/losses.py (gshard_loss from first choices, 1 at balance).
+      {"tutel",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kBeforeDrop;
+         c.capacity_factor = 1.0;
+         c.capacity_formula = CapacityFormula::kTutel;
+         c.capacity_rounding = CapacityRounding::kFloor;
+         c.capacity_times_k = true;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kChoiceMajor;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kFirstChoice;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+       }},
+      // databricks/megablocks megablocks/layers/router.py and moe.py (capacity int(cf·k·T/E),
+      // overflow of the expert-sorted bins dropped) with megablocks/layers/arguments.py defaults
+      // (moe_capacity_factor 1, moe_loss_weight 0.1, no weight normalisation).
+      {"megablocks",
+       [](RoutingConfig& c) {
+         c.num_experts = 8;
+         c.num_experts_per_tok = 2;
+         c.routing_method = RoutingMethod::kTopK;
+         c.scoring_func = ScoringFunc::kSoftmax;
+         c.softmax_order = SoftmaxOrder::kBeforeTopK;
+         c.renormalize = Renormalize::kNone;
+         c.capacity_factor = 1.0;
+         c.capacity_rounding = CapacityRounding::kFloor;
+         c.capacity_times_k = true;
+         c.capacity_scope = Scope::kBatch;
+         c.drop_policy = DropPolicy::kPosition;
+         c.position_order = PositionOrder::kTokenMajor;
+         c.aux_loss_type = AuxLossType::kLoadBalancing;
+         c.aux_loss_scale = AuxLossScale::kOne;
+         c.aux_loss_counts = AuxLossCounts::kAllChoices;
+         c.aux_loss_scope = AuxLossScope::kBatch;
+         c.router_aux_loss_coef = 0.1;
+       }},
+  };
+  return kPresets;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing.
+
+// Parses the text as a JSON object. nlohmann keeps only the last of repeated keys, so repeats
+// at the top level are caught while parsing: silently dropping one would hide a mistake.
+Json parse_object(const std::string& text) {
+  std::string repeated_key;
+  std::vector<std::string> seen;
+  const Json::parser_callback_t on_event = [&](int depth, Json::parse_event_t event, Json& parsed) {
+    if (event == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
+      auto key = parsed.get<std::string>();
+      if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
+        if (repeated_key.empty()) repeated_key = key;
+      } else {
+        seen.push_back(std::move(key));
+      }
+    }
+    return true;
+  };
+  Json root;
+  try {
+    root = Json::parse(text, on_event);
+  } catch (const Json::parse_error& error) {
+    throw_config_error("config", "a JSON object",
+                       std::string("invalid JSON (") + error.what() + ")");
+  }
+  if (!root.is_object()) throw_config_error("config", "a JSON object", describe_json(root));
+  if (!repeated_key.empty()) {
+    throw_config_error(repeated_key, "the key at most once", "it repeated");
+  }
+  return root;
+}
+
+std::string field_label(const std::string& key, const std::string& canonical) {
+  return key == canonical ? key : key + " (alias of " + canonical + ")";
+}
+
+void require(bool ok, const std::string& field, const std::string& expected,
+             const std::string& actual) {
+  if (!ok) throw_config_error(field, expected, actual);
+}
+
+void require_at_least(const std::string& field, int64_t value, int64_t minimum) {
+  require(value >= minimum, field, ">= " + std::to_string(minimum), std::to_string(value));
+}
+
+// Non-finite values fail too: NaN compares false both ways and inf would pass `> 0`.
+void require_positive(const std::string& field, double value) {
+  require(std::isfinite(value) && value > 0, field, "a finite number > 0", format_number(value));
+}
+
+void require_non_negative(const std::string& field, double value) {
+  require(std::isfinite(value) && value >= 0, field, "a finite number >= 0", format_number(value));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+void RoutingConfig::validate() const {
+  const int64_t k = num_experts_per_tok;
+  const bool uses_top_k =
+      routing_method == RoutingMethod::kTopK || routing_method == RoutingMethod::kSinkhorn;
+
+  require_at_least("num_experts", num_experts, 1);
+  require_at_least("num_experts_per_tok", k, 1);
+  if (uses_top_k) {
+    require(k <= num_experts, "num_experts_per_tok",
+            "<= num_experts (" + std::to_string(num_experts) + ")", std::to_string(k));
+  }
+
+  require_positive("routed_scaling_factor", routed_scaling_factor);
+  require_positive("temperature", temperature);
+  if (!e_score_correction_bias.empty()) {
+    require(static_cast<int64_t>(e_score_correction_bias.size()) == num_experts,
+            "e_score_correction_bias",
+            std::to_string(num_experts) + " entries (num_experts) or none",
+            std::to_string(e_score_correction_bias.size()) + " entries");
+    for (std::size_t e = 0; e < e_score_correction_bias.size(); ++e) {
+      require(std::isfinite(e_score_correction_bias[e]),
+              "e_score_correction_bias[" + std::to_string(e) + "]", "a finite number",
+              format_number(e_score_correction_bias[e]));
+    }
+  }
+  require_non_negative("expert_bias_update_rate", expert_bias_update_rate);
+
+  require_at_least("n_group", n_group, 0);
+  if (n_group > 0) {
+    require(num_experts % n_group == 0, "n_group",
+            "a divisor of num_experts (" + std::to_string(num_experts) + ")",
+            std::to_string(n_group));
+    require(topk_group >= 1 && topk_group <= n_group, "topk_group",
+            "in [1, n_group (" + std::to_string(n_group) + ")]", std::to_string(topk_group));
+    const int64_t experts_per_group = num_experts / n_group;
+    if (group_score == GroupScore::kSumTop2) {
+      require(experts_per_group >= 2, "group_score",
+              "max or sum_topk_per_group when groups hold one expert (num_experts / n_group = " +
+                  std::to_string(experts_per_group) + ")",
+              "sum_top2");
+    }
+    if (uses_top_k) {
+      const int64_t kept = topk_group * experts_per_group;
+      require(
+          kept >= k, "topk_group",
+          "topk_group * num_experts / n_group >= num_experts_per_tok (" + std::to_string(k) + ")",
+          std::to_string(topk_group) + " * " + std::to_string(experts_per_group) + " = " +
+              std::to_string(kept));
+      if (group_score == GroupScore::kSumTopKPerGroup) {
+        require(k % topk_group == 0, "group_score",
+                "sum_top2 or max when num_experts_per_tok (" + std::to_string(k) +
+                    ") is not a multiple of topk_group (" + std::to_string(topk_group) + ")",
+                "sum_topk_per_group");
+      }
+    }
+  }
+
+  if (capacity_factor) require_positive("capacity_factor", *capacity_factor);
+  if (eval_capacity_factor) require_positive("eval_capacity_factor", *eval_capacity_factor);
+  if (expert_capacity) require_at_least("expert_capacity", *expert_capacity, 1);
+  require_at_least("min_capacity", min_capacity, 0);
+  require_at_least("capacity_multiple", capacity_multiple, 1);
+
+  require_at_least("slots_per_expert", slots_per_expert, 1);
+  require_at_least("sinkhorn_max_iterations", sinkhorn_max_iterations, 1);
+  require_positive("sinkhorn_tolerance", sinkhorn_tolerance);
+
+  require(std::isfinite(router_jitter_noise) && router_jitter_noise >= 0 && router_jitter_noise < 1,
+          "router_jitter_noise", "a number in [0, 1)", format_number(router_jitter_noise));
+  require_non_negative("noise_std", noise_std);
+  if (noisy_gating) {
+    require(routing_method == RoutingMethod::kTopK, "noisy_gating",
+            "routing_method topk (noisy top-k gating)",
+            "routing_method " + std::string(enum_name(routing_method, kRoutingMethodNames)));
+  }
+  if (gumbel_noise == GumbelNoise::kSecond) {
+    require(k >= 2, "gumbel_noise", "num_experts_per_tok >= 2 for second",
+            "num_experts_per_tok " + std::to_string(k));
+  }
+  if (random_routing) {
+    // GShard's rule keeps or drops the second of exactly two choices.
+    require(k == 2, "random_routing", "num_experts_per_tok = 2",
+            "num_experts_per_tok " + std::to_string(k));
+  }
+
+  if (routing_method == RoutingMethod::kExpertChoice || routing_method == RoutingMethod::kSoftMoe) {
+    // Both normalise over tokens or slots with a softmax; sigmoid scores have no such form.
+    require(
+        scoring_func == ScoringFunc::kSoftmax, "scoring_func",
+        "softmax for routing_method " + std::string(enum_name(routing_method, kRoutingMethodNames)),
+        "sigmoid");
+  }
+
+  require_non_negative("router_aux_loss_coef", router_aux_loss_coef);
+  require_non_negative("router_z_loss_coef", router_z_loss_coef);
+  require_non_negative("importance_loss_weight", importance_loss_weight);
+  require_non_negative("load_loss_weight", load_loss_weight);
+
+  require(std::isfinite(collapse_threshold) && collapse_threshold > 0 && collapse_threshold <= 1,
+          "collapse_threshold", "a number in (0, 1]", format_number(collapse_threshold));
+}
+
+const std::vector<std::string>& preset_names() {
+  static const std::vector<std::string> kNames = [] {
+    std::vector<std::string> names;
+    for (const auto& preset : preset_table()) names.emplace_back(preset.name);
+    return names;
+  }();
+  return kNames;
+}
+
+RoutingConfig routing_config_from_preset(const std::string& preset) {
+  if (preset.empty()) return RoutingConfig{};
+  for (const auto& spec : preset_table()) {
+    if (spec.name == preset) {
+      RoutingConfig config;
+      config.preset = preset;
+      spec.apply(config);
+      return config;
+    }
+  }
+  std::string expected = "one of ";
+  for (const auto& name : preset_names()) {
+    if (&name != &preset_names().front()) expected += ", ";
+    expected += name;
+  }
+  const std::string suggestion = closest_name(preset, preset_names());
+  if (!suggestion.empty()) expected += " (closest: " + suggestion + ")";
+  throw_config_error(std::string(kPresetKey), expected, quote_text(preset));
+}
+
+RoutingConfig routing_config_from_json(const std::string& json_text) {
+  const Json root = parse_object(json_text);
+
+  RoutingConfig config;
+  if (const auto it = root.find(kPresetKey); it != root.end()) {
+    config = routing_config_from_preset(read_string(*it, std::string(kPresetKey)));
+  }
+
+  // canonical key -> the key that set it, to reject a key given twice under two spellings.
+  std::map<std::string, std::string, std::less<>> set_by;
+  const auto& targets = key_targets();
+  for (const auto& [key, value] : root.items()) {
+    if (key == kPresetKey) continue;
+    if (key == kRouterDtypeKey) {
+      const auto dtype = read_string(value, key);
+      if (std::find(kRouterDtypes.begin(), kRouterDtypes.end(), dtype) == kRouterDtypes.end()) {
+        throw_config_error(key, "one of float32, fp32, float64, fp64", quote_text(dtype));
+      }
+      continue;
+    }
+    const auto target = targets.find(key);
+    if (target == targets.end()) {
+      std::string expected = "a known configuration key";
+      const std::string suggestion = closest_name(key, known_keys());
+      if (!suggestion.empty()) expected += " (did you mean \"" + suggestion + "\"?)";
+      throw_config_error(key, expected, "unknown key " + quote_text(key));
+    }
+    const std::string& canonical = target->second.canonical;
+    if (const auto previous = set_by.find(canonical); previous != set_by.end()) {
+      throw_config_error(canonical, "one key for this field",
+                         "both " + quote_text(previous->second) + " and " + quote_text(key));
+    }
+    set_by.emplace(canonical, key);
+    (*target->second.read)(config, value, field_label(key, canonical));
+  }
+
+  config.validate();
+  return config;
+}
+
+std::string routing_config_to_json(const RoutingConfig& config) {
+  OrderedJson out;
+  out[std::string(kPresetKey)] = config.preset;
+  for (const auto& spec : field_specs()) out[spec.key] = spec.write(config);
+  return out.dump(2);
+}
+
+const std::vector<std::pair<std::string, std::string>>& config_key_aliases() {
+  static const std::vector<std::pair<std::string, std::string>> kPairs = [] {
+    std::vector<std::pair<std::string, std::string>> pairs;
+    for (const auto& spec : alias_specs()) pairs.emplace_back(spec.alias, spec.canonical);
+    return pairs;
+  }();
+  return kPairs;
+}
+
+}  // namespace moekit
