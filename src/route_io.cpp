@@ -284,11 +284,13 @@ json route_typed(const RoutingConfig& config, const json& in) {
                           detail::concat("[", m.rows, "][", m.cols, "]"));
       (std::string(key) == "d_dispatch" ? grad.d_dispatch : grad.d_combine) = m.values;
     }
-    Matrix<Real> d_logits = route_backward<Real>(config, result, grad);
+    Matrix<Real> d_noisy;
+    Matrix<Real> d_logits = route_backward<Real>(config, result, grad, &d_noisy);
     out[in.contains("probs") ? "d_probs" : "d_logits"] = matrix_json(d_logits);
     if (from_hidden) {
       RouterGrads<Real> g = router_backward<Real>(config, result, hidden.cview(), params,
-                                                  d_logits.cview(), options.num_threads);
+                                                  d_logits.cview(), options.num_threads,
+                                                  d_noisy.cview());
       out["d_hidden_states"] = matrix_json(g.d_hidden_states);
       out["d_router_weight"] = matrix_json(g.d_weight);
       if (!g.d_bias.empty()) {

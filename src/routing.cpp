@@ -1158,7 +1158,7 @@ RoutingResult<Real> Router<Real>::run(ConstMatrixView<Real> input, bool scores_g
 
 template <typename Real>
 Matrix<Real> backward_impl(const RoutingConfig& c, const RoutingResult<Real>& r,
-                           const RoutingGradOutput<Real>& g) {
+                           const RoutingGradOutput<Real>& g, Matrix<Real>* d_noisy) {
   const BasicRoutingPlan<Real>& p = r.plan;
   const RoutingSaved<Real>& s = r.saved;
   const int64_t num_tokens = p.num_tokens, num_experts = p.num_experts;
@@ -1243,6 +1243,9 @@ Matrix<Real> backward_impl(const RoutingConfig& c, const RoutingResult<Real>& r,
     }
   }
 
+  // Up to here every term flowed through the (possibly noisy) logits H; noisy gating needs that
+  // part alone for its noise branch.
+  if (d_noisy != nullptr) *d_noisy = d_logits;
   // Loss gradients flow into the clean logits, which differ from the noisy ones by an additive
   // constant (or a term of its own for noisy gating), so they add into the same d_logits.
   if (n_real > 0 && !s.scores_given && g.d_z_loss != 0) {
@@ -1314,6 +1317,8 @@ Matrix<Real> backward_impl(const RoutingConfig& c, const RoutingResult<Real>& r,
             d_threshold -= up * dens;
           }
           d_logits(t, threshold_expert[t]) += Real(d_threshold);
+          // The threshold is a noisy logit.
+          if (d_noisy != nullptr) (*d_noisy)(t, threshold_expert[t]) += Real(d_threshold);
         }
       }
     }
@@ -1469,8 +1474,8 @@ RoutingResult<Real> route_hidden(const RoutingConfig& config, ConstMatrixView<Re
 
 template <typename Real>
 Matrix<Real> route_backward(const RoutingConfig& config, const RoutingResult<Real>& result,
-                            const RoutingGradOutput<Real>& grad) {
-  Matrix<Real> d = backward_impl(config, result, grad);
+                            const RoutingGradOutput<Real>& grad, Matrix<Real>* d_noisy_logits) {
+  Matrix<Real> d = backward_impl(config, result, grad, d_noisy_logits);
   // Temperature: l = raw / τ.
   if (!result.saved.scores_given && config.temperature != 1.0) {
     for (auto& v : d.values) v = Real(double(v) / config.temperature);
@@ -1482,7 +1487,7 @@ template <typename Real>
 RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResult<Real>& result,
                                   ConstMatrixView<Real> hidden_states,
                                   const RouterParams<Real>& params, ConstMatrixView<Real> d_logits,
-                                  int num_threads) {
+                                  int num_threads, ConstMatrixView<Real> d_noisy_logits) {
   const int64_t num_tokens = hidden_states.rows, d_model = hidden_states.cols;
   const int64_t n_out = params.weight.rows;
   if (d_logits.rows != num_tokens || d_logits.cols != n_out) {
@@ -1503,10 +1508,15 @@ RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResu
   Matrix<Real> d_noise;
   const bool noisy = config.noisy_gating && result.saved.noise_logits.rows == num_tokens;
   if (noisy) {
+    if (d_noisy_logits.rows != num_tokens || d_noisy_logits.cols != n_out) {
+      throw_input_error("d_noisy_logits shape (noisy gating)",
+                        detail::concat("[", num_tokens, ", ", n_out, "] from route_backward"),
+                        detail::concat("[", d_noisy_logits.rows, ", ", d_noisy_logits.cols, "]"));
+    }
     d_noise = Matrix<Real>(num_tokens, n_out);
     for (int64_t t = 0; t < num_tokens; ++t)
       for (int64_t e = 0; e < n_out; ++e)
-        d_noise(t, e) = d_logits(t, e) * result.saved.noise_draws(t, e) *
+        d_noise(t, e) = d_noisy_logits(t, e) * result.saved.noise_draws(t, e) *
                         sigmoid(result.saved.noise_logits(t, e));
     g.d_noise_weight = Matrix<Real>(n_out, d_model);
   }
@@ -1582,10 +1592,10 @@ void update_expert_bias(std::span<double> bias, std::span<const int64_t> tokens_
                                                   const RouterParams<Real>&,                  \
                                                   const RoutingOptions&);                     \
   template Matrix<Real> route_backward<Real>(const RoutingConfig&, const RoutingResult<Real>&, \
-                                             const RoutingGradOutput<Real>&);                 \
+                                             const RoutingGradOutput<Real>&, Matrix<Real>*);  \
   template RouterGrads<Real> router_backward<Real>(                                           \
       const RoutingConfig&, const RoutingResult<Real>&, ConstMatrixView<Real>,                \
-      const RouterParams<Real>&, ConstMatrixView<Real>, int);                                 \
+      const RouterParams<Real>&, ConstMatrixView<Real>, int, ConstMatrixView<Real>);          \
   template RoutingRecord record_routing<Real>(const BasicRoutingPlan<Real>&);
 
 MOEKIT_INSTANTIATE(float)

@@ -139,9 +139,13 @@ RoutingResult<Real> route_hidden(const RoutingConfig& config,
 
 // d_logits [num_tokens, num_experts(·slots)] of L, given dL/d(combine weights, losses).
 // For route_probs results this is dL/d probs.
+// With noisy gating, `d_noisy_logits` (when given) receives the part of d_logits that flowed
+// through the noisy logits H = logits + noise (the losses use the clean logits); pass it on to
+// router_backward.
 template <typename Real>
 Matrix<Real> route_backward(const RoutingConfig& config, const RoutingResult<Real>& result,
-                            const RoutingGradOutput<Real>& grad);
+                            const RoutingGradOutput<Real>& grad,
+                            Matrix<Real>* d_noisy_logits = nullptr);
 
 // Gradients of the router projection from d_logits (as returned by route_backward).
 template <typename Real>
@@ -149,7 +153,9 @@ RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResu
                                   ConstMatrixView<Real> hidden_states,  // [num_tokens, d_model]
                                   const RouterParams<Real>& params,
                                   ConstMatrixView<Real> d_logits,  // [num_tokens, num_experts]
-                                  int num_threads = 1);
+                                  int num_threads = 1,
+                                  // [num_tokens, num_experts], noisy gating only
+                                  ConstMatrixView<Real> d_noisy_logits = {});
 
 // The capacity the config gives for `num_tokens` real tokens (per sequence or batch), or -1
 // when dropless. `loads` (tokens selected per expert) decides the dropless value.
