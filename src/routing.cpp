@@ -575,7 +575,6 @@ void Router<Real>::apply_capacity() {
   const int64_t group_len = per_sequence ? seq_len() : num_tokens_;
   const int64_t groups = num_tokens_ / group_len;
   int64_t reported = -1;
-  bool dropless = true;
   std::vector<int64_t> load(static_cast<size_t>(num_experts_));
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t first = g * group_len, last = first + group_len;
@@ -590,7 +589,6 @@ void Router<Real>::apply_capacity() {
       reported = std::max(reported, *std::max_element(load.begin(), load.end()));
       continue;
     }
-    dropless = false;
     reported = std::max(reported, capacity);
 
     // Live selections of this group, in priority order.
@@ -661,7 +659,6 @@ void Router<Real>::apply_capacity() {
       }
     }
   }
-  (void)dropless;
   p.capacity = reported;
   std::stable_sort(p.dropped.begin(), p.dropped.end(), [&](const auto& a, const auto& b) {
     return a.token < b.token;
@@ -846,6 +843,33 @@ std::vector<double> cv_squared_grad(const std::vector<double>& v) {
   return g;
 }
 
+// Smooth load estimate of V-MoE: load_e = Σ_t P(e stays in the top-k under a fresh noise draw)
+//   = Σ_t 1 − Φ((threshold_t − clean_logit_te) / σ),  threshold_t = the k-th largest noisy logit.
+// threshold_expert[t] receives the expert whose noisy logit is the threshold.
+template <typename Real>
+std::vector<double> smooth_load(const RoutingConfig& c, const RoutingSaved<Real>& s,
+                                std::vector<int32_t>& threshold_expert) {
+  const int64_t num_tokens = s.logits.rows, num_experts = c.num_experts;
+  const double sigma = c.noise_std / double(num_experts);
+  std::vector<double> load(static_cast<size_t>(num_experts), 0.0), keys(static_cast<size_t>(num_experts));
+  std::vector<int32_t> picked;
+  threshold_expert.assign(static_cast<size_t>(num_tokens), 0);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (!s.token_mask[t]) continue;
+    for (int64_t e = 0; e < num_experts; ++e) keys[e] = double(s.logits(t, e));
+    top_k_indices(keys.data(), num_experts, c.num_experts_per_tok, picked);
+    threshold_expert[t] = picked.back();
+    const double threshold = keys[picked.back()];
+    for (int64_t e = 0; e < num_experts; ++e)
+      load[e] += 1.0 - normal_cdf((threshold - double(s.clean_logits(t, e))) / sigma);
+  }
+  return load;
+}
+
+bool smooth_load_active(const RoutingConfig& c, bool scores_given) {
+  return !scores_given && c.noise_std > 0 && noise_active(c) && is_token_choice(c);
+}
+
 // Per-expert counts f numerators of the load-balancing loss for tokens [first, last).
 template <typename Real>
 void balance_counts(const RoutingConfig& c, const BasicRoutingPlan<Real>& p,
@@ -917,22 +941,10 @@ void Router<Real>::compute_losses() {
   }
   l.importance_cv2 = cv_squared(importance);
 
-  // Load CV² (V-MoE): P(expert e stays in the top-k under a fresh noise draw)
-  //   = 1 − Φ((threshold_t − clean_logit_te) / σ), threshold_t = the k-th largest noisy logit.
-  if (!s.scores_given && c_.noise_std > 0 && noise_active(c_) && is_token_choice(c_)) {
-    const double sigma = c_.noise_std / double(n_experts);
-    std::vector<double> load(static_cast<size_t>(n_experts), 0.0);
-    std::vector<double> keys(static_cast<size_t>(n_experts));
-    std::vector<int32_t> picked;
-    for (int64_t t = 0; t < num_tokens_; ++t) {
-      if (!real(t)) continue;
-      for (int64_t e = 0; e < n_experts; ++e) keys[e] = double(s.logits(t, e));
-      top_k_indices(keys.data(), n_experts, c_.num_experts_per_tok, picked);
-      const double threshold = keys[picked.back()];
-      for (int64_t e = 0; e < n_experts; ++e)
-        load[e] += 1.0 - normal_cdf((threshold - double(s.clean_logits(t, e))) / sigma);
-    }
-    l.load_cv2 = cv_squared(load);
+  // Load CV² (V-MoE), see smooth_load.
+  if (smooth_load_active(c_, s.scores_given)) {
+    std::vector<int32_t> threshold_expert;
+    l.load_cv2 = cv_squared(smooth_load(c_, s, threshold_expert));
   }
 
   // Load balancing: E · Σ_e f_e · P_e, f_e = count_e / T, P_e = mean_t p_te.
@@ -1291,20 +1303,10 @@ Matrix<Real> backward_impl(const RoutingConfig& c, const RoutingResult<Real>& r,
           for (int64_t e = 0; e < num_experts; ++e)
             d_p(t, e) = g.d_aux_loss * c.importance_loss_weight * gi[e];
       // Load CV²: d/d clean logits and d/d threshold (a noisy logit).
-      if (c.noise_std > 0 && noise_active(c) && is_token_choice(c) && c.load_loss_weight != 0) {
+      if (smooth_load_active(c, s.scores_given) && c.load_loss_weight != 0) {
         const double sigma = c.noise_std / double(num_experts);
-        std::vector<double> load(static_cast<size_t>(num_experts), 0.0), keys(static_cast<size_t>(num_experts));
-        std::vector<int32_t> picked;
-        std::vector<int32_t> threshold_expert(static_cast<size_t>(num_tokens), 0);
-        for (int64_t t = 0; t < num_tokens; ++t) {
-          if (!s.token_mask[t]) continue;
-          for (int64_t e = 0; e < num_experts; ++e) keys[e] = double(s.logits(t, e));
-          top_k_indices(keys.data(), num_experts, c.num_experts_per_tok, picked);
-          threshold_expert[t] = picked.back();
-          const double threshold = keys[picked.back()];
-          for (int64_t e = 0; e < num_experts; ++e)
-            load[e] += 1.0 - normal_cdf((threshold - double(s.clean_logits(t, e))) / sigma);
-        }
+        std::vector<int32_t> threshold_expert;
+        const std::vector<double> load = smooth_load(c, s, threshold_expert);
         const std::vector<double> gl = cv_squared_grad(load);
         for (int64_t t = 0; t < num_tokens; ++t) {
           if (!s.token_mask[t]) continue;
