@@ -45,8 +45,9 @@ struct BasicRoutingPlan {
 
   std::vector<DroppedAssignment> dropped;  // in (token, choice) order
 
-  // Per-expert capacity that was applied (per sequence when capacity_scope is sequence);
-  // -1 when routing was dropless.
+  // Per-expert capacity that was applied (the largest over sequences when capacity_scope is
+  // sequence). Dropless token choice reports the largest load, the capacity it would need;
+  // -1 for methods without capacity (dense, Soft MoE).
   int64_t capacity = -1;
 
   // Soft MoE only (num_slots = num_experts · slots_per_expert, slot s of expert e is column

@@ -158,7 +158,7 @@ RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResu
                                   ConstMatrixView<Real> d_noisy_logits = {});
 
 // The capacity the config gives for `num_tokens` real tokens (per sequence or batch), or -1
-// when dropless. `loads` (tokens selected per expert) decides the dropless value.
+// when the config is dropless (the plan then reports the largest load).
 int64_t compute_capacity(const RoutingConfig& config, int64_t num_tokens);
 
 template <typename Real>

@@ -1,0 +1,310 @@
+// End-to-end tests of the `moekit` command: the shipped examples route as documented, and bad
+// inputs fail with a non-zero exit status and a message on stderr that names the field.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct RunResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  ASSERT_TRUE(out.good()) << "cannot write " << path;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+fs::path example(const std::string& name) { return fs::path(MOEKIT_EXAMPLE_DIR) / "route" / name; }
+
+// Each test gets its own scratch directory (ctest runs tests in parallel processes).
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+#ifndef MOEKIT_CLI_PATH
+    GTEST_SKIP() << "the moekit command is not built (MOEKIT_BUILD_CLI=OFF)";
+#else
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / "moekit_test_cli" /
+           (std::string(info->test_suite_name()) + "." + info->name() + "." +
+            std::to_string(::getpid()));
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+#endif
+  }
+
+  void TearDown() override {
+    if (!dir_.empty()) {
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+    }
+  }
+
+  fs::path file(const std::string& name, const std::string& text) {
+    const fs::path p = dir_ / name;
+    write_text(p, text);
+    return p;
+  }
+
+  RunResult run(const std::vector<std::string>& args) {
+    RunResult r;
+#ifdef MOEKIT_CLI_PATH
+    const fs::path out = dir_ / "stdout.txt", err = dir_ / "stderr.txt";
+    std::string cmd = shell_quote(MOEKIT_CLI_PATH);
+    for (const std::string& a : args) cmd += " " + shell_quote(a);
+    cmd += " </dev/null >" + shell_quote(out.string()) + " 2>" + shell_quote(err.string());
+    const int status = std::system(cmd.c_str());
+    r.exit_code = (status != -1 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
+    r.out = slurp(out);
+    r.err = slurp(err);
+#else
+    (void)args;
+#endif
+    return r;
+  }
+
+  RunResult route(const fs::path& config, const fs::path& input) {
+    return run({"route", "--config", config.string(), "--input", input.string()});
+  }
+
+  // Routes `input_text` with `config_text`, expects failure naming `field` on stderr.
+  void expect_failure(const std::string& config_text, const std::string& input_text,
+                      const std::string& field) {
+    const RunResult r = route(file("config.json", config_text), file("input.json", input_text));
+    EXPECT_NE(r.exit_code, 0) << "stdout: " << r.out;
+    EXPECT_NE(r.err.find(field), std::string::npos)
+        << "stderr does not name '" << field << "': " << r.err;
+    EXPECT_TRUE(r.out.empty()) << "nothing should be written to stdout on error: " << r.out;
+  }
+
+  fs::path dir_;
+};
+
+using CliRoute = CliTest;
+using CliRouteErrors = CliTest;
+using CliPresets = CliTest;
+
+const std::string kMixtral = R"({"preset": "hf-mixtral", "num_experts": 8, "top_k": 2})";
+const std::string kLogits8 = R"({"logits": [[2.1, -0.5, 3.7, 0.8, -1.2, 0.3, 1.5, -0.9]]})";
+
+TEST_F(CliRoute, ShippedExampleHasEveryOutputKey) {
+  const RunResult r = route(example("config.json"), example("input.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+  const json out = json::parse(r.out);  // throws (fails the test) when not JSON
+  ASSERT_TRUE(out.is_object());
+  for (const char* key : {"experts", "weights", "dropped", "tokens_per_expert", "capacity",
+                          "aux_loss", "z_loss", "stats"}) {
+    EXPECT_TRUE(out.contains(key)) << "missing key " << key;
+  }
+  EXPECT_TRUE(out["aux_loss"].is_number());
+  EXPECT_TRUE(out["z_loss"].is_number());
+  EXPECT_TRUE(out["stats"].is_object());
+  EXPECT_TRUE(out["dropped"].empty()) << "Mixtral routing is dropless";
+
+  const json input = json::parse(slurp(example("input.json")));
+  const size_t tokens = input["logits"].size();
+  ASSERT_EQ(out["experts"].size(), tokens);
+  ASSERT_EQ(out["weights"].size(), tokens);
+  int64_t kept = 0;
+  for (size_t t = 0; t < tokens; ++t) {
+    ASSERT_EQ(out["experts"][t].size(), 2u) << "token " << t;
+    ASSERT_EQ(out["weights"][t].size(), 2u) << "token " << t;
+    const double sum = out["weights"][t][0].get<double>() + out["weights"][t][1].get<double>();
+    EXPECT_NEAR(sum, 1.0, 1e-6) << "renormalised top-2 weights of token " << t;
+    kept += 2;
+  }
+  ASSERT_EQ(out["tokens_per_expert"].size(), 8u);
+  int64_t total = 0;
+  for (const json& n : out["tokens_per_expert"]) total += n.get<int64_t>();
+  EXPECT_EQ(total, kept);
+  // Dropless: capacity is null or the largest load, never a bound that dropped anything.
+  if (!out["capacity"].is_null()) {
+    int64_t max_load = 0;
+    for (const json& n : out["tokens_per_expert"]) max_load = std::max(max_load, n.get<int64_t>());
+    EXPECT_EQ(out["capacity"].get<int64_t>(), max_load);
+  }
+  EXPECT_EQ(out["stats"]["num_tokens"].get<int64_t>(), static_cast<int64_t>(tokens));
+}
+
+// The worked example: logits [2.1, -0.5, 3.7, 0.8, ...] pick experts 2 then 0 with weights
+// softmax([3.7, 2.1]) = [0.832, 0.168] (renormalised top-2 over the softmax gives the same).
+TEST_F(CliRoute, WorkedExampleTokenRoutesToExperts2And0) {
+  const RunResult r = route(example("config.json"), example("input.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json out = json::parse(r.out);
+  const json input = json::parse(slurp(example("input.json")));
+  ASSERT_EQ(input["logits"][0][0].get<double>(), 2.1);
+  ASSERT_EQ(input["logits"][0][2].get<double>(), 3.7);
+  EXPECT_EQ(out["experts"][0], json::array({2, 0}));
+  const double w0 = 1.0 / (1.0 + std::exp(-(3.7 - 2.1)));
+  ASSERT_EQ(out["weights"][0].size(), 2u);
+  EXPECT_NEAR(out["weights"][0][0].get<double>(), w0, 1e-5);
+  EXPECT_NEAR(out["weights"][0][1].get<double>(), 1.0 - w0, 1e-5);
+  EXPECT_NEAR(out["weights"][0][0].get<double>(), 0.832, 5e-4);
+  EXPECT_NEAR(out["weights"][0][1].get<double>(), 0.168, 5e-4);
+}
+
+TEST_F(CliRoute, SwitchExampleDropsOverCapacityAndSkipsPadding) {
+  const RunResult r = route(example("switch_config.json"), example("switch_input.json"));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json out = json::parse(r.out);
+  const json input = json::parse(slurp(example("switch_input.json")));
+  const size_t tokens = input["hidden_states"].size();
+  ASSERT_EQ(out["experts"].size(), tokens);
+  ASSERT_TRUE(out["capacity"].is_number_integer());
+  const int64_t capacity = out["capacity"].get<int64_t>();
+  EXPECT_EQ(capacity, 2);
+  EXPECT_FALSE(out["dropped"].empty()) << "the example is built to overflow an expert";
+  for (const json& n : out["tokens_per_expert"]) EXPECT_LE(n.get<int64_t>(), capacity);
+  for (const json& d : out["dropped"]) {
+    ASSERT_EQ(d.size(), 2u);
+    const int64_t t = d[0].get<int64_t>();
+    EXPECT_TRUE(out["experts"][t].empty()) << "top-1 token " << t << " was dropped";
+  }
+  for (const json& reason : out["dropped_reasons"]) EXPECT_EQ(reason, "capacity");
+  // Padding tokens (token_mask 0) are not routed.
+  for (size_t t = 0; t < tokens; ++t) {
+    if (input["token_mask"][t].get<int>() == 0) {
+      EXPECT_TRUE(out["experts"][t].empty()) << "padding token " << t;
+      EXPECT_TRUE(out["selected"][t].empty()) << "padding token " << t;
+    }
+  }
+  EXPECT_FALSE(out["stats"]["by_label"].empty()) << "labels were given";
+  EXPECT_GT(out["stats"]["num_dropped"].get<int64_t>(), 0);
+}
+
+TEST_F(CliRoute, OutputFlagWritesTheSameDocument) {
+  const RunResult to_stdout = route(example("config.json"), example("input.json"));
+  ASSERT_EQ(to_stdout.exit_code, 0) << to_stdout.err;
+  const fs::path out_path = dir_ / "out.json";
+  const RunResult to_file = run({"route", "--config", example("config.json").string(), "--input",
+                                 example("input.json").string(), "--output", out_path.string()});
+  ASSERT_EQ(to_file.exit_code, 0) << to_file.err;
+  EXPECT_TRUE(to_file.out.empty());
+  EXPECT_EQ(json::parse(slurp(out_path)), json::parse(to_stdout.out));
+}
+
+TEST_F(CliRouteErrors, UnknownConfigKey) {
+  expect_failure(R"({"preset": "hf-mixtral", "bogus_router_key": 1})", kLogits8, "bogus_router_key");
+}
+
+TEST_F(CliRouteErrors, TopKGreaterThanNumExperts) {
+  const RunResult r = route(file("config.json", R"({"num_experts": 4, "top_k": 5})"),
+                            file("input.json", R"({"logits": [[1, 2, 3, 4]]})"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(r.err.find("num_experts_per_tok") != std::string::npos ||
+              r.err.find("top_k") != std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("num_experts"), std::string::npos) << r.err;
+}
+
+TEST_F(CliRouteErrors, NullInLogits) {
+  expect_failure(kMixtral, R"({"logits": [[2.1, -0.5, null, 0.8, -1.2, 0.3, 1.5, -0.9]]})",
+                 "logits[0][2]");
+}
+
+TEST_F(CliRouteErrors, RouterWeightShapeMismatch) {
+  // d_model 3 in hidden_states, 2 columns in router_weight.
+  expect_failure(kMixtral,
+                 R"({"hidden_states": [[1, 2, 3]],
+                     "router_weight": [[1, 2], [1, 2], [1, 2], [1, 2],
+                                       [1, 2], [1, 2], [1, 2], [1, 2]]})",
+                 "router_weight");
+  // 2 rows where the config has 8 experts.
+  expect_failure(kMixtral, R"({"hidden_states": [[1, 2, 3]], "router_weight": [[1, 2, 3], [4, 5, 6]]})",
+                 "router_weight");
+}
+
+TEST_F(CliRouteErrors, EmptyLogits) {
+  expect_failure(kMixtral, R"({"logits": []})", "logits");
+  expect_failure(kMixtral, R"({"logits": [[]]})", "logits");
+}
+
+TEST_F(CliRouteErrors, LogitsColumnsDifferFromNumExperts) {
+  expect_failure(kMixtral, R"({"logits": [[1, 2, 3]]})", "logits");
+}
+
+TEST_F(CliRouteErrors, UnknownInputKey) {
+  expect_failure(kMixtral, R"({"logits": [[2.1, -0.5, 3.7, 0.8, -1.2, 0.3, 1.5, -0.9]], "logit": 1})",
+                 "input key");
+}
+
+TEST_F(CliRouteErrors, InvalidJson) { expect_failure(kMixtral, R"({"logits": )", "input"); }
+
+TEST_F(CliRouteErrors, MissingConfigFlag) {
+  const RunResult r = run({"route", "--input", example("input.json").string()});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--config"), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty());
+}
+
+TEST_F(CliRouteErrors, NonexistentFile) {
+  const fs::path missing = dir_ / "does_not_exist.json";
+  RunResult r = route(missing, example("input.json"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--config"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(missing.string()), std::string::npos) << r.err;
+
+  r = route(example("config.json"), missing);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--input"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(missing.string()), std::string::npos) << r.err;
+}
+
+TEST_F(CliRouteErrors, UnknownArgument) {
+  const RunResult r = run({"route", "--config", example("config.json").string(), "--input",
+                           example("input.json").string(), "--verbose"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("--verbose"), std::string::npos) << r.err;
+}
+
+TEST_F(CliPresets, ListsPresetsAndPrintsOne) {
+  RunResult r = run({"presets"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("hf-mixtral"), std::string::npos);
+  EXPECT_NE(r.out.find("hf-switch"), std::string::npos);
+
+  r = run({"preset", "hf-mixtral"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json cfg = json::parse(r.out);
+  EXPECT_EQ(cfg["num_experts"], 8);
+  EXPECT_EQ(cfg["num_experts_per_tok"], 2);
+
+  r = run({"preset", "no-such-preset"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("no-such-preset"), std::string::npos) << r.err;
+}
+
+}  // namespace
