@@ -374,7 +374,9 @@ void Router<Real>::select_token_choice() {
       chosen[t].assign(rec.token_experts.begin() + rec.token_offsets[t],
                        rec.token_experts.begin() + rec.token_offsets[t + 1]);
     }
-  } else if (c_.routing_method == RoutingMethod::kSinkhorn) {
+  } else if (c_.routing_method == RoutingMethod::kSinkhorn && c_.training) {
+    // Sinkhorn balancing is a training-time device; evaluation takes the plain top-k of the
+    // scores (Megatron sinkhorn_load_balancing).
     // Megatron sinkhorn: cost = exp(logits); alternate row/column scaling until the mean
     // change of the column scales is below tolerance; top-k of the balanced matrix. The cost is
     // shifted by the global max logit first, which leaves the balanced matrix unchanged.
@@ -557,9 +559,13 @@ double Router<Real>::pre_drop_weight(int64_t t, int64_t i) const {
   double z = 1;
   // Before drops the weight is normalised only by renormalize before_drop (or the softmax
   // over the selected logits); after_drop normalises the survivors, which are not known yet.
-  if (c_.renormalize == Renormalize::kBeforeDrop ||
-      (c_.softmax_order == SoftmaxOrder::kAfterTopK && c_.scoring_func == ScoringFunc::kSoftmax &&
-       !s.scores_given)) {
+  // Sinkhorn combines with raw scores (see finish_weights).
+  const bool normalised =
+      c_.routing_method == RoutingMethod::kTopK &&
+      (c_.renormalize == Renormalize::kBeforeDrop ||
+       (c_.softmax_order == SoftmaxOrder::kAfterTopK && c_.scoring_func == ScoringFunc::kSoftmax &&
+        !s.scores_given));
+  if (normalised) {
     z = uses_sigmoid(c_) && !s.scores_given ? kSigmoidNormEps : 0.0;
     for (int64_t j = p.token_offsets[t]; j < p.token_offsets[t + 1]; ++j)
       z += double(s.scores(t, p.token_experts[j]));

@@ -432,6 +432,9 @@ TEST(RoutingSinkhorn, BalancesACrowdedRouter) {
   const auto plain = route_logits<float>(c, logits.cview());
   EXPECT_EQ(plain.stats.tokens_per_expert[0], 16);
   c.routing_method = RoutingMethod::kSinkhorn;
+  // In evaluation Sinkhorn is not applied: the plain top-k (Megatron).
+  EXPECT_EQ(route_logits<float>(c, logits.cview()).plan.token_experts, plain.plan.token_experts);
+  c.training = true;
   const auto r = route_logits<float>(c, logits.cview());
   expect_consistent_plan(r.plan);
   for (int64_t n : r.stats.tokens_per_expert) {
