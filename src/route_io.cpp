@@ -326,7 +326,17 @@ std::string route_json(const std::string& config_json, const std::string& input_
   } else {
     throw_input_error("dtype", "\"float32\" or \"float64\"", dtype);
   }
-  return out.dump(indent);
+  if (indent <= 0) return out.dump();
+  // One top-level key per line with compact values: per-token rows stay readable.
+  std::string text = "{";
+  const std::string pad(static_cast<size_t>(indent), ' ');
+  bool first = true;
+  for (const auto& [key, value] : out.items()) {
+    text += first ? "\n" : ",\n";
+    first = false;
+    text += pad + json(key).dump() + ": " + value.dump();
+  }
+  return text + "\n}";
 }
 
 }  // namespace moekit
