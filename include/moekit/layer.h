@@ -1,0 +1,294 @@
+// The MoE layer: router, routed experts, optional shared experts; forward and backward, fp32 and
+// bf16, on one persistent thread pool.
+//
+//   out_t = Σ_{kept (t, e)} w_te · E_e(x_t)  +  s_t · S(x_t)
+//
+// with E_e(x) = W_down,e · act(W_gate_up,e · x + b_gate_up,e) + b_down,e (see experts.h), w_te
+// the plan's combine weight, S the shared MLP and s_t = σ(x_t · w_shared_gate) (Qwen2-MoE) or 1
+// (DeepSeek). A dropped assignment contributes zero; the residual connection is the caller's.
+// Soft MoE replaces the token sum by slots: per sequence, slot inputs X̃ = dispatchᵀ · X, expert
+// e runs on its slots_per_expert slots, and out_t = Σ_j combine_tj · E_{e(j)}(X̃_j).
+//
+// How the forward runs (src/layer.cpp):
+//   1. router logits x · W_routerᵀ + b as one fp32 GEMM (route_hidden's own projection when input
+//      jitter or noisy gating is on), then the routing core turns them into the plan;
+//   2. the plan's per-expert token lists (a counting sort, tokens ascending) are the row segments
+//      of two grouped GEMMs; the first gathers its A rows straight from hidden_states (no
+//      permuted copy) and applies the activation in its epilogue (SwiGLU on the paired
+//      gate/up layout); the second applies the combine weight as a row scale;
+//   3. the per-assignment outputs are summed per token in choice order, a fixed order, so the
+//      output is bitwise identical for any num_threads.
+// Work is split into (expert, row block, column block) tiles pulled from one queue by a
+// persistent pool of num_threads threads, so a hot expert still keeps every core busy.
+//
+// Memory, with num_kept ≤ num_tokens · top_k the kept assignments (the shared expert counts as
+// one more expert receiving all num_tokens tokens):
+//   inference: h [num_kept, d_ff] (bf16 when dtype is bf16) and the per-assignment outputs
+//              [num_kept, d_model], at most num_tokens · top_k · (d_model + d_ff) values;
+//   training:  saved for backward: a copy of hidden_states [num_tokens, d_model], the
+//              pre-activations [num_kept, 2·d_ff] (d_ff for ungated activations) and the routing
+//              result (O(num_tokens · num_experts)), so at most num_tokens · top_k · (d_model +
+//              2·d_ff) values plus the routing's; during the forward also the per-assignment
+//              outputs [num_kept, d_model] and [num_threads · 128, d_ff] of scratch. Soft MoE
+//              also keeps its slot inputs and outputs [num_sequences · num_slots, d_model];
+//   backward:  [num_kept, 2·d_ff] and [num_kept, d_model] of scratch.
+// Scratch buffers are kept by the layer between calls (no page faults per call) and freed with
+// it; packed weights are one more copy of the expert weights (fp32 or bf16 per dtype).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moekit/config.h"
+#include "moekit/experts.h"
+#include "moekit/routing.h"
+#include "moekit/tensor.h"
+
+namespace moekit {
+
+// Element type of expert weights and activations. The router is always fp32.
+//   kBF16: weights stored bf16, activations rounded to bf16 at each GEMM input, fp32
+//          accumulation and fp32 output (the bf16 of PyTorch autocast).
+enum class DType { kF32, kBF16 };
+
+const char* dtype_name(DType dtype);  // "fp32" or "bf16"
+
+struct MoeLayerConfig {
+  RoutingConfig routing;
+  int64_t d_model = 0;
+  int64_t d_ff = 0;  // hidden width of one routed expert
+  ExpertActivation activation = ExpertActivation::kSwiGlu;
+  ActivationConstants activation_constants;  // swiglu_clamped only
+  bool router_bias = false;                  // the router Linear has a bias
+  bool expert_bias = false;                  // routed and shared expert Linears have biases
+  // Shared experts see every token. They are evaluated as one MLP of width shared_d_ff (HF
+  // Qwen2-MoE shared_expert; DeepSeek's n_shared_experts MLPs of moe_intermediate_size are one
+  // MLP of their summed width). shared_d_ff = 0 means num_shared_experts · d_ff.
+  int64_t num_shared_experts = 0;
+  int64_t shared_d_ff = 0;
+  bool shared_expert_gate = false;  // Qwen2-MoE: shared output × σ(x · w_shared_gate)
+  DType dtype = DType::kF32;
+  int num_threads = 1;
+
+  // Derived shapes.
+  int64_t num_experts() const { return routing.num_experts; }
+  // Router rows: num_experts, or num_experts · slots_per_expert for Soft MoE.
+  int64_t router_rows() const;
+  int64_t gate_up_rows() const { return is_gated(activation) ? 2 * d_ff : d_ff; }
+  bool has_shared() const { return num_shared_experts > 0; }
+  int64_t effective_shared_d_ff() const;
+  int64_t shared_gate_up_rows() const {
+    return is_gated(activation) ? 2 * effective_shared_d_ff() : effective_shared_d_ff();
+  }
+
+  // Throws ConfigError naming the field, the expected and the actual value.
+  void validate() const;
+};
+
+// Parses a JSON object: the layer keys below plus any routing key (see config.h) in the same
+// object, Hugging Face style. Layer keys (aliases in brackets): d_model [hidden_size],
+// d_ff [intermediate_size, moe_intermediate_size, ffn_hidden_size], activation [hidden_act:
+// silu→swiglu, gelu→gelu_erf, gelu_new/gelu_pytorch_tanh→gelu, relu], clamp_limit
+// [swiglu_limit], clamp_alpha, router_bias, expert_bias, num_shared_experts [n_shared_experts],
+// shared_d_ff [shared_expert_intermediate_size], shared_expert_gate, dtype (fp32|float32|bf16|
+// bfloat16), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
+MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
+
+// Non-owning view of a weight stack [experts, rows, cols], row-major, fp32 or bf16 (bf16: the
+// upper 16 bits of an IEEE fp32, as uint16). Element (e, r, c) is at ((e·rows + r)·cols + c).
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t experts = 1;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  bool empty() const { return data == nullptr; }
+};
+
+// The parameters a layer computes with, as views of memory it does not own (Python tensors,
+// memory-mapped safetensors). Weights follow the Hugging Face layout (out × in); biases, the
+// router and the shared gate are fp32.
+struct MoeParams {
+  ConstMatrixView<float> router_weight;        // [router_rows, d_model]
+  std::span<const float> router_bias;          // [router_rows] or empty
+  ConstMatrixView<float> router_noise_weight;  // [num_experts, d_model], noisy gating only
+  WeightView gate_up;                          // [num_experts, gate_up_rows, d_model]
+  WeightView down;                             // [num_experts, d_model, d_ff]
+  std::span<const float> gate_up_bias;         // [num_experts · gate_up_rows] or empty
+  std::span<const float> down_bias;            // [num_experts · d_model] or empty
+  WeightView shared_gate_up;                   // [1, shared_gate_up_rows, d_model] or empty
+  WeightView shared_down;                      // [1, d_model, shared_d_ff] or empty
+  std::span<const float> shared_gate_up_bias;  // [shared_gate_up_rows] or empty
+  std::span<const float> shared_down_bias;     // [d_model] or empty
+  std::span<const float> shared_gate;          // [d_model] (the [1, d_model] gate) or empty
+};
+
+// Owning flat storage of every parameter (or gradient), shapes as in MoeParams. Tensors a
+// config does not use are empty.
+template <typename Real>
+struct BasicMoeTensors {
+  std::vector<Real> router_weight;        // [router_rows, d_model]
+  std::vector<Real> router_bias;          // [router_rows]
+  std::vector<Real> router_noise_weight;  // [num_experts, d_model]
+  std::vector<Real> gate_up;              // [num_experts, gate_up_rows, d_model]
+  std::vector<Real> down;                 // [num_experts, d_model, d_ff]
+  std::vector<Real> gate_up_bias;         // [num_experts, gate_up_rows]
+  std::vector<Real> down_bias;            // [num_experts, d_model]
+  std::vector<Real> shared_gate_up;       // [shared_gate_up_rows, d_model]
+  std::vector<Real> shared_down;          // [d_model, shared_d_ff]
+  std::vector<Real> shared_gate_up_bias;  // [shared_gate_up_rows]
+  std::vector<Real> shared_down_bias;     // [d_model]
+  std::vector<Real> shared_gate;          // [d_model]
+
+  // Calls fn(name, tensor) for every tensor, in declaration order.
+  template <typename Fn>
+  void for_each(Fn&& fn) {
+    fn("router_weight", router_weight);
+    fn("router_bias", router_bias);
+    fn("router_noise_weight", router_noise_weight);
+    fn("gate_up", gate_up);
+    fn("down", down);
+    fn("gate_up_bias", gate_up_bias);
+    fn("down_bias", down_bias);
+    fn("shared_gate_up", shared_gate_up);
+    fn("shared_down", shared_down);
+    fn("shared_gate_up_bias", shared_gate_up_bias);
+    fn("shared_down_bias", shared_down_bias);
+    fn("shared_gate", shared_gate);
+  }
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    const_cast<BasicMoeTensors*>(this)->for_each(
+        [&](const char* name, std::vector<Real>& v) { fn(name, std::as_const(v)); });
+  }
+};
+
+using MoeTensors = BasicMoeTensors<float>;
+
+// Zero-filled tensors of the sizes `config` uses.
+template <typename Real>
+BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& config);
+
+// fp32 views of owned tensors (the layout MoeParams expects).
+MoeParams moe_params_view(const MoeLayerConfig& config, const MoeTensors& tensors);
+
+// Throws InputError unless every view has the shape `config` asks for (names the parameter,
+// the expected and the actual shape).
+void check_moe_params(const MoeLayerConfig& config, const MoeParams& params);
+
+struct MoeForwardResult {
+  Matrix<float> output;           // [num_tokens, d_model]
+  RoutingResult<float> routing;   // plan, losses, statistics (and what routing's backward needs)
+};
+
+class MoeLayer {
+ public:
+  // Owns its parameters, initialised from `seed` like PyTorch's nn.Linear: every weight and bias
+  // of a Linear with fan_in inputs is drawn from U(−1/√fan_in, 1/√fan_in) (router, experts,
+  // shared experts, shared gate), by a counter-based generator, so the values do not depend on
+  // the thread count. Noisy-gating noise weights start at zero.
+  MoeLayer(const MoeLayerConfig& config, uint64_t seed);
+
+  // Borrows `params`: the memory must outlive the layer. Expert weights are packed into the
+  // kernels' layout on the first forward (a one-time copy: fp32 or bf16 per config.dtype); call
+  // refresh_packed_weights() after changing the borrowed values.
+  MoeLayer(const MoeLayerConfig& config, const MoeParams& params);
+
+  ~MoeLayer();
+  MoeLayer(MoeLayer&&) noexcept;
+  MoeLayer& operator=(MoeLayer&&) noexcept;
+
+  const MoeLayerConfig& config() const { return config_; }
+  // Routing in training mode (noise, training capacity factor, saving for backward). For gated
+  // activations the first GEMM's weights are packed per mode (paired for the fused SwiGLU in
+  // inference, plain in training, which keeps the raw pre-activations), so switching re-packs
+  // them on the next forward.
+  void set_training(bool training);
+  bool owns_parameters() const { return owned_ != nullptr; }
+
+  // Owned parameters (fp32 master copy; for dtype bf16 the layer computes with a bf16 rounding
+  // of them). Throws std::logic_error for a borrowing layer. After changing them (an optimiser
+  // step), call refresh_packed_weights().
+  MoeTensors& parameters();
+  const MoeTensors& parameters() const;
+  // The views the layer computes with.
+  const MoeParams& params() const { return params_; }
+
+  // Re-packs expert weights (and, when owned and bf16, re-rounds the bf16 copy).
+  void refresh_packed_weights();
+
+  // hidden_states [num_tokens, d_model] → output [num_tokens, d_model], plan, losses, stats.
+  // options.num_threads is replaced by config().num_threads. With routing.training set, the
+  // forward keeps what backward needs (see the memory note at the top).
+  MoeForwardResult forward(ConstMatrixView<float> hidden_states,  // [num_tokens, d_model]
+                           const RoutingOptions& options = {});
+
+  // Gradient of L = ⟨d_output, output⟩ + router_aux_loss_coef · aux_loss
+  //                 + router_z_loss_coef · z_loss
+  // for the last training forward. Returns d_hidden_states [num_tokens, d_model] and
+  // ACCUMULATES (+=) every parameter gradient into grads(): call zero_grad() to start a new
+  // step. The router weight and bias receive the gradient through the combine weights
+  // (dL/dw_te = ⟨d_output_t, E_e(x_t)⟩) and through the losses. The backward consumes the saved
+  // state: one backward per training forward. With dtype bf16 the GEMMs against expert weights
+  // round their other operand to bf16 (as the forward does) and the weight-gradient GEMMs use
+  // fp32 operands (h and x as the forward rounded them); gradients are always fp32.
+  Matrix<float> backward(ConstMatrixView<float> d_output);  // [num_tokens, d_model]
+
+  // The selection bias of aux-loss-free balancing (RoutingConfig::e_score_correction_bias,
+  // [num_experts] or empty), to update between steps, e.g. with update_expert_bias().
+  std::vector<double>& expert_selection_bias() { return config_.routing.e_score_correction_bias; }
+
+  const MoeTensors& grads() const { return grads_; }
+  MoeTensors& grads() { return grads_; }
+  void zero_grad();
+
+  // Name of the kernel path in use ("avx512bf16", "scalar", ...).
+  const char* isa_name() const;
+
+  struct Impl;
+
+ private:
+  MoeLayerConfig config_;
+  std::unique_ptr<MoeTensors> owned_;  // fp32 master parameters when owned
+  MoeParams params_;
+  MoeTensors grads_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// -----------------------------------------------------------------------------------------------
+// Scalar reference: plain loops over tokens and their kept experts, templated on Real (double
+// for finite differences). It implements the layer's math with none of its machinery (no GEMM,
+// no grouping, no threads) and is the oracle the layer is tested against. config.dtype and
+// num_threads are ignored.
+
+template <typename Real>
+struct ReferenceMoeForward {
+  Matrix<Real> output;  // [num_tokens, d_model]
+  RoutingResult<Real> routing;
+};
+
+template <typename Real>
+struct ReferenceMoeGrads {
+  Matrix<Real> d_hidden_states;  // [num_tokens, d_model]
+  BasicMoeTensors<Real> d_params;
+};
+
+template <typename Real>
+ReferenceMoeForward<Real> reference_moe_forward(const MoeLayerConfig& config,
+                                                const BasicMoeTensors<Real>& params,
+                                                ConstMatrixView<Real> hidden_states,
+                                                const RoutingOptions& options = {});
+
+// Gradient of the same L as MoeLayer::backward (assigned, not accumulated).
+template <typename Real>
+ReferenceMoeGrads<Real> reference_moe_backward(const MoeLayerConfig& config,
+                                               const BasicMoeTensors<Real>& params,
+                                               ConstMatrixView<Real> hidden_states,
+                                               const ReferenceMoeForward<Real>& forward,
+                                               ConstMatrixView<Real> d_output);
+
+}  // namespace moekit

@@ -1,0 +1,88 @@
+// Internal interface between the GEMM driver (gemm.cpp: blocking, packing, dispatch) and the
+// ISA-specific micro-kernels (isa_avx2.cpp, isa_avx512.cpp). Not installed.
+//
+// Packed B ("panels"): the logical B [k, nb] is cut into panels of `nr` columns. A panel holds
+// every K row of its columns; K block [pc, pc + kc) of a panel starts at element pc · nr.
+//   kF32 layout:        element (kk, t) at kk·nr + t
+//   kBf16Split layout:  (bf16, widened to fp32 by the kernel) per kk, the nr values of a row
+//                       are interleaved by halves: lane t < nr/2 at 2t, lane nr/2 + t at 2t + 1
+//                       (so the kernel widens with one shift and one mask)
+//   kBf16Pairs layout:  (bf16, vdpbf16ps) K padded to even; element (kk, t) at
+//                       (kk/2)·2·nr + 2t + kk%2: each fp32 lane is a (k even, k odd) pair
+// A paired panel (SwiGLU) holds nr/2 gate columns then the nr/2 up columns of the same output
+// columns; an unpaired panel holds nr output columns.
+//
+// A micro-panel: up to mr_max rows, each a contiguous run of the K block (fp32, or bf16 for
+// kBf16Pairs, where kc is even and (a[kk], a[kk+1]) is read as one dword), rows `lda`
+// elements apart. The driver points it straight at A when A's rows are contiguous, equally
+// spaced and need no conversion, and otherwise copies the rows into a buffer (gather,
+// conversion, odd K, or a row stride that aliases in L1).
+#pragma once
+
+#include <cstdint>
+
+#include "gemm.h"
+
+namespace moekit::cpu::detail_gemm {
+
+enum class BLayout : int { kF32 = 0, kBf16Split = 1, kBf16Pairs = 2 };
+
+struct EpiArgs {
+  Activation act = Activation::kNone;
+  const float* bias = nullptr;       // [nb] (gate then up for pairs)
+  const float* row_scale = nullptr;  // [m]
+  float clamp_limit = 7.0f, clamp_alpha = 1.702f;
+  void* c = nullptr;
+  DType c_dtype = DType::kF32;
+  int64_t ldc = 0;
+  const int32_t* c_rows = nullptr;
+  bool accumulate = false;
+  int64_t n = 0;  // output columns of the problem (the up half of the bias starts at n)
+};
+
+// One call of a micro-kernel: a micro-panel of A (mr rows) times one panel of B over kc steps.
+struct MicroTile {
+  int64_t kc = 0;            // K steps (even for kBf16Pairs, zero-padded)
+  const void* a = nullptr;   // A micro-panel: row i at a + i·lda (elements), K block start
+  int64_t lda = 0;
+  const void* b = nullptr;   // packed B panel at this K block
+  float* part = nullptr;     // mr × nr partial sums (row-major, stride nr) between K blocks
+  bool load_part = false;    // continue from part (not the first K block)
+  bool finish = true;        // last K block: epilogue and store to C (else store to part)
+  int mr = 0;                // rows in this micro-panel, 1..mr_max
+  const EpiArgs* e = nullptr;
+  int64_t row0 = 0;          // output row of the first micro-panel row
+  int64_t col0 = 0;          // output column of output lane 0 of the panel
+  int cbeg = 0, cend = 0;    // output lanes to store: [cbeg, cend) within [0, out_nr)
+};
+
+using MicroKernel = void (*)(const MicroTile&);
+
+struct KernelInfo {
+  MicroKernel micro = nullptr;  // null: no fast path (scalar)
+  int mr_max = 1;
+  int nr = 1;                   // B columns per panel (gate + up for paired)
+  BLayout layout = BLayout::kF32;
+  bool a_bf16_pairs = false;    // A rows in bf16 (kBf16Pairs); else fp32
+  // Optional vectorised fp32 → bf16 (round to nearest even) of n values; null: scalar.
+  void (*to_bf16)(const float* src, uint16_t* dst, int64_t n) = nullptr;
+};
+
+// Per-ISA kernel tables (defined in isa_*.cpp; they return an empty KernelInfo when the
+// compiler cannot build that ISA).
+KernelInfo avx2_kernel(DType b_dtype);
+KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot);
+
+// Cache blocking, tunable for the benchmarks and tests (not thread-safe to change while GEMMs
+// run). Measured on Zen 4 (docs/kernels.md): K blocking only lost speed up to K = 3584 (the
+// L2 prefetchers stream A rows and B panels well), so one K block is used up to kc.
+struct Tuning {
+  int64_t kc = 4096;       // K block (rounded up to even); larger K is split, partial sums kept
+  int64_t mc = 168;        // row block (balanced over the rows, a multiple of mr_max)
+  int64_t nc_panels = 16;  // panels per column block when B is packed on the fly
+  int64_t small_m = 32;    // row ranges up to this many rows use one K block (stream B once)
+  bool a_in_place = true;  // read A in place when its layout allows
+};
+Tuning& tuning();
+
+}  // namespace moekit::cpu::detail_gemm

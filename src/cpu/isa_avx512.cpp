@@ -1,0 +1,330 @@
+// AVX-512 micro-kernels (fp32 FMA; bf16 weights widened to fp32; AVX512-BF16 vdpbf16ps) and
+// their fused epilogue. Every function carries its own target attribute, so this file builds
+// with the baseline x86-64 flags and the code only runs after gemm.cpp's runtime check.
+// Nothing here instantiates a std:: template (no COMDAT copy compiled for AVX-512 can leak to
+// the rest of the program).
+// GCC 12 reports its own intrinsic headers (_mm512_undefined_*) as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemm_kernels.h"
+
+#define MOEKIT_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
+#define MOEKIT_T512_INLINE inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
+#define MOEKIT_T512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2,f16c")))
+
+namespace moekit::cpu::detail_gemm {
+namespace {
+
+// A (bf16 pairs) is read as dwords from buffers written as uint16_t.
+typedef int32_t __attribute__((may_alias)) i32_alias;
+typedef uint32_t __attribute__((may_alias)) u32_alias;
+
+constexpr int kMr = 14;  // rows per micro-panel: 14 × 2 zmm accumulators = 28 of 32 registers
+constexpr int kNr = 32;  // B columns per panel (two zmm)
+
+// ---------------------------------------------------------------------------------------------
+// Vector math for the epilogue.
+
+// exp(x), Cephes expf: range reduction by ln 2 in two parts, degree-6 polynomial, scalef.
+// About 1 ulp on [-87.3, 88.3]; inputs are clamped to that range (so exp never gives inf).
+MOEKIT_T512_INLINE __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// x · sigmoid(s · x) = x / (1 + exp(−s·x))
+MOEKIT_T512_INLINE __m512 x_sigmoid512(__m512 x, __m512 sx) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), sx))));
+}
+
+// erf(x): rational approximation on [-4, 4] (Eigen's generic_fast_erf_float), |error| < 5e-7.
+MOEKIT_T512_INLINE __m512 erf512(__m512 a) {
+  const __m512 x = _mm512_min_ps(_mm512_max_ps(a, _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f), _mm512_set1_ps(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(p, x);
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f), _mm512_set1_ps(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
+}
+
+MOEKIT_T512_INLINE __m512 act512(Activation act, __m512 x) {
+  switch (act) {
+    case Activation::kRelu: return _mm512_max_ps(x, _mm512_setzero_ps());
+    case Activation::kGelu: {
+      // 0.5·x·(1 + tanh(z)) = x·sigmoid(2z), z = sqrt(2/pi)·(x + 0.044715·x³)
+      const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      const __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), x),
+                                      _mm512_set1_ps(2.0f * 0.7978845608028654f));
+      return x_sigmoid512(x, z2);
+    }
+    case Activation::kGeluErf: {
+      const __m512 h = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+      return _mm512_fmadd_ps(h, erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f))), h);
+    }
+    default: return x;
+  }
+}
+
+MOEKIT_T512_INLINE __m512 pair512(const EpiArgs& e, __m512 g, __m512 u) {
+  if (e.act == Activation::kSiluMul) return _mm512_mul_ps(x_sigmoid512(g, g), u);
+  const __m512 lim = _mm512_set1_ps(e.clamp_limit);
+  g = _mm512_min_ps(g, lim);
+  u = _mm512_min_ps(_mm512_max_ps(u, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+  const __m512 glu = x_sigmoid512(g, _mm512_mul_ps(g, _mm512_set1_ps(e.clamp_alpha)));
+  return _mm512_mul_ps(_mm512_add_ps(u, _mm512_set1_ps(1.0f)), glu);
+}
+
+// fp32 → bf16, round to nearest even, NaN → quiet NaN (bit-identical to float_to_bf16).
+MOEKIT_T512_INLINE __m256i to_bf16_512(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+MOEKIT_T512_INLINE __mmask16 lane_mask(int beg, int end) {
+  // lanes [beg, end) of 16, clipped
+  if (beg < 0) beg = 0;
+  if (end > 16) end = 16;
+  if (end <= beg) return 0;
+  const unsigned hi = end >= 16 ? 0xffffu : ((1u << end) - 1u);
+  const unsigned lo = (1u << beg) - 1u;
+  return static_cast<__mmask16>(hi & ~lo);
+}
+
+// Stores one 16-lane output vector of row `crow`, output columns col .. col + 15 (mask m).
+MOEKIT_T512_INLINE void store16(const EpiArgs& e, int64_t crow, int64_t col, __mmask16 m, __m512 v) {
+  if (m == 0) return;
+  if (e.c_dtype == DType::kF32) {
+    float* c = static_cast<float*>(e.c) + crow * e.ldc + col;
+    if (e.accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
+    _mm512_mask_storeu_ps(c, m, v);
+  } else {
+    uint16_t* c = static_cast<uint16_t*>(e.c) + crow * e.ldc + col;
+    _mm256_mask_storeu_epi16(c, m, to_bf16_512(v));
+  }
+}
+
+// The epilogue of a finished MR × 32 tile (acc0: lanes 0-15, acc1: lanes 16-31 of the panel).
+template <int MR>
+MOEKIT_T512_INLINE void finish_tile(const MicroTile& t, const __m512* acc0, const __m512* acc1) {
+  const EpiArgs& e = *t.e;
+  const bool pair = e.act == Activation::kSiluMul || e.act == Activation::kSiluMulClamped;
+  if (pair) {
+    const __mmask16 m = lane_mask(t.cbeg, t.cend);
+    __m512 bg = _mm512_setzero_ps(), bu = _mm512_setzero_ps();
+    if (e.bias) {
+      bg = _mm512_maskz_loadu_ps(m, e.bias + t.col0);
+      bu = _mm512_maskz_loadu_ps(m, e.bias + e.n + t.col0);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m512 v = pair512(e, _mm512_add_ps(acc0[r], bg), _mm512_add_ps(acc1[r], bu));
+      const int64_t row = t.row0 + r;
+      if (e.row_scale) v = _mm512_mul_ps(v, _mm512_set1_ps(e.row_scale[row]));
+      store16(e, e.c_rows ? e.c_rows[row] : row, t.col0, m, v);
+    }
+    return;
+  }
+  const __mmask16 m0 = lane_mask(t.cbeg, t.cend), m1 = lane_mask(t.cbeg - 16, t.cend - 16);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (e.bias) {
+    b0 = _mm512_maskz_loadu_ps(m0, e.bias + t.col0);
+    b1 = _mm512_maskz_loadu_ps(m1, e.bias + t.col0 + 16);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    __m512 v0 = _mm512_add_ps(acc0[r], b0), v1 = _mm512_add_ps(acc1[r], b1);
+    if (e.act != Activation::kNone) v0 = act512(e.act, v0), v1 = act512(e.act, v1);
+    const int64_t row = t.row0 + r;
+    if (e.row_scale) {
+      const __m512 s = _mm512_set1_ps(e.row_scale[row]);
+      v0 = _mm512_mul_ps(v0, s), v1 = _mm512_mul_ps(v1, s);
+    }
+    const int64_t crow = e.c_rows ? e.c_rows[row] : row;
+    store16(e, crow, t.col0, m0, v0);
+    store16(e, crow, t.col0 + 16, m1, v1);
+  }
+}
+
+template <int MR>
+MOEKIT_T512_INLINE void start_tile(const MicroTile& t, __m512* acc0, __m512* acc1) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (t.load_part) {
+      acc0[r] = _mm512_loadu_ps(t.part + r * kNr);
+      acc1[r] = _mm512_loadu_ps(t.part + r * kNr + 16);
+    } else {
+      acc0[r] = _mm512_setzero_ps();
+      acc1[r] = _mm512_setzero_ps();
+    }
+  }
+}
+
+template <int MR>
+MOEKIT_T512_INLINE void end_tile(const MicroTile& t, const __m512* acc0, const __m512* acc1) {
+  if (!t.finish) {
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(t.part + r * kNr, acc0[r]);
+      _mm512_storeu_ps(t.part + r * kNr + 16, acc1[r]);
+    }
+    return;
+  }
+  finish_tile<MR>(t, acc0, acc1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels. Per K step: two B vectors and MR broadcasts of A. The A rows are addressed
+// from five base pointers (rows 3j, 3j+1, 3j+2 at base_j + {0, 1, 2}·lda), so the compiler
+// folds every row into a base + index addressing mode and nothing spills.
+
+#define MOEKIT_A_BASES(T, a, lda)                                                        \
+  const T* a0 = (a);                                                                     \
+  const T* a1 = a0 + 3 * (lda);                                                          \
+  const T* a2 = a1 + 3 * (lda);                                                          \
+  const T* a3 = a2 + 3 * (lda);                                                          \
+  const T* a4 = a3 + 3 * (lda);
+#define MOEKIT_A_ROWS(ROW, lda)                                                          \
+  ROW(0, a0, 0) ROW(1, a0, lda) ROW(2, a0, 2 * lda) ROW(3, a1, 0) ROW(4, a1, lda)        \
+  ROW(5, a1, 2 * lda) ROW(6, a2, 0) ROW(7, a2, lda) ROW(8, a2, 2 * lda) ROW(9, a3, 0)    \
+  ROW(10, a3, lda) ROW(11, a3, 2 * lda) ROW(12, a4, 0) ROW(13, a4, lda)
+#define MOEKIT_A_STEP(n) a0 += (n), a1 += (n), a2 += (n), a3 += (n), a4 += (n)
+
+template <int MR, bool kSplit>
+MOEKIT_T512 void micro_f32(const MicroTile& t) {
+  __m512 acc0[MR], acc1[MR];
+  start_tile<MR>(t, acc0, acc1);
+  const int64_t lda = t.lda, kc = t.kc;
+  MOEKIT_A_BASES(float, static_cast<const float*>(t.a), lda)
+#define MOEKIT_ROW_F32(r, base, off)                                 \
+  if constexpr (r < MR) {                                            \
+    const __m512 ar = _mm512_set1_ps(base[off]);                     \
+    acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                      \
+    acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                      \
+  }
+  if constexpr (!kSplit) {
+    const float* b = static_cast<const float*>(t.b);
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+      MOEKIT_A_ROWS(MOEKIT_ROW_F32, lda)
+      MOEKIT_A_STEP(1);
+      b += kNr;
+    }
+  } else {
+    const uint16_t* b = static_cast<const uint16_t*>(t.b);
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const __m512i raw = _mm512_loadu_si512(b);
+      const __m512 b0 = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      const __m512 b1 = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+      MOEKIT_A_ROWS(MOEKIT_ROW_F32, lda)
+      MOEKIT_A_STEP(1);
+      b += kNr;
+    }
+  }
+#undef MOEKIT_ROW_F32
+  end_tile<MR>(t, acc0, acc1);
+}
+
+// bf16 pairs: per K pair, two B vectors of 16 (k, k+1) pairs and MR broadcast A pairs.
+template <int MR>
+MOEKIT_T512BF16 void micro_bf16(const MicroTile& t) {
+  __m512 acc0[MR], acc1[MR];
+  start_tile<MR>(t, acc0, acc1);
+  const int64_t lda = t.lda / 2, kp = t.kc / 2;  // in dwords (bf16 pairs)
+  MOEKIT_A_BASES(i32_alias, static_cast<const i32_alias*>(t.a), lda)
+  const u32_alias* b = static_cast<const u32_alias*>(t.b);
+#define MOEKIT_ROW_BF16(r, base, off)                                        \
+  if constexpr (r < MR) {                                                   \
+    const __m512bh ar = (__m512bh)_mm512_set1_epi32(base[off]);             \
+    acc0[r] = _mm512_dpbf16_ps(acc0[r], ar, b0);                            \
+    acc1[r] = _mm512_dpbf16_ps(acc1[r], ar, b1);                            \
+  }
+  for (int64_t kk = 0; kk < kp; ++kk) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+    MOEKIT_A_ROWS(MOEKIT_ROW_BF16, lda)
+    MOEKIT_A_STEP(1);
+    b += kNr;
+  }
+#undef MOEKIT_ROW_BF16
+  end_tile<MR>(t, acc0, acc1);
+}
+
+// fp32 → bf16 rows for A (identical bits to float_to_bf16).
+MOEKIT_T512 void to_bf16_row(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), to_bf16_512(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(dst + i, m, to_bf16_512(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
+#define MOEKIT_MR_CASES(F)                                                                   \
+  switch (t.mr) {                                                                            \
+    case 1: return F<1>(t);  case 2: return F<2>(t);  case 3: return F<3>(t);               \
+    case 4: return F<4>(t);  case 5: return F<5>(t);  case 6: return F<6>(t);               \
+    case 7: return F<7>(t);  case 8: return F<8>(t);  case 9: return F<9>(t);               \
+    case 10: return F<10>(t); case 11: return F<11>(t); case 12: return F<12>(t);           \
+    case 13: return F<13>(t); default: return F<14>(t);                                      \
+  }
+
+template <int MR> MOEKIT_T512 void micro_f32_plain(const MicroTile& t) { micro_f32<MR, false>(t); }
+template <int MR> MOEKIT_T512 void micro_f32_split(const MicroTile& t) { micro_f32<MR, true>(t); }
+
+MOEKIT_T512 void dispatch_f32(const MicroTile& t) { MOEKIT_MR_CASES(micro_f32_plain) }
+MOEKIT_T512 void dispatch_split(const MicroTile& t) { MOEKIT_MR_CASES(micro_f32_split) }
+MOEKIT_T512BF16 void dispatch_bf16(const MicroTile& t) { MOEKIT_MR_CASES(micro_bf16) }
+
+}  // namespace
+
+KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
+  KernelInfo k;
+  k.mr_max = kMr;
+  k.nr = kNr;
+  k.to_bf16 = &to_bf16_row;
+  if (b_dtype == DType::kF32) {
+    k.micro = &dispatch_f32;
+    k.layout = BLayout::kF32;
+  } else if (bf16_dot) {
+    k.micro = &dispatch_bf16;
+    k.layout = BLayout::kBf16Pairs;
+    k.a_bf16_pairs = true;
+  } else {
+    k.micro = &dispatch_split;
+    k.layout = BLayout::kBf16Split;
+  }
+  return k;
+}
+
+}  // namespace moekit::cpu::detail_gemm
