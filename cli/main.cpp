@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "commands.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/route_io.h"
@@ -14,6 +15,9 @@ namespace {
 constexpr const char* kUsage =
     "usage:\n"
     "  moekit route --config CONFIG.json --input INPUT.json [--output OUT.json]\n"
+    "  moekit bench --tokens T --d-model D --d-ff F --experts E --top-k K\n"
+    "               [--dtype fp32|bf16] [--threads N] [--backward] [--json]\n"
+    "               [--repeats R] [--warmup W] [--preset NAME] [--seed S] [--memory-read]\n"
     "  moekit presets                 list the preset names\n"
     "  moekit preset NAME             print a preset's full configuration as JSON\n"
     "  moekit --help\n";
@@ -65,6 +69,7 @@ int main(int argc, char** argv) {
     const std::string command = args[0];
     const std::vector<std::string> rest(args.begin() + 1, args.end());
     if (command == "route") return route_command(rest);
+    if (command == "bench") return moekit::cli::bench_command(rest);
     if (command == "presets") {
       for (const std::string& name : moekit::preset_names()) std::cout << name << "\n";
       return 0;

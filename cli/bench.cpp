@@ -1,0 +1,509 @@
+// `moekit bench`: times the MoE layer's forward (and, with --backward, a training step) against
+// yardsticks measured in the same run:
+//
+//   dense_equal_flops_ms  one dense GEMM [T·k, d_model] × [d_model, 3·d_ff] in the layer's dtype,
+//                         on the library's best kernel (cpu::gemm_packed on a PackedWeight for
+//                         the active ISA) and all threads; FLOPs 2·T·k·3·d_model·d_ff, the
+//                         expert FLOPs of a SwiGLU MoE forward. Best of a few tilings.
+//   router_ms             what the layer's forward runs before the experts: the fp32 router GEMM
+//                         on a packed weight, then route_logits (top-k, weights, plan, losses),
+//                         timed on its own (the layer does not expose its internal split).
+//   memory_read_gbps      a streaming read of a 1 GiB buffer on all threads (memory-bound shapes,
+//                         or --memory-read).
+//
+// Memory-bound rule: tokens · top_k ≤ 2 · experts, i.e. at most two token rows per expert on
+// average. Each weight byte then feeds ≤ 1 FLOP (fp32) or ≤ 2 (bf16), far below what the
+// cores can do per byte of memory bandwidth, so the forward's time is the expert weight bytes
+// it touches divided by bandwidth; weight_gbps = weight_bytes_touched / forward time is then the
+// figure to compare with memory_read_gbps.
+//
+// Every time is the median of --repeats runs after --warmup runs. The forward, the router and
+// the dense GEMM are timed in interleaved rounds, so that a noisy neighbour slows them alike and
+// the ratios stay meaningful. peak_rss_mb (VmHWM, see peak_rss_mb()) is read after the layer's
+// warm-up and training runs and before the dense GEMM and the 1 GiB buffer are allocated, so it
+// is the layer's peak (plus the process's baseline: the hidden states and the binary).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/thread_pool.h"
+#include "commands.h"
+#include "moekit/config.h"
+#include "moekit/error.h"
+#include "moekit/layer.h"
+#include "moekit/routing.h"
+
+namespace moekit::cli {
+namespace {
+
+namespace mc = moekit::cpu;
+using Clock = std::chrono::steady_clock;
+
+struct BenchOptions {
+  int64_t tokens = 0, d_model = 0, d_ff = 0, experts = 0, top_k = 0;
+  DType dtype = DType::kF32;
+  int threads = 0;
+  bool backward = false;
+  bool json = false;
+  bool memory_read = false;  // force the streaming-read measurement
+  int repeats = 7;
+  int warmup = 2;
+  std::string preset = "hf-mixtral";
+  uint64_t seed = 1234;
+};
+
+constexpr const char* kFlags =
+    "--tokens, --d-model, --d-ff, --experts, --top-k, --dtype, --threads, --backward, --json, "
+    "--repeats, --warmup, --preset, --seed, --memory-read";
+
+int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
+  size_t used = 0;
+  long long v = 0;
+  bool ok = !text.empty();
+  if (ok) {
+    try {
+      v = std::stoll(text, &used);
+    } catch (const std::exception&) {
+      ok = false;
+    }
+  }
+  if (!ok || used != text.size() || v < min || v > max) {
+    throw InputError(flag + ": expected an integer in [" + std::to_string(min) + ", " + std::to_string(max) +
+                     "], got '" + text + "'");
+  }
+  return v;
+}
+
+BenchOptions parse_options(const std::vector<std::string>& args) {
+  BenchOptions o;
+  const int64_t kMaxDim = int64_t(1) << 20;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&](const char* expected) -> std::string {
+      if (i + 1 >= args.size()) throw InputError(a + ": expected " + expected + ", got nothing");
+      return args[++i];
+    };
+    if (a == "--tokens") o.tokens = parse_int(a, value("an integer"), 1, int64_t(1) << 24);
+    else if (a == "--d-model") o.d_model = parse_int(a, value("an integer"), 1, kMaxDim);
+    else if (a == "--d-ff") o.d_ff = parse_int(a, value("an integer"), 1, kMaxDim);
+    else if (a == "--experts") o.experts = parse_int(a, value("an integer"), 1, 1 << 16);
+    else if (a == "--top-k") o.top_k = parse_int(a, value("an integer"), 1, 1 << 16);
+    else if (a == "--threads") o.threads = static_cast<int>(parse_int(a, value("an integer"), 1, 1024));
+    else if (a == "--repeats") o.repeats = static_cast<int>(parse_int(a, value("an integer"), 1, 100000));
+    else if (a == "--warmup") o.warmup = static_cast<int>(parse_int(a, value("an integer"), 0, 100000));
+    else if (a == "--seed") o.seed = static_cast<uint64_t>(parse_int(a, value("an integer"), 0, INT64_MAX));
+    else if (a == "--preset") o.preset = value("a preset name (moekit presets)");
+    else if (a == "--dtype") {
+      const std::string d = value("fp32 or bf16");
+      if (d == "fp32" || d == "float32") o.dtype = DType::kF32;
+      else if (d == "bf16" || d == "bfloat16") o.dtype = DType::kBF16;
+      else throw InputError("--dtype: expected fp32 or bf16, got '" + d + "'");
+    } else if (a == "--backward") o.backward = true;
+    else if (a == "--json") o.json = true;
+    else if (a == "--memory-read") o.memory_read = true;
+    else throw InputError(std::string("bench: expected one of ") + kFlags + ", got '" + a + "'");
+  }
+  auto require = [](const char* flag, int64_t v) {
+    if (v == 0) throw InputError(std::string(flag) + ": expected a positive integer, got nothing");
+  };
+  require("--tokens", o.tokens);
+  require("--d-model", o.d_model);
+  require("--d-ff", o.d_ff);
+  require("--experts", o.experts);
+  require("--top-k", o.top_k);
+  if (o.top_k > o.experts) {
+    throw InputError("--top-k: expected at most --experts (" + std::to_string(o.experts) + "), got " +
+                     std::to_string(o.top_k));
+  }
+  if (o.threads == 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return o;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+// Median over `repeats` timed calls after `warmup` untimed ones, in ms.
+double time_median(int warmup, int repeats, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  std::vector<double> times;
+  for (int i = 0; i < repeats; ++i) {
+    const auto t0 = Clock::now();
+    fn();
+    times.push_back(ms_since(t0));
+  }
+  return median(times);
+}
+
+// Peak resident set of this process, MB. VmHWM from /proc/self/status: getrusage's ru_maxrss
+// survives execve on Linux, so under a parent that forked from a large process (Python with
+// torch loaded) it would report the parent's peak. ru_maxrss is the fallback.
+double peak_rss_mb() {
+  if (std::FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::sscanf(line, "VmHWM: %lld kB", &kb) == 1) break;
+    }
+    std::fclose(f);
+    if (kb >= 0) return static_cast<double>(kb) / 1024.0;
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux: kilobytes
+}
+
+std::vector<float> random_normal(size_t n, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM of equal FLOPs: C[M, N] = A[M, K] · Wᵀ, W [N, K] packed for the active ISA.
+
+class DenseGemm {
+ public:
+  DenseGemm(int64_t M, int64_t N, int64_t K, DType dtype, mc::Isa isa, mc::ThreadPool& pool, uint64_t seed)
+      : M_(M), N_(N), pool_(pool) {
+    const mc::DType cdt = dtype == DType::kBF16 ? mc::DType::kBF16 : mc::DType::kF32;
+    a32_ = random_normal(static_cast<size_t>(M * K), seed + 11);
+    const void* a_data = a32_.data();
+    if (cdt == mc::DType::kBF16) {  // bf16 operands, as a bf16 dense GEMM would get them
+      a16_.resize(a32_.size());
+      for (size_t i = 0; i < a32_.size(); ++i) a16_[i] = mc::float_to_bf16(a32_[i]);
+      a32_ = {};
+      a_data = a16_.data();
+    }
+    {
+      std::vector<float> w32 = random_normal(static_cast<size_t>(N * K), seed + 12);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+      for (float& x : w32) x *= scale;
+      w_ = mc::PackedWeight::pack(w32.data(), mc::DType::kF32, N, K, K, cdt, isa);
+    }
+    c_.resize(static_cast<size_t>(M * N));
+    p_.m = M;
+    p_.n = N;
+    p_.k = K;
+    p_.a = {a_data, cdt, K, 1};
+    p_.c = c_.data();
+    p_.c_dtype = mc::DType::kF32;
+    p_.ldc = N;
+    // The best of a few tilings (the faster of two timed probes each).
+    set_tiling(128, 256);
+    run();  // warm caches and pages
+    double best_ms = INFINITY;
+    int64_t best_rb = 128, best_cb = 256;
+    for (int64_t rb : {int64_t(64), int64_t(128), int64_t(256), int64_t(512)}) {
+      for (int64_t cb : {int64_t(128), int64_t(256), int64_t(512)}) {
+        if (rb > 64 && rb >= 2 * M) continue;  // the same tiling as a smaller row block
+        set_tiling(rb, cb);
+        for (int probe = 0; probe < 2; ++probe) {
+          const auto t0 = Clock::now();
+          run();
+          const double ms = ms_since(t0);
+          if (ms < best_ms) best_ms = ms, best_rb = rb, best_cb = cb;
+        }
+      }
+    }
+    set_tiling(best_rb, best_cb);
+  }
+
+  void run() {
+    pool_.run(static_cast<int64_t>(tiles_.size()), [&](int64_t t, int) {
+      const Tile& tile = tiles_[static_cast<size_t>(t)];
+      mc::gemm_packed(p_, w_, tile.m0, tile.m1, tile.n0, tile.n1);
+    });
+  }
+  int64_t row_block() const { return rb_; }
+  int64_t col_block() const { return cb_; }
+
+ private:
+  struct Tile {
+    int64_t m0, m1, n0, n1;
+  };
+  void set_tiling(int64_t rb, int64_t cb) {
+    rb_ = rb;
+    cb_ = cb;
+    tiles_.clear();
+    for (int64_t n0 = 0; n0 < N_; n0 += cb)
+      for (int64_t m0 = 0; m0 < M_; m0 += rb) tiles_.push_back({m0, std::min(M_, m0 + rb), n0, std::min(N_, n0 + cb)});
+  }
+
+  int64_t M_, N_;
+  mc::ThreadPool& pool_;
+  std::vector<float> a32_;
+  std::vector<uint16_t> a16_;
+  mc::PackedWeight w_;
+  std::vector<float> c_;
+  mc::GemmProblem p_;
+  std::vector<Tile> tiles_;
+  int64_t rb_ = 0, cb_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Streaming read of a large buffer on all threads, GB/s (1e9 bytes per second).
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) uint64_t sum_words(const uint64_t* p, size_t n) {
+  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += p[i];
+    s1 += p[i + 1];
+    s2 += p[i + 2];
+    s3 += p[i + 3];
+  }
+  for (; i < n; ++i) s0 += p[i];
+  return s0 + s1 + s2 + s3;
+}
+
+double memory_read_gbps(mc::ThreadPool& pool, int repeats) {
+  constexpr size_t kBytes = size_t(1) << 30;
+  constexpr size_t kChunkWords = (size_t(16) << 20) / sizeof(uint64_t);  // 16 MiB per task
+  const size_t words = kBytes / sizeof(uint64_t);
+  std::unique_ptr<uint64_t[]> buf(new uint64_t[words]);  // uninitialised: first touch below
+  const int64_t chunks = static_cast<int64_t>(words / kChunkWords);
+  pool.run(chunks, [&](int64_t c, int) {
+    uint64_t* p = buf.get() + static_cast<size_t>(c) * kChunkWords;
+    for (size_t i = 0; i < kChunkWords; ++i) p[i] = static_cast<uint64_t>(c) * kChunkWords + i;
+  });
+  std::vector<uint64_t> sums(static_cast<size_t>(chunks));
+  volatile uint64_t sink = 0;
+  const double ms = time_median(1, repeats, [&] {
+    pool.run(chunks, [&](int64_t c, int) {
+      sums[static_cast<size_t>(c)] = sum_words(buf.get() + static_cast<size_t>(c) * kChunkWords, kChunkWords);
+    });
+    uint64_t s = 0;
+    for (uint64_t x : sums) s += x;
+    sink = sink + s;
+  });
+  return static_cast<double>(kBytes) / (ms * 1e6);
+}
+
+}  // namespace
+
+int bench_command(const std::vector<std::string>& args) {
+  const BenchOptions o = parse_options(args);
+
+  MoeLayerConfig config;
+  config.routing = routing_config_from_preset(o.preset);
+  config.routing.num_experts = o.experts;
+  config.routing.num_experts_per_tok = o.top_k;
+  config.routing.training = false;
+  config.d_model = o.d_model;
+  config.d_ff = o.d_ff;
+  config.activation = ExpertActivation::kSwiGlu;
+  config.dtype = o.dtype;
+  config.num_threads = o.threads;
+  config.validate();
+
+  MoeLayer layer(config, o.seed);
+  const std::vector<float> hidden = random_normal(static_cast<size_t>(o.tokens * o.d_model), o.seed + 1);
+  const ConstMatrixView<float> x{hidden.data(), o.tokens, o.d_model};
+  mc::ThreadPool pool(o.threads);
+  const mc::Isa isa = mc::active_isa();
+
+  // Phase 1, the layer alone: inference warm-up (packs the weights), then the training step.
+  layer.set_training(false);
+  MoeForwardResult last;
+  for (int i = 0; i < o.warmup; ++i) last = layer.forward(x);
+  double train_forward_ms = 0, backward_ms = 0, step_ms = 0;
+  if (o.backward) {
+    layer.set_training(true);
+    const std::vector<float> d_out = random_normal(static_cast<size_t>(o.tokens * o.d_model), o.seed + 2);
+    const ConstMatrixView<float> dy{d_out.data(), o.tokens, o.d_model};
+    std::vector<double> tf, tb, ts;
+    for (int i = 0; i < o.warmup + o.repeats; ++i) {
+      const auto t0 = Clock::now();
+      MoeForwardResult r = layer.forward(x);
+      const auto t1 = Clock::now();
+      Matrix<float> dx = layer.backward(dy);
+      const auto t2 = Clock::now();
+      (void)r;
+      (void)dx;
+      if (i < o.warmup) continue;
+      tf.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      tb.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+      ts.push_back(std::chrono::duration<double, std::milli>(t2 - t0).count());
+    }
+    layer.set_training(false);
+    train_forward_ms = median(tf);
+    backward_ms = median(tb);
+    step_ms = median(ts);
+    for (int i = 0; i < o.warmup; ++i) last = layer.forward(x);  // back to the inference layout
+  }
+  last = layer.forward(x);
+  const double rss_mb = peak_rss_mb();
+
+  // Which experts received tokens, and the bytes of their weights.
+  const RoutingPlan& plan = last.routing.plan;
+  const int64_t elt = o.dtype == DType::kBF16 ? 2 : 4;
+  const int64_t expert_weight_elems = config.gate_up_rows() * o.d_model + o.d_model * o.d_ff;
+  int64_t experts_active = 0;
+  for (int64_t e = 0; e < plan.num_experts; ++e) experts_active += plan.tokens_for_expert(e) > 0;
+  const int64_t weight_bytes_touched = experts_active * expert_weight_elems * elt;
+  const int64_t num_kept = plan.num_kept();
+
+  // Phase 2, the yardsticks. The router + plan: the fp32 router GEMM on a packed weight, then
+  // route_logits, as the layer's forward runs them before the experts.
+  const MoeParams& params = layer.params();
+  const int64_t router_rows = config.router_rows();
+  const mc::PackedWeight router_w = mc::PackedWeight::pack(
+      params.router_weight.data, mc::DType::kF32, router_rows, o.d_model, o.d_model, mc::DType::kF32, isa);
+  RoutingOptions router_options;
+  router_options.num_threads = o.threads;
+  Matrix<float> logits(o.tokens, router_rows);
+  auto run_router = [&] {
+    constexpr int64_t kRowBlock = 128;
+    const int64_t row_tasks = (o.tokens + kRowBlock - 1) / kRowBlock;
+    mc::GemmProblem q;
+    q.m = o.tokens;
+    q.n = router_rows;
+    q.k = o.d_model;
+    q.a = {hidden.data(), mc::DType::kF32, o.d_model, 1};
+    q.c = logits.values.data();
+    q.ldc = router_rows;
+    q.epilogue.bias = params.router_bias.empty() ? nullptr : params.router_bias.data();
+    if (row_tasks >= o.threads) {
+      pool.run(row_tasks, [&](int64_t t, int) {
+        mc::gemm_packed(q, router_w, t * kRowBlock, std::min(o.tokens, (t + 1) * kRowBlock), 0, router_rows);
+      });
+    } else {  // few tokens: split the experts instead
+      const int64_t cb = std::max<int64_t>(16, (router_rows + o.threads - 1) / o.threads);
+      pool.run((router_rows + cb - 1) / cb, [&](int64_t t, int) {
+        mc::gemm_packed(q, router_w, 0, o.tokens, t * cb, std::min(router_rows, (t + 1) * cb));
+      });
+    }
+    const RoutingResult<float> r = route_logits(config.routing, logits.cview(), router_options);
+    (void)r;
+  };
+  // The dense GEMM of equal FLOPs.
+  const int64_t dense_m = o.tokens * o.top_k;
+  DenseGemm dense(dense_m, 3 * o.d_ff, o.d_model, o.dtype, isa, pool, o.seed);
+  const double flops = 2.0 * static_cast<double>(dense_m) * 3.0 * static_cast<double>(o.d_model) *
+                       static_cast<double>(o.d_ff);
+
+  // Rounds of (forward, router, dense), interleaved so that a noisy neighbour slows all three
+  // alike; the median of each.
+  for (int i = 0; i < o.warmup; ++i) {
+    last = layer.forward(x);
+    run_router();
+    dense.run();
+  }
+  std::vector<double> tf, tr, td;
+  for (int i = 0; i < o.repeats; ++i) {
+    auto t0 = Clock::now();
+    last = layer.forward(x);
+    tf.push_back(ms_since(t0));
+    t0 = Clock::now();
+    run_router();
+    tr.push_back(ms_since(t0));
+    t0 = Clock::now();
+    dense.run();
+    td.push_back(ms_since(t0));
+  }
+  const double forward_ms = median(tf), router_ms = median(tr), dense_ms = median(td);
+
+  const bool memory_bound = o.tokens * o.top_k <= 2 * o.experts;
+  const bool report_memory = memory_bound || o.memory_read;
+  const double read_gbps = report_memory ? memory_read_gbps(pool, o.repeats) : 0.0;
+  const double weight_gbps = static_cast<double>(weight_bytes_touched) / (forward_ms * 1e6);
+
+  nlohmann::ordered_json j;
+  j["tokens"] = o.tokens;
+  j["d_model"] = o.d_model;
+  j["d_ff"] = o.d_ff;
+  j["experts"] = o.experts;
+  j["top_k"] = o.top_k;
+  j["preset"] = o.preset;
+  j["dtype"] = dtype_name(o.dtype);
+  j["threads"] = o.threads;
+  j["isa"] = mc::isa_name(isa);
+  j["layer_isa"] = layer.isa_name();
+  j["repeats"] = o.repeats;
+  j["forward_ms"] = forward_ms;
+  j["forward_gflops"] = flops / (forward_ms * 1e6);
+  j["router_ms"] = router_ms;
+  j["router_share"] = router_ms / forward_ms;
+  if (o.backward) {
+    j["train_forward_ms"] = train_forward_ms;
+    j["backward_ms"] = backward_ms;
+    j["step_ms"] = step_ms;
+    j["backward_over_forward"] = backward_ms / train_forward_ms;
+  }
+  j["dense_equal_flops_ms"] = dense_ms;
+  j["dense_gflops"] = flops / (dense_ms * 1e6);
+  j["dense_shape"] = {dense_m, o.d_model, 3 * o.d_ff};
+  j["dense_tile"] = {dense.row_block(), dense.col_block()};
+  j["ratio_to_dense"] = dense_ms / forward_ms;
+  j["expert_flops"] = flops;
+  j["num_kept"] = num_kept;
+  j["experts_active"] = experts_active;
+  j["memory_bound"] = memory_bound;
+  if (report_memory) {
+    j["weight_bytes_touched"] = weight_bytes_touched;
+    j["weight_gbps"] = weight_gbps;
+    j["memory_read_gbps"] = read_gbps;
+    j["weight_gbps_over_read"] = weight_gbps / read_gbps;
+  }
+  j["peak_rss_mb"] = rss_mb;
+
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  char line[256];
+  auto row = [&](const char* name, const std::string& value) {
+    std::snprintf(line, sizeof line, "  %-24s %s\n", name, value.c_str());
+    std::cout << line;
+  };
+  auto num = [](double v, const char* fmt) {
+    char b[64];
+    std::snprintf(b, sizeof b, fmt, v);
+    return std::string(b);
+  };
+  std::cout << "moekit bench: tokens " << o.tokens << ", d_model " << o.d_model << ", d_ff " << o.d_ff
+            << ", experts " << o.experts << ", top-k " << o.top_k << ", " << dtype_name(o.dtype) << ", "
+            << o.threads << " thread(s), isa " << mc::isa_name(isa) << ", preset " << o.preset << "\n"
+            << "  (medians of " << o.repeats << " runs after " << o.warmup << " warm-up runs)\n";
+  row("forward", num(forward_ms, "%.3f ms") + num(flops / (forward_ms * 1e6), "  (%.1f GFLOP/s)"));
+  row("router + plan", num(router_ms, "%.3f ms") + num(100.0 * router_ms / forward_ms, "  (%.1f%% of forward)"));
+  if (o.backward) {
+    row("training forward", num(train_forward_ms, "%.3f ms"));
+    row("backward", num(backward_ms, "%.3f ms") + num(backward_ms / train_forward_ms, "  (%.2fx forward)"));
+    row("step", num(step_ms, "%.3f ms"));
+  }
+  row("dense equal FLOPs", num(dense_ms, "%.3f ms") + num(flops / (dense_ms * 1e6), "  (%.1f GFLOP/s)"));
+  row("ratio to dense", num(dense_ms / forward_ms, "%.3f"));
+  row("experts active", std::to_string(experts_active) + " of " + std::to_string(o.experts));
+  if (report_memory) {
+    row("weight bytes touched", num(static_cast<double>(weight_bytes_touched) / 1e6, "%.1f MB"));
+    row("weights streamed", num(weight_gbps, "%.1f GB/s"));
+    row("memory read (1 GiB)", num(read_gbps, "%.1f GB/s") + num(weight_gbps / read_gbps, "  (weights at %.2f of it)"));
+  }
+  row("peak RSS", num(rss_mb, "%.1f MB"));
+  return 0;
+}
+
+}  // namespace moekit::cli
