@@ -574,7 +574,6 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, uint64_t seed) : config_(config
     init_uniform(t.shared_down_bias, config_.effective_shared_d_ff(), seed, 9);
     init_uniform(t.shared_gate, d, seed, 10);
   }
-  grads_ = make_moe_tensors<float>(config_);
   refresh_packed_weights();
 }
 
@@ -583,7 +582,6 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, const MoeParams& params) : conf
   check_moe_params(config_, params);
   impl_ = std::make_unique<Impl>(config_.num_threads);
   params_ = params;
-  grads_ = make_moe_tensors<float>(config_);
 }
 
 MoeLayer::~MoeLayer() = default;
@@ -607,7 +605,12 @@ const MoeTensors& MoeLayer::parameters() const {
 
 const char* MoeLayer::isa_name() const { return cpu::isa_name(impl_->isa); }
 
+void MoeLayer::ensure_grads() {
+  if (grads_.router_weight.empty()) grads_ = make_moe_tensors<float>(config_);
+}
+
 void MoeLayer::zero_grad() {
+  ensure_grads();
   grads_.for_each([](const char*, std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); });
 }
 
@@ -998,6 +1001,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     throw_input_error("backward", "a preceding forward with routing.training = true (set_training)",
                       "no saved forward");
   }
+  ensure_grads();
   const int64_t num_tokens = s.hidden_states.rows, d = c.d_model;
   if (d_output.data == nullptr || d_output.rows != num_tokens || d_output.cols != d) {
     throw_input_error("d_output shape", shape_text(num_tokens, d), shape_text(d_output.rows, d_output.cols));

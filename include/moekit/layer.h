@@ -242,8 +242,13 @@ class MoeLayer {
   // [num_experts] or empty), to update between steps, e.g. with update_expert_bias().
   std::vector<double>& expert_selection_bias() { return config_.routing.e_score_correction_bias; }
 
+  // Gradient buffers are allocated on first use (the first backward or a call of grads() or
+  // zero_grad()), so an inference-only layer never holds them.
   const MoeTensors& grads() const { return grads_; }
-  MoeTensors& grads() { return grads_; }
+  MoeTensors& grads() {
+    ensure_grads();
+    return grads_;
+  }
   void zero_grad();
 
   // Name of the kernel path in use ("avx512bf16", "scalar", ...).
@@ -252,6 +257,8 @@ class MoeLayer {
   struct Impl;
 
  private:
+  void ensure_grads();
+
   MoeLayerConfig config_;
   std::unique_ptr<MoeTensors> owned_;  // fp32 master parameters when owned
   MoeParams params_;
