@@ -197,6 +197,7 @@ int main(int argc, char** argv) {
   if (const char* v = std::getenv("MOEKIT_GEMM_MC")) tu.mc = std::atoll(v);
   if (const char* v = std::getenv("MOEKIT_GEMM_NCP")) tu.nc_panels = std::atoll(v);
   if (const char* v = std::getenv("MOEKIT_GEMM_SMALLM")) tu.small_m = std::atoll(v);
+  if (const char* v = std::getenv("MOEKIT_GEMM_BROWS")) tu.b_in_place_rows = std::atoll(v);
 
   benchmark::RegisterBenchmark("stream_read/cold/1GiB", bench_stream_read);
   const auto isas = mc::supported_isas();

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -323,8 +324,16 @@ Runner general_runner(Isa isa) {
   };
 }
 
-// Packs the logical B of d as a weight W = Bᵀ [nb, k] (from its stored dtype) for isa.
-PackedWeight pack_b(const Data& d, Isa isa, DType packed_dt) {
+// Packs the logical B of d as a weight W = Bᵀ [nb, k] (from its stored dtype) for isa; or,
+// with from_operand, straight from d's strided B operand (PackedWeight::pack_operand).
+PackedWeight pack_b(const Data& d, Isa isa, DType packed_dt, bool from_operand = false) {
+  if (from_operand) {
+    Operand b;
+    b.dtype = d.s.b_dt;
+    b.data = d.s.b_dt == DType::kF32 ? static_cast<const void*>(d.b32.data()) : d.b16.data();
+    b.row_stride = d.ldb_r, b.col_stride = d.ldb_c;
+    return PackedWeight::pack_operand(b, d.s.k, d.nb, packed_dt, isa, is_pair(d.s.act));
+  }
   const int64_t ldw = d.s.k + 3;
   if (d.s.b_dt == DType::kF32) {
     std::vector<float> w(static_cast<size_t>(d.nb * ldw), 0.0f);
@@ -392,7 +401,7 @@ TEST(GemmPaths, PackedWeightsAllOptions) {
             if (pdt == DType::kBF16) t.b_dt = DType::kBF16;
             if (pdt == DType::kF32) t.b_dt = DType::kF32;
             const Data d = make_data(t);
-            const PackedWeight w = pack_b(d, isa, pdt);
+            const PackedWeight w = pack_b(d, isa, pdt, /*from_operand=*/seed % 2 == 0);
             CBuf c = make_c(d);
             run_tiled(problem(d, c.ptr()), packed_runner(w), {}, {});
             check_against_reference(d, c, false,
@@ -425,6 +434,25 @@ TEST(GemmPaths, LargeShapesCrossBlocks) {
           check(d, ex, c2, std::string("gemm_packed ") + isa_name(isa));
         }
       }
+}
+
+// k = 0: C = epilogue(bias) on every path.
+TEST(GemmPaths, ZeroK) {
+  for (Activation act : {Activation::kNone, Activation::kGelu, Activation::kSiluMulClamped}) {
+    Spec s;
+    s.m = 9, s.n = 35, s.k = 0, s.act = act, s.bias = true, s.scale = true, s.seed = 77;
+    const Data d = make_data(s);
+    const Expected ex = expected(d, false);
+    for (Isa isa : supported_isas()) {
+      CBuf c = make_c(d);
+      run_tiled(problem(d, c.ptr()), general_runner(isa), {}, {});
+      check(d, ex, c, std::string("k=0 gemm ") + isa_name(isa));
+      const PackedWeight w = pack_b(d, isa, DType::kBF16);
+      CBuf c2 = make_c(d);
+      run_tiled(problem(d, c2.ptr()), packed_runner(w), {}, {});
+      check(d, ex, c2, std::string("k=0 gemm_packed ") + isa_name(isa));
+    }
+  }
 }
 
 // Every activation on every path, with bias, row scale, gather and a bf16 variant.
@@ -559,6 +587,18 @@ TEST(GemmApi, IsaNamesAndDetection) {
   EXPECT_EQ(float_to_bf16(1.0f + 3.0f / 256.0f), float_to_bf16(1.0f + 1.0f / 64.0f));  // tie → even (up)
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
   EXPECT_TRUE(std::isinf(bf16_to_float(float_to_bf16(INFINITY))));
+  // MOEKIT_ISA lowers the active ISA; unknown names and AMX (not implemented) are rejected.
+  const char* saved = std::getenv("MOEKIT_ISA");
+  const std::string saved_value = saved ? saved : "";
+  setenv("MOEKIT_ISA", "scalar", 1);
+  EXPECT_EQ(active_isa(), Isa::kScalar);
+  setenv("MOEKIT_ISA", "fastest", 1);
+  EXPECT_THROW(active_isa(), InputError);
+  setenv("MOEKIT_ISA", "amx", 1);
+  EXPECT_THROW(active_isa(), InputError);
+  unsetenv("MOEKIT_ISA");
+  EXPECT_EQ(active_isa(), detect_isa());
+  if (saved) setenv("MOEKIT_ISA", saved_value.c_str(), 1);
 }
 
 TEST(GemmApi, RejectsBadArguments) {

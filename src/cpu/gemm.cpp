@@ -21,6 +21,7 @@ namespace moekit::cpu {
 
 namespace {
 
+#if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -31,6 +32,13 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512dq");
 }
 bool cpu_has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+void cpu_init() { __builtin_cpu_init(); }
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512bf16() { return false; }
+void cpu_init() {}
+#endif
 
 Isa parse_isa(const std::string& s) {
   if (s == "scalar") return Isa::kScalar;
@@ -47,7 +55,7 @@ Isa detect_isa() {
   // AMX is not implemented (no machine with AMX was available to test it), so the best path
   // is at most AVX512-BF16.
   static const Isa best = [] {
-    __builtin_cpu_init();  // safe even when called from another static initialiser
+    cpu_init();  // safe even when called from another static initialiser
     if (cpu_has_avx512bf16()) return Isa::kAvx512Bf16;
     if (cpu_has_avx512()) return Isa::kAvx512;
     if (cpu_has_avx2()) return Isa::kAvx2;
@@ -441,6 +449,30 @@ void pack_panel(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, int
   }
 }
 
+// fp32 B with contiguous rows into kF32 panels [pj0, pj1): K row by K row (one sequential read
+// of each B row segment), each panel row a copy of nr (or two nr/2 for pairs) floats.
+void pack_rows_f32(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, const float* b,
+                   int64_t ldb, int64_t pj0, int64_t pj1, uint8_t* buf, size_t panel_bytes) {
+  const int64_t nr = ki.nr, half = nr / 2;
+  auto copy = [](float* d, const float* s, int64_t avail, int64_t len) {
+    const int64_t c = std::clamp<int64_t>(avail, 0, len);
+    std::memcpy(d, s, static_cast<size_t>(c) * 4);
+    for (int64_t t = c; t < len; ++t) d[t] = 0.0f;
+  };
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* row = b + kk * ldb;
+    for (int64_t q = pj0; q < pj1; ++q) {
+      float* d = reinterpret_cast<float*>(buf + static_cast<size_t>(q - pj0) * panel_bytes) + kk * nr;
+      if (!paired) {
+        copy(d, row + q * nr, n_out - q * nr, nr);
+      } else {
+        copy(d, row + q * half, n_out - q * half, half);
+        copy(d + half, row + n_out + q * half, n_out - q * half, half);
+      }
+    }
+  }
+}
+
 // A(i, kk) of a strided operand as float (widened, or rounded to bf16 when `round`).
 struct ASource {
   const Operand& a;
@@ -524,9 +556,21 @@ EpiArgs epi_args(const GemmProblem& p) {
 }
 
 // Rows [m_begin, m_end) × panels [pj0, pj1) (clipped to columns [n_begin, n_end)). Panel pj's
-// K row 0 is at panel_base + (pj − pbase) · panel_bytes.
+// K row kk is at base + (pj − pbase) · panel_stride + kk · krow_bytes, and the kernel steps
+// b_step elements per K row (packed panels: nr; B read in place: its row stride).
+struct BPanels {
+  const uint8_t* base;
+  int64_t pbase;
+  size_t panel_stride, krow_bytes;
+  int64_t b_step;
+};
+
+BPanels packed_panels(const KernelInfo& ki, const uint8_t* base, int64_t pbase, size_t panel_bytes) {
+  return {base, pbase, panel_bytes, static_cast<size_t>(ki.nr) * b_elem_size(ki), ki.nr};
+}
+
 void run_panels(const GemmProblem& p, const KernelInfo& ki, bool paired, bool round_a,
-                const uint8_t* panel_base, int64_t pbase, size_t panel_bytes, int64_t m_begin,
+                const BPanels& bp, int64_t m_begin,
                 int64_t m_end, int64_t n_begin, int64_t n_end, int64_t pj0, int64_t pj1) {
   const detail_gemm::Tuning& tu = detail_gemm::tuning();
   const bool pairs = ki.layout == BLayout::kBf16Pairs;
@@ -538,7 +582,7 @@ void run_panels(const GemmProblem& p, const KernelInfo& ki, bool paired, bool ro
   const int64_t rows = m_end - m_begin;
   const int64_t nblk = std::max<int64_t>(1, (rows + std::max<int64_t>(tu.mc, 1) - 1) / std::max<int64_t>(tu.mc, 1));
   const int64_t mc = std::max<int64_t>(mr_max, ((rows + nblk - 1) / nblk + mr_max - 1) / mr_max * mr_max);
-  const size_t esz_a = ki.a_bf16_pairs ? 2 : 4, esz_b = b_elem_size(ki);
+  const size_t esz_a = ki.a_bf16_pairs ? 2 : 4;
   const EpiArgs e = epi_args(p);
   const ASource src{p.a, round_a};
   const int64_t npan = pj1 - pj0;
@@ -559,6 +603,7 @@ void run_panels(const GemmProblem& p, const KernelInfo& ki, bool paired, bool ro
   for (int64_t ic = m_begin; ic < m_end; ic += mc) {
     const int64_t mcur = std::min(mc, m_end - ic);
     const int64_t nmp = (mcur + mr_max - 1) / mr_max;
+    const int64_t mp_base = mcur / nmp, mp_extra = mcur % nmp;
     for (int64_t pc = 0;; pc += kcb) {
       const int64_t kc = std::min(kcb, K - pc);
       const int64_t kc_pad = pairs ? (kc + 1) / 2 * 2 : kc;
@@ -578,19 +623,23 @@ void run_panels(const GemmProblem& p, const KernelInfo& ki, bool paired, bool ro
         MicroTile t;
         t.kc = kc_pad;
         t.lda = lda;
-        t.b = panel_base + static_cast<size_t>(pj - pbase) * panel_bytes +
-              static_cast<size_t>(pc * ki.nr) * esz_b;
+        t.b = bp.base + static_cast<size_t>(pj - bp.pbase) * bp.panel_stride +
+              static_cast<size_t>(pc) * bp.krow_bytes;
+        t.b_step = bp.b_step;
         t.load_part = pc > 0;
         t.finish = last;
         t.e = &e;
         t.col0 = pj * out_nr;
         t.cbeg = static_cast<int>(std::max<int64_t>(n_begin - t.col0, 0));
         t.cend = static_cast<int>(std::min<int64_t>(n_end - t.col0, out_nr));
+        // Micro-panels of balanced height (16 rows: 8 + 8, not 14 + 2: a thin micro-panel
+        // costs a full pass over the B panel for a few rows).
         for (int64_t q = 0; q < nmp; ++q) {
-          t.mr = static_cast<int>(std::min(mr_max, mcur - q * mr_max));
-          t.a = ablock + static_cast<size_t>(q * mr_max * lda) * esz_a;
+          const int64_t r0 = q * mp_base + std::min(q, mp_extra);
+          t.mr = static_cast<int>(mp_base + (q < mp_extra ? 1 : 0));
+          t.a = ablock + static_cast<size_t>(r0 * lda) * esz_a;
           t.part = multi ? part + ((q * npan + (pj - pj0)) * mr_max * ki.nr) : nullptr;
-          t.row0 = ic + q * mr_max;
+          t.row0 = ic + r0;
           ki.micro(t);
         }
       }
@@ -609,16 +658,37 @@ bool gemm_fast(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, in
   const int64_t pj_lo = n_begin / out_nr, pj_hi = (n_end + out_nr - 1) / out_nr;
   const int64_t kpad = k_padded(ki, p.k);
   const size_t panel_bytes = static_cast<size_t>(kpad * ki.nr) * b_elem_size(ki);
-  const int64_t ncp = std::max<int64_t>(1, detail_gemm::tuning().nc_panels);
   const Operand& b = p.b;
-  for (int64_t pj = pj_lo; pj < pj_hi; pj += ncp) {
+  int64_t pj_first = pj_lo;
+  // Few rows, fp32 B with contiguous rows: the kernel reads B in place (row stride b_step), so
+  // the call does not pack K × N of B for a few rows of A. Same kernel, same bits. Only whole
+  // panels inside B's n columns; the last partial panel is packed below.
+  if (ki.layout == BLayout::kF32 && b.dtype == DType::kF32 && b.col_stride == 1 && !paired &&
+      m_end - m_begin <= detail_gemm::tuning().b_in_place_rows) {
+    const int64_t full_end = std::min(pj_hi, p.n / ki.nr);
+    if (full_end > pj_lo) {
+      const BPanels direct{static_cast<const uint8_t*>(b.data), 0, static_cast<size_t>(ki.nr) * 4,
+                           static_cast<size_t>(b.row_stride) * 4, b.row_stride};
+      run_panels(p, ki, paired, round_a, direct, m_begin, m_end, n_begin, n_end, pj_lo, full_end);
+      pj_first = full_end;
+    }
+  }
+  const int64_t ncp = std::max<int64_t>(1, detail_gemm::tuning().nc_panels);
+  const bool rows_contiguous = ki.layout == BLayout::kF32 && b.dtype == DType::kF32 && b.col_stride == 1;
+  for (int64_t pj = pj_first; pj < pj_hi; pj += ncp) {
     const int64_t pj_end = std::min(pj_hi, pj + ncp);
     uint8_t* buf = t_b.get(panel_bytes * static_cast<size_t>(pj_end - pj));
-    for (int64_t q = pj; q < pj_end; ++q) {
-      uint8_t* dst = buf + static_cast<size_t>(q - pj) * panel_bytes;
-      pack_panel(ki, paired, p.n, p.k, q, 0, kpad, BSource{b.data, b.dtype, b.row_stride, b.col_stride}, dst);
+    if (rows_contiguous) {
+      pack_rows_f32(ki, paired, p.n, p.k, static_cast<const float*>(b.data), b.row_stride, pj, pj_end,
+                    buf, panel_bytes);
+    } else {
+      for (int64_t q = pj; q < pj_end; ++q) {
+        uint8_t* dst = buf + static_cast<size_t>(q - pj) * panel_bytes;
+        pack_panel(ki, paired, p.n, p.k, q, 0, kpad, BSource{b.data, b.dtype, b.row_stride, b.col_stride}, dst);
+      }
     }
-    run_panels(p, ki, paired, round_a, buf, pj, panel_bytes, m_begin, m_end, n_begin, n_end, pj, pj_end);
+    run_panels(p, ki, paired, round_a, packed_panels(ki, buf, pj, panel_bytes), m_begin, m_end, n_begin,
+               n_end, pj, pj_end);
   }
   return true;
 }
@@ -642,13 +712,25 @@ void gemm(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, int64_t
 
 PackedWeight PackedWeight::pack(const void* w, DType dtype, int64_t n, int64_t k, int64_t ldw,
                                 DType packed_dtype, Isa isa, bool paired) {
-  check_dtype("PackedWeight::pack: dtype", dtype);
+  if (n > 1 && ldw < k) throw_input_error("PackedWeight::pack: ldw", detail::concat(">= k = ", k), ldw);
+  // W [n][k] row-major is the logical B [k, n] with row stride 1 and column stride ldw.
+  Operand b;
+  b.data = w;
+  b.dtype = dtype;
+  b.row_stride = 1;
+  b.col_stride = ldw;
+  return pack_operand(b, k, n, packed_dtype, isa, paired);
+}
+
+PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
+                                        bool paired) {
+  check_dtype("PackedWeight::pack: dtype", b.dtype);
   check_dtype("PackedWeight::pack: packed_dtype", packed_dtype);
   if (n < 0 || k < 0)
     throw_input_error("PackedWeight::pack: n, k", "non-negative", detail::concat(n, ", ", k));
   if (paired && n % 2 != 0) throw_input_error("PackedWeight::pack: n (paired)", "even", n);
-  if (n > 0 && k > 0 && w == nullptr) throw_input_error("PackedWeight::pack: w", "non-null", "null");
-  if (n > 1 && ldw < k) throw_input_error("PackedWeight::pack: ldw", detail::concat(">= k = ", k), ldw);
+  if (n > 0 && k > 0 && b.data == nullptr) throw_input_error("PackedWeight::pack: w", "non-null", "null");
+  if (b.rows != nullptr) throw_input_error("PackedWeight::pack_operand: b.rows", "null (no gather of B)", "a row list");
   if (static_cast<int>(isa) > static_cast<int>(detect_isa()))
     throw_input_error("PackedWeight::pack: isa", std::string("at most ") + isa_name(detect_isa()),
                       isa_name(isa));
@@ -658,40 +740,48 @@ PackedWeight PackedWeight::pack(const void* w, DType dtype, int64_t n, int64_t k
   out.dtype_ = packed_dtype;
   out.isa_ = isa;
   out.paired_ = paired;
-  auto wv = [&](int64_t row, int64_t col) {
-    return dtype == DType::kF32 ? static_cast<const float*>(w)[row * ldw + col]
-                                : bf16_to_float(static_cast<const uint16_t*>(w)[row * ldw + col]);
+  const BSource src{b.data, b.dtype, b.row_stride, b.col_stride};
+  auto bv = [&](int64_t kk, int64_t col) {
+    const int64_t off = kk * b.row_stride + col * b.col_stride;
+    return b.dtype == DType::kF32 ? static_cast<const float*>(b.data)[off]
+                                  : bf16_to_float(static_cast<const uint16_t*>(b.data)[off]);
   };
   const KernelInfo ki = kernel_for(isa, packed_dtype);
+  const int64_t n_out = paired ? n / 2 : n;
   size_t bytes;
-  if (ki.micro == nullptr) {  // scalar layout: W row-major [n][k] in packed_dtype
+  if (ki.micro == nullptr) {  // scalar layout: B row-major [k][n] in packed_dtype
     bytes = static_cast<size_t>(n * k) * (packed_dtype == DType::kF32 ? 4 : 2);
   } else {
-    const int64_t n_out = paired ? n / 2 : n, out_nr = out_per_panel(ki, paired);
+    const int64_t out_nr = out_per_panel(ki, paired);
     const int64_t panels = (n_out + out_nr - 1) / out_nr;
     bytes = static_cast<size_t>(panels * k_padded(ki, k) * ki.nr) * b_elem_size(ki);
   }
   out.bytes_ = bytes;
   uint8_t* mem = static_cast<uint8_t*>(::operator new(std::max<size_t>(bytes, 64), std::align_val_t(64)));
   out.storage_ = std::shared_ptr<uint8_t>(mem, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
-  if (ki.micro == nullptr) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < k; ++c) {
-        const float v = wv(r, c);
-        if (packed_dtype == DType::kF32)
-          std::memcpy(mem + (r * k + c) * 4, &v, 4);
-        else {
+  if (ki.micro == nullptr) {  // B [k][n]: the scalar loops run along contiguous B rows
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = bv(kk, j);
+        if (packed_dtype == DType::kF32) {
+          std::memcpy(mem + (kk * n + j) * 4, &v, 4);
+        } else {
           const uint16_t h = float_to_bf16(v);
-          std::memcpy(mem + (r * k + c) * 2, &h, 2);
+          std::memcpy(mem + (kk * n + j) * 2, &h, 2);
         }
       }
     return out;
   }
-  const int64_t n_out = paired ? n / 2 : n, out_nr = out_per_panel(ki, paired);
+  const int64_t out_nr = out_per_panel(ki, paired);
   const int64_t panels = (n_out + out_nr - 1) / out_nr, kpad = k_padded(ki, k);
   const size_t panel_bytes = static_cast<size_t>(kpad * ki.nr) * b_elem_size(ki);
+  if (ki.layout == BLayout::kF32 && b.dtype == DType::kF32 && b.col_stride == 1) {
+    pack_rows_f32(ki, paired, n_out, k, static_cast<const float*>(b.data), b.row_stride, 0, panels, mem,
+                  panel_bytes);
+    return out;
+  }
   for (int64_t q = 0; q < panels; ++q)
-    pack_panel(ki, paired, n_out, k, q, 0, kpad, BSource{w, dtype, 1, ldw}, mem + static_cast<size_t>(q) * panel_bytes);
+    pack_panel(ki, paired, n_out, k, q, 0, kpad, src, mem + static_cast<size_t>(q) * panel_bytes);
   return out;
 }
 
@@ -711,8 +801,8 @@ void gemm_packed(const GemmProblem& p, const PackedWeight& w, int64_t m_begin, i
     GemmProblem q = p;
     q.b.data = w.data();
     q.b.dtype = w.dtype();
-    q.b.row_stride = 1;
-    q.b.col_stride = w.k();
+    q.b.row_stride = w.n();
+    q.b.col_stride = 1;
     q.b.rows = nullptr;
     gemm_scalar(q, m_begin, m_end, n_begin, n_end);
     return;
@@ -722,7 +812,8 @@ void gemm_packed(const GemmProblem& p, const PackedWeight& w, int64_t m_begin, i
   const size_t panel_bytes = static_cast<size_t>(k_padded(ki, p.k) * ki.nr) * b_elem_size(ki);
   const int64_t pj_lo = n_begin / out_nr, pj_hi = (n_end + out_nr - 1) / out_nr;
   // One column block: A is copied once per row block and every panel is already packed.
-  run_panels(p, ki, pair, round_a, w.data(), 0, panel_bytes, m_begin, m_end, n_begin, n_end, pj_lo, pj_hi);
+  run_panels(p, ki, pair, round_a, packed_panels(ki, w.data(), 0, panel_bytes), m_begin, m_end, n_begin,
+             n_end, pj_lo, pj_hi);
 }
 
 }  // namespace moekit::cpu

@@ -110,6 +110,12 @@ class PackedWeight {
   PackedWeight() = default;
   static PackedWeight pack(const void* w, DType dtype, int64_t n, int64_t k, int64_t ldw,
                            DType packed_dtype, Isa isa, bool paired = false);
+  // The same from any strided operand holding the logical B [k, n] (b.rows must be null): e.g.
+  // a weight used transposed in a backward pass, packed once and reused by every row tile
+  // instead of gemm() packing it again in each call. Paired: gate columns [0, n/2), up
+  // columns [n/2, n).
+  static PackedWeight pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
+                                   bool paired = false);
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
   DType dtype() const { return dtype_; }

@@ -45,7 +45,8 @@ struct MicroTile {
   int64_t kc = 0;            // K steps (even for kBf16Pairs, zero-padded)
   const void* a = nullptr;   // A micro-panel: row i at a + i·lda (elements), K block start
   int64_t lda = 0;
-  const void* b = nullptr;   // packed B panel at this K block
+  const void* b = nullptr;   // B panel at this K block
+  int64_t b_step = 0;        // kF32 layout: floats between K rows (nr packed, ldb in place)
   float* part = nullptr;     // mr × nr partial sums (row-major, stride nr) between K blocks
   bool load_part = false;    // continue from part (not the first K block)
   bool finish = true;        // last K block: epilogue and store to C (else store to part)
@@ -82,6 +83,7 @@ struct Tuning {
   int64_t nc_panels = 16;  // panels per column block when B is packed on the fly
   int64_t small_m = 32;    // row ranges up to this many rows use one K block (stream B once)
   bool a_in_place = true;  // read A in place when its layout allows
+  int64_t b_in_place_rows = 64;  // general fp32 row-major B: read in place up to this many rows
 };
 Tuning& tuning();
 

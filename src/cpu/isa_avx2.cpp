@@ -4,6 +4,7 @@
 // GCC 12 reports its own intrinsic headers (_mm256_undefined_*) as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -197,11 +198,12 @@ MOEKIT_T256 void micro_f32(const MicroTile& t) {
   MOEKIT_ROW(3, a1, 0) MOEKIT_ROW(4, a1, lda) MOEKIT_ROW(5, a1, 2 * lda)
   if constexpr (!kSplit) {
     const float* b = static_cast<const float*>(t.b);
+    const int64_t ldb = t.b_step;
     for (int64_t kk = 0; kk < kc; ++kk) {
       const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
       MOEKIT_ROWS
       ++a0, ++a1;
-      b += kNr;
+      b += ldb;
     }
   } else {
     const uint16_t* b = static_cast<const uint16_t*>(t.b);
@@ -257,3 +259,13 @@ KernelInfo avx2_kernel(DType b_dtype) {
 }
 
 }  // namespace moekit::cpu::detail_gemm
+
+#else  // not x86: no kernels, gemm.cpp falls back to the scalar path
+
+#include "gemm_kernels.h"
+
+namespace moekit::cpu::detail_gemm {
+KernelInfo avx2_kernel(DType) { return {}; }
+}  // namespace moekit::cpu::detail_gemm
+
+#endif

@@ -6,6 +6,7 @@
 // GCC 12 reports its own intrinsic headers (_mm512_undefined_*) as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -232,11 +233,12 @@ MOEKIT_T512 void micro_f32(const MicroTile& t) {
   }
   if constexpr (!kSplit) {
     const float* b = static_cast<const float*>(t.b);
+    const int64_t ldb = t.b_step;
     for (int64_t kk = 0; kk < kc; ++kk) {
       const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
       MOEKIT_A_ROWS(MOEKIT_ROW_F32, lda)
       MOEKIT_A_STEP(1);
-      b += kNr;
+      b += ldb;
     }
   } else {
     const uint16_t* b = static_cast<const uint16_t*>(t.b);
@@ -328,3 +330,13 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
 }
 
 }  // namespace moekit::cpu::detail_gemm
+
+#else  // not x86: no kernels, gemm.cpp falls back to the scalar path
+
+#include "gemm_kernels.h"
+
+namespace moekit::cpu::detail_gemm {
+KernelInfo avx512_kernel(DType, bool) { return {}; }
+}  // namespace moekit::cpu::detail_gemm
+
+#endif
