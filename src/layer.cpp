@@ -1091,10 +1091,29 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   std::vector<float> d_w(static_cast<size_t>(rs.total_rows));  // dL/d scale per row
   std::vector<float>& pre = s.pre_activations;                 // becomes d_pre in place
 
-  // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down as a strided operand.
+  // B operands reused by every tile of a group are packed once per group (in parallel), in
+  // B's own dtype exactly as gemm() would pack them per call: the same kernel, the same bits.
+  auto pack_per_group = [&](auto operand_of) {
+    std::vector<PackedWeight> packed(rs.groups.size());
+    impl.pool.run(static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
+      const Group& g = rs.groups[static_cast<size_t>(gi)];
+      if (g.num_rows <= 0) return;
+      int64_t k = 0, n = 0;
+      const Operand b = operand_of(g, &k, &n);
+      packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, b.dtype, impl.isa, false);
+    });
+    return packed;
+  };
+
+  // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per group.
   {
-    const auto tiles = make_tiles(rs.groups, rows_of, [](const Group& g) { return g.d_ff; }, threads,
-                                  kUnpackedRowBlock);
+    const std::vector<PackedWeight> down_b = pack_per_group(
+        [&](const Group& g, int64_t* k, int64_t* n) {
+          *k = d;
+          *n = g.d_ff;
+          return Operand{g.w_down, to_cpu(g.w_down_dtype), g.d_ff, 1};
+        });
+    const auto tiles = make_tiles(rs.groups, rows_of, [](const Group& g) { return g.d_ff; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
@@ -1102,10 +1121,9 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.n = g.d_ff;
       q.k = d;
       q.a = {g.dy, cpu::DType::kF32, d, 1, g.a_rows};
-      q.b = {g.w_down, to_cpu(g.w_down_dtype), g.d_ff, 1};
       q.c = g_buf + g.h_offset;
       q.ldc = g.d_ff;
-      cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      cpu::gemm_packed(q, down_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
 
@@ -1176,10 +1194,16 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     }
   }
 
-  // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]).
+  // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
+  //    per group.
   {
-    const auto tiles = make_tiles(rs.groups, rows_of, [&](const Group&) { return d; }, threads,
-                                  kUnpackedRowBlock);
+    const std::vector<PackedWeight> gate_up_b = pack_per_group(
+        [&](const Group& g, int64_t* k, int64_t* n) {
+          *k = g.gu_cols;
+          *n = d;
+          return Operand{g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, 1};
+        });
+    const auto tiles = make_tiles(rs.groups, rows_of, [&](const Group&) { return d; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
@@ -1187,10 +1211,9 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.n = d;
       q.k = g.gu_cols;
       q.a = {pre.data() + g.gu_offset, cpu::DType::kF32, g.gu_cols, 1};
-      q.b = {g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, 1};
       q.c = rows_row(g.row_begin);
       q.ldc = d;
-      cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      cpu::gemm_packed(q, gate_up_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
 
