@@ -138,6 +138,26 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// Per-phase medians over calls of the layer (MoeLayer::last_phases()), phases in first-seen order.
+class PhaseMedians {
+ public:
+  void add(const std::vector<PhaseTime>& phases) {
+    for (const PhaseTime& p : phases) {
+      auto it = std::find_if(times_.begin(), times_.end(), [&](const auto& e) { return e.first == p.name; });
+      if (it == times_.end()) it = times_.insert(times_.end(), {p.name, {}});
+      it->second.push_back(p.ms);
+    }
+  }
+  nlohmann::ordered_json json() const {
+    nlohmann::ordered_json j = nlohmann::ordered_json::object();
+    for (const auto& [name, ms] : times_) j[name] = median(ms);
+    return j;
+  }
+
+ private:
+  std::vector<std::pair<std::string, std::vector<double>>> times_;
+};
+
 double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
@@ -329,20 +349,25 @@ int bench_command(const std::vector<std::string>& args) {
   MoeForwardResult last;
   for (int i = 0; i < o.warmup; ++i) last = layer.forward(x);
   double train_forward_ms = 0, backward_ms = 0, step_ms = 0;
+  PhaseMedians train_forward_phases, backward_phases, forward_phases;
   if (o.backward) {
     layer.set_training(true);
     const std::vector<float> d_out = random_normal(static_cast<size_t>(o.tokens * o.d_model), o.seed + 2);
     const ConstMatrixView<float> dy{d_out.data(), o.tokens, o.d_model};
     std::vector<double> tf, tb, ts;
     for (int i = 0; i < o.warmup + o.repeats; ++i) {
+      layer.zero_grad();  // a training step starts from zero gradients (lazy: nearly free)
       const auto t0 = Clock::now();
       MoeForwardResult r = layer.forward(x);
       const auto t1 = Clock::now();
+      const std::vector<PhaseTime> fp = layer.last_phases();
       Matrix<float> dx = layer.backward(dy);
       const auto t2 = Clock::now();
       (void)r;
       (void)dx;
       if (i < o.warmup) continue;
+      train_forward_phases.add(fp);
+      backward_phases.add(layer.last_phases());
       tf.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
       tb.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
       ts.push_back(std::chrono::duration<double, std::milli>(t2 - t0).count());
@@ -416,6 +441,7 @@ int bench_command(const std::vector<std::string>& args) {
     auto t0 = Clock::now();
     last = layer.forward(x);
     tf.push_back(ms_since(t0));
+    forward_phases.add(layer.last_phases());
     t0 = Clock::now();
     run_router();
     tr.push_back(ms_since(t0));
@@ -444,6 +470,7 @@ int bench_command(const std::vector<std::string>& args) {
   j["repeats"] = o.repeats;
   j["forward_ms"] = forward_ms;
   j["forward_gflops"] = flops / (forward_ms * 1e6);
+  j["forward_phases_ms"] = forward_phases.json();
   j["router_ms"] = router_ms;
   j["router_share"] = router_ms / forward_ms;
   if (o.backward) {
@@ -451,6 +478,8 @@ int bench_command(const std::vector<std::string>& args) {
     j["backward_ms"] = backward_ms;
     j["step_ms"] = step_ms;
     j["backward_over_forward"] = backward_ms / train_forward_ms;
+    j["train_forward_phases_ms"] = train_forward_phases.json();
+    j["backward_phases_ms"] = backward_phases.json();
   }
   j["dense_equal_flops_ms"] = dense_ms;
   j["dense_gflops"] = flops / (dense_ms * 1e6);

@@ -31,7 +31,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -39,6 +41,9 @@
 #include <stdexcept>
 #include <string>
 
+#include <sys/mman.h>
+
+#include "cpu/activation.h"
 #include "cpu/gemm.h"
 #include "cpu/thread_pool.h"
 #include "internal/random.h"
@@ -462,21 +467,34 @@ std::vector<Tile> make_tiles(const std::vector<Group>& groups, RowsFn rows_of, C
 }
 
 // Scratch memory kept between calls (grown, never shrunk), so that a forward or backward does
-// not pay page faults and zero-filling for its large temporaries on every call.
+// not pay page faults and zero-filling for its large temporaries on every call (on a VM a
+// fresh 4 KiB page costs microseconds: packing 235 MB into new memory took 4× the copy). Large
+// buffers are 2 MiB aligned and advised as transparent huge pages, which also keeps the TLB
+// from thrashing when a GEMM walks a weight panel by panel.
 class Workspace {
  public:
   template <typename T>
   T* get(int64_t count) {
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
     if (bytes > size_) {
-      data_.reset(new uint64_t[(bytes + 7) / 8]);
-      size_ = bytes;
+      constexpr size_t kHuge = size_t{2} << 20;
+      const size_t align = bytes >= kHuge ? kHuge : 64;
+      const size_t rounded = (bytes + align - 1) / align * align;
+      data_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, rounded)));
+      if (!data_) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+      if (align == kHuge) madvise(data_.get(), rounded, MADV_HUGEPAGE);  // advice only
+#endif
+      size_ = rounded;
     }
     return reinterpret_cast<T*>(data_.get());
   }
 
  private:
-  std::unique_ptr<uint64_t[]> data_;
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  std::unique_ptr<uint8_t, Free> data_;
   size_t size_ = 0;
 };
 
@@ -506,6 +524,26 @@ struct MoeLayer::Impl {
   // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here.
   std::vector<uint16_t> gate_up_bf16, down_bf16, shared_gate_up_bf16, shared_down_bf16;
 
+  // Phase times of the last forward or backward (last_phases()).
+  std::vector<PhaseTime> phases;
+  std::chrono::steady_clock::time_point phase_start;
+  void start_phases() {
+    phases.clear();
+    phase_start = std::chrono::steady_clock::now();
+  }
+  // Closes the running phase under `name` and starts the next.
+  void phase(const char* name) {
+    const auto now = std::chrono::steady_clock::now();
+    phases.push_back({name, std::chrono::duration<double, std::milli>(now - phase_start).count()});
+    phase_start = now;
+  }
+
+  // Per expert (index num_experts: the shared expert): its weight gradients are logically zero
+  // but not yet filled (zero_grad() is lazy; see there).
+  std::vector<uint8_t> grad_pending_zero;
+
+  Workspace gate_up_ws, down_ws;  // the packed weights above (and the router's)
+  Workspace backward_pack_ws;     // backward: expert weights packed transposed
   Workspace hidden_ws;  // forward h; backward G, h and the transposed d_pre
   Workspace rows_ws;    // forward y; backward the [rows, d_model] intermediates
 
@@ -605,13 +643,56 @@ const MoeTensors& MoeLayer::parameters() const {
 
 const char* MoeLayer::isa_name() const { return cpu::isa_name(impl_->isa); }
 
+const std::vector<PhaseTime>& MoeLayer::last_phases() const { return impl_->phases; }
+
 void MoeLayer::ensure_grads() {
-  if (grads_.router_weight.empty()) grads_ = make_moe_tensors<float>(config_);
+  if (grads_.router_weight.empty()) {
+    grads_ = make_moe_tensors<float>(config_);
+    impl_->grad_pending_zero.assign(static_cast<size_t>(config_.num_experts() + 1), 0);
+  }
 }
 
 void MoeLayer::zero_grad() {
   ensure_grads();
-  grads_.for_each([](const char*, std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); });
+  // The expert weight gradients (almost all of the gradient memory) are only marked zero: the
+  // next backward writes instead of adding into those of the experts it touches, and
+  // materialize_zero_grads() fills the others when grads() is read. This saves a pass over the
+  // gradients here and a read of them in the backward (as PyTorch's zero_grad(set_to_none)).
+  grads_.for_each([](const char* name, std::vector<float>& v) {
+    const std::string n = name;
+    if (n != "gate_up" && n != "down" && n != "shared_gate_up" && n != "shared_down")
+      std::fill(v.begin(), v.end(), 0.0f);
+  });
+  std::fill(impl_->grad_pending_zero.begin(), impl_->grad_pending_zero.end(), 1);
+}
+
+void MoeLayer::materialize_zero_grads() {
+  if (grads_.router_weight.empty()) return;
+  const int64_t num_experts = config_.num_experts();
+  const int64_t gu = config_.gate_up_rows() * config_.d_model, dn = config_.d_model * config_.d_ff;
+  for (int64_t e = 0; e <= num_experts; ++e) {
+    if (!impl_->grad_pending_zero[static_cast<size_t>(e)]) continue;
+    impl_->grad_pending_zero[static_cast<size_t>(e)] = 0;
+    if (e == num_experts) {
+      std::fill(grads_.shared_gate_up.begin(), grads_.shared_gate_up.end(), 0.0f);
+      std::fill(grads_.shared_down.begin(), grads_.shared_down.end(), 0.0f);
+    } else {
+      std::fill_n(grads_.gate_up.begin() + e * gu, gu, 0.0f);
+      std::fill_n(grads_.down.begin() + e * dn, dn, 0.0f);
+    }
+  }
+}
+
+const MoeTensors& MoeLayer::grads() const {
+  // Filling pending zeros changes no value that grads() can show: logically const.
+  const_cast<MoeLayer*>(this)->materialize_zero_grads();
+  return grads_;
+}
+
+MoeTensors& MoeLayer::grads() {
+  ensure_grads();
+  materialize_zero_grads();
+  return grads_;
 }
 
 void MoeLayer::refresh_packed_weights() {
@@ -652,23 +733,41 @@ void ensure_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer::Impl& 
   const bool repack_down = !impl.packed;
   impl.gate_up_packed.resize(static_cast<size_t>(groups));
   impl.down_packed.resize(static_cast<size_t>(groups));
-  impl.pool.run(groups, [&](int64_t e, int) {
+  // Every packed weight lives in one of two arenas kept by the layer (offsets 64-byte aligned).
+  auto weight_of = [&](int64_t e, bool gate_up) -> const WeightView& {
     const bool shared = e == num_experts;
-    const WeightView& gu = shared ? p.shared_gate_up : p.gate_up;
-    const WeightView& dn = shared ? p.shared_down : p.down;
-    const int64_t ge = shared ? 0 : e;
+    return gate_up ? (shared ? p.shared_gate_up : p.gate_up) : (shared ? p.shared_down : p.down);
+  };
+  auto round64 = [](size_t b) { return (b + 63) / 64 * 64; };
+  std::vector<size_t> gu_off(static_cast<size_t>(groups) + 1, 0), dn_off(static_cast<size_t>(groups) + 2, 0);
+  for (int64_t e = 0; e < groups; ++e) {
+    const WeightView& gu = weight_of(e, true);
+    const WeightView& dn = weight_of(e, false);
+    gu_off[e + 1] = gu_off[e] + round64(PackedWeight::packed_bytes(d, gu.rows, packed_dtype, impl.isa, want_paired));
+    dn_off[e + 1] = dn_off[e] + round64(PackedWeight::packed_bytes(dn.cols, d, packed_dtype, impl.isa, false));
+  }
+  dn_off[groups + 1] = dn_off[groups] + round64(PackedWeight::packed_bytes(d, p.router_weight.rows, cpu::DType::kF32,
+                                                                            impl.isa, false));
+  uint8_t* gu_mem = impl.gate_up_ws.get<uint8_t>(static_cast<int64_t>(gu_off[groups]));
+  uint8_t* dn_mem = repack_down ? impl.down_ws.get<uint8_t>(static_cast<int64_t>(dn_off[groups + 1])) : nullptr;
+  impl.pool.run(groups, [&](int64_t e, int) {
+    const WeightView& gu = weight_of(e, true);
+    const WeightView& dn = weight_of(e, false);
+    const int64_t ge = e == num_experts ? 0 : e;
     const auto* gu_base = static_cast<const uint8_t*>(gu.data) + ge * gu.rows * gu.cols * dtype_bytes(gu.dtype);
-    impl.gate_up_packed[e] = PackedWeight::pack(gu_base, to_cpu(gu.dtype), gu.rows, d, d, packed_dtype,
-                                                impl.isa, want_paired);
+    // W [n, k] row-major is the logical B [k, n] with row stride 1 and column stride k.
+    impl.gate_up_packed[e] = PackedWeight::pack_operand(Operand{gu_base, to_cpu(gu.dtype), 1, d}, d, gu.rows,
+                                                        packed_dtype, impl.isa, want_paired, gu_mem + gu_off[e]);
     if (repack_down) {
       const auto* dn_base = static_cast<const uint8_t*>(dn.data) + ge * dn.rows * dn.cols * dtype_bytes(dn.dtype);
-      impl.down_packed[e] = PackedWeight::pack(dn_base, to_cpu(dn.dtype), d, dn.cols, dn.cols, packed_dtype,
-                                               impl.isa, false);
+      impl.down_packed[e] = PackedWeight::pack_operand(Operand{dn_base, to_cpu(dn.dtype), 1, dn.cols}, dn.cols, d,
+                                                       packed_dtype, impl.isa, false, dn_mem + dn_off[e]);
     }
   });
   if (repack_down) {
-    impl.router_packed = PackedWeight::pack(p.router_weight.data, cpu::DType::kF32, p.router_weight.rows, d, d,
-                                            cpu::DType::kF32, impl.isa, false);
+    impl.router_packed = PackedWeight::pack_operand(Operand{p.router_weight.data, cpu::DType::kF32, 1, d}, d,
+                                                    p.router_weight.rows, cpu::DType::kF32, impl.isa, false,
+                                                    dn_mem + dn_off[groups]);
   }
   impl.packed = true;
   impl.gate_up_paired = want_paired;
@@ -784,9 +883,11 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
     throw_input_error("hidden_states rows", "< 2^31 tokens", hidden_states.rows);
   }
   check_finite_matrix(hidden_states, "hidden_states");
+  impl.start_phases();
   const bool training = c.routing.training;
   impl.saved = Impl::Saved{};
   ensure_packed(c, params_, impl, /*paired=*/!training);
+  impl.phase("pack");
 
   RoutingOptions routing_options = options;
   routing_options.num_threads = c.num_threads;
@@ -812,10 +913,12 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
       q.epilogue.bias = params_.router_bias.empty() ? nullptr : params_.router_bias.data();
       cpu::gemm_packed(q, impl.router_packed, tile.m0, tile.m1, tile.n0, tile.n1);
     });
+    impl.phase("router");
     result.routing = route_logits(c.routing, logits.cview(), routing_options);
   } else {
     result.routing = route_hidden(c.routing, hidden_states, router_params_of(params_), routing_options);
   }
+  impl.phase("routing");
   const BasicRoutingPlan<float>& plan = result.routing.plan;
   const int64_t num_tokens = hidden_states.rows;
   const bool soft = c.routing.routing_method == RoutingMethod::kSoftMoe;
@@ -848,6 +951,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
                                       slot_inputs.values.data(), gate.empty() ? nullptr : gate.data());
   const int threads = impl.pool.num_threads();
   const bool bf16 = c.dtype == DType::kBF16;
+  impl.phase("dispatch");
 
   // GEMM 1. Inference: h = act(X · W_gate_upᵀ + b) straight from the epilogue (bf16 when the
   // layer is bf16: it is the next GEMM's input). Training: the raw pre-activations, kept for
@@ -889,6 +993,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
       cpu::gemm_packed(q, impl.gate_up_packed[g.expert], tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
+  impl.phase("gemm1");
 
   // GEMM 2: y = scale ⊙ (h · W_downᵀ + b_down), per assignment row.
   MatrixView<float> y{impl.rows_ws.get<float>(rs.total_rows * d), rs.total_rows, d};
@@ -913,6 +1018,10 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
         const bool gated = is_gated(c.activation);
         for (int64_t i = 0; i < rows; ++i) {
           const float* a = pre.data() + g.gu_offset + (tile.m0 + i) * g.gu_cols;
+          if (c.activation == ExpertActivation::kSwiGlu) {
+            cpu::swiglu_forward_row(impl.isa, a, a + f, f, false, hs.data() + i * f);
+            continue;
+          }
           for (int64_t j = 0; j < f; ++j)
             hs[i * f + j] = activation_forward(c.activation, a[j], gated ? a[f + j] : 0.0f, c.activation_constants);
         }
@@ -931,6 +1040,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
       }
     });
   }
+  impl.phase("gemm2");
 
   // Combine, in a fixed order per token.
   result.output = Matrix<float>(num_tokens, d);
@@ -973,6 +1083,8 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
     });
   }
 
+  impl.phase("combine");
+
   if (training) {
     Impl::Saved& s = impl.saved;
     s.hidden_states = Matrix<float>(num_tokens, d);
@@ -986,6 +1098,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
       std::copy(y.data, y.data + rs.routed_rows * d, s.slot_outputs.values.begin());
     }
     s.valid = true;
+    impl.phase("save");
   }
   return result;
 }
@@ -1007,6 +1120,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     throw_input_error("d_output shape", shape_text(num_tokens, d), shape_text(d_output.rows, d_output.cols));
   }
   check_finite_matrix(d_output, "d_output");
+  impl.start_phases();
   s.valid = false;  // the pre-activations are overwritten by their gradients below
 
   const BasicRoutingPlan<float>& plan = s.routing.plan;
@@ -1061,6 +1175,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   } else {
     for (Group& g : rs.groups) g.dy = d_output.data;
   }
+  impl.phase("setup");
 
   // Per-expert gradient pointers.
   auto d_gate_up_of = [&](const Group& g) {
@@ -1079,6 +1194,11 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     return g.expert < c.num_experts() ? grads_.down_bias.data() + g.expert * d : grads_.shared_down_bias.data();
   };
 
+  // Gradients of a group still pending zero are written, not accumulated (zero_grad()).
+  auto pending_zero = [&](const Group& g) {
+    return impl.grad_pending_zero[static_cast<size_t>(std::min(g.expert, c.num_experts()))] != 0;
+  };
+
   auto rows_of = [](const Group& g) { return g.num_rows; };
   // hg: G = d_y · W_down and the recomputed h, [rows, d_ff] blocks each; later the transposed
   // d_pre [gu_cols, rows] blocks (gu_size ≤ 2·h_size since gu_cols ≤ 2·d_ff).
@@ -1093,14 +1213,25 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
 
   // B operands reused by every tile of a group are packed once per group (in parallel), in
   // B's own dtype exactly as gemm() would pack them per call: the same kernel, the same bits.
+  // The packs live in one arena kept by the layer; the two uses below do not overlap in time.
   auto pack_per_group = [&](auto operand_of) {
-    std::vector<PackedWeight> packed(rs.groups.size());
-    impl.pool.run(static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
+    const size_t num_groups = rs.groups.size();
+    std::vector<PackedWeight> packed(num_groups);
+    std::vector<size_t> offset(num_groups + 1, 0);
+    for (size_t gi = 0; gi < num_groups; ++gi) {
+      const Group& g = rs.groups[gi];
+      int64_t k = 0, n = 0;
+      const Operand b = operand_of(g, &k, &n);
+      const size_t bytes = g.num_rows > 0 ? PackedWeight::packed_bytes(k, n, b.dtype, impl.isa) : 0;
+      offset[gi + 1] = offset[gi] + (bytes + 63) / 64 * 64;
+    }
+    uint8_t* mem = impl.backward_pack_ws.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
+    impl.pool.run(static_cast<int64_t>(num_groups), [&](int64_t gi, int) {
       const Group& g = rs.groups[static_cast<size_t>(gi)];
       if (g.num_rows <= 0) return;
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
-      packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, b.dtype, impl.isa, false);
+      packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, b.dtype, impl.isa, false, mem + offset[gi]);
     });
     return packed;
   };
@@ -1113,6 +1244,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
           *n = g.d_ff;
           return Operand{g.w_down, to_cpu(g.w_down_dtype), g.d_ff, 1};
         });
+    impl.phase("pack_down_t");
     const auto tiles = make_tiles(rs.groups, rows_of, [](const Group& g) { return g.d_ff; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
@@ -1126,6 +1258,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       cpu::gemm_packed(q, down_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
+  impl.phase("d_h");
 
   // 2. Per row: h from the pre-activations (rounded as GEMM 2 saw it), d_w = ⟨G, h⟩ + ⟨d_y, b⟩,
   //    (w ⊙ d_y)ᵀ, and d_pre = act'(pre) ⊙ (w · G) in place of pre.
@@ -1141,28 +1274,34 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
         float* h = h_buf + g.h_offset + i * f;
         const float* gr = g_buf + g.h_offset + i * f;
         const float* dy = g.dy + g.src(i) * d;
-        for (int64_t j = 0; j < f; ++j) {
-          const float v = activation_forward(c.activation, a[j], gated ? a[f + j] : 0.0f, c.activation_constants);
-          h[j] = bf16 ? round_bf16(v) : v;
-        }
         const float w = g.scale ? g.scale[i] : 1.0f;
+        double dot = 0;
+        if (c.activation == ExpertActivation::kSwiGlu) {
+          dot = cpu::swiglu_backward_row(impl.isa, a, a + f, gr, w, f, bf16, h);
+        } else {
+          for (int64_t j = 0; j < f; ++j) {
+            const float v = activation_forward(c.activation, a[j], gated ? a[f + j] : 0.0f, c.activation_constants);
+            h[j] = bf16 ? round_bf16(v) : v;
+            dot += double(gr[j]) * h[j];
+          }
+          for (int64_t j = 0; j < f; ++j) {
+            float d_g = 0, d_u = 0;
+            activation_backward(c.activation, a[j], gated ? a[f + j] : 0.0f, w * gr[j], c.activation_constants, &d_g,
+                                &d_u);
+            a[j] = d_g;
+            if (gated) a[f + j] = d_u;
+          }
+        }
         if (g.scale) {
-          double dot = 0;
-          for (int64_t j = 0; j < f; ++j) dot += double(gr[j]) * h[j];
           if (g.b_down)
             for (int64_t k = 0; k < d; ++k) dot += double(dy[k]) * g.b_down[k];
           d_w[g.row_begin + i] = float(dot);
         }
         for (int64_t k = 0; k < d; ++k) scaled_t[k * g.num_rows + i] = w * dy[k];
-        for (int64_t j = 0; j < f; ++j) {
-          float d_g = 0, d_u = 0;
-          activation_backward(c.activation, a[j], gated ? a[f + j] : 0.0f, w * gr[j], c.activation_constants, &d_g, &d_u);
-          a[j] = d_g;
-          if (gated) a[f + j] = d_u;
-        }
       }
     });
   }
+  impl.phase("activation");
 
   // 3. dW_down += (w ⊙ d_y)ᵀ · h  ([d_model, rows] · [rows, d_ff], the token sum inside one
   //    tile); db_down += Σ_rows w ⊙ d_y, in row order.
@@ -1180,7 +1319,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.b = {h_buf + g.h_offset, cpu::DType::kF32, g.d_ff, 1};
       q.c = d_down_of(g);
       q.ldc = g.d_ff;
-      q.accumulate = true;
+      q.accumulate = !pending_zero(g);
       cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
     });
     if (c.expert_bias) {
@@ -1193,6 +1332,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       });
     }
   }
+  impl.phase("d_w_down");
 
   // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
   //    per group.
@@ -1203,6 +1343,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
           *n = d;
           return Operand{g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, 1};
         });
+    impl.phase("pack_gate_up_t");
     const auto tiles = make_tiles(rs.groups, rows_of, [&](const Group&) { return d; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
@@ -1216,6 +1357,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       cpu::gemm_packed(q, gate_up_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
+  impl.phase("d_x_rows");
 
   // 5. d_hidden_states: the rows of each token summed in a fixed order (or, for Soft MoE, the
   //    slot gradients mixed back by dispatch), then the shared gate.
@@ -1287,6 +1429,8 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     });
   }
 
+  impl.phase("d_x");
+
   // 6. dW_gate_up += d_preᵀ · X  ([gu_cols, rows] · [rows, d_model]). d_pre is transposed into
   //    hg and X gathered into rows_buf (rounded to bf16 as GEMM 1 saw it), so that both operands
   //    are read along their rows; db_gate_up += Σ_rows d_pre.
@@ -1303,6 +1447,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       }
     });
   }
+  impl.phase("transpose");
   {
     const auto tiles = make_tiles(
         rs.groups, [](const Group& g) { return g.num_rows > 0 ? g.gu_cols : int64_t{0}; },
@@ -1317,7 +1462,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.b = {rows_row(g.row_begin), cpu::DType::kF32, d, 1};
       q.c = d_gate_up_of(g);
       q.ldc = d;
-      q.accumulate = true;
+      q.accumulate = !pending_zero(g);
       cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
     });
     if (c.expert_bias) {
@@ -1330,6 +1475,10 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       });
     }
   }
+  impl.phase("d_w_gate_up");
+
+  for (const Group& g : rs.groups)
+    if (g.num_rows > 0) impl.grad_pending_zero[static_cast<size_t>(std::min(g.expert, c.num_experts()))] = 0;
 
   // 7. Router: combine weights (or dispatch/combine) and the losses → logits → parameters.
   Matrix<float> d_noisy;
@@ -1380,6 +1529,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       grads_.router_noise_weight[i] += router.d_noise_weight.values[i];
   }
 
+  impl.phase("router");
   impl.saved = Impl::Saved{};
   return d_x;
 }

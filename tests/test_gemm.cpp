@@ -35,9 +35,11 @@
 #include <string>
 #include <vector>
 
+#include "../src/cpu/activation.h"
 #include "../src/cpu/gemm.h"
 #include "../src/cpu/gemm_kernels.h"
 #include "moekit/error.h"
+#include "moekit/experts.h"
 
 namespace moekit::cpu {
 namespace {
@@ -622,6 +624,51 @@ TEST(GemmApi, RejectsBadArguments) {
   EXPECT_THROW(gemm_packed(q, w, 0, 4, 0, 4), InputError);
   EXPECT_THROW(PackedWeight::pack(d.b32.data(), DType::kF32, 3, 4, 4, DType::kF32, Isa::kScalar, true),
                InputError);
+}
+
+// SwiGLU row kernels (activation.h) on every path against activation_forward/backward in
+// double. Bounds: the vector exp is within a few ulps, and each formula has at most 5 fp32
+// roundings, so every product term is within 16u of its value; d_g's factor 1 + g·(1 − σ)
+// cancels near g ≈ −1.28 (where silu' = 0), so its bound is relative to the terms before
+// cancellation, 16u·|d_h·u·σ|·(1 + |g|(1 − σ)). A bf16-rounded h may differ by one bf16
+// rounding (2^-8 relative) where the two paths straddle a rounding boundary.
+TEST(SwigluRows, MatchDoubleReferenceOnEveryPath) {
+  std::mt19937 gen(21);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const ActivationConstants k;
+  for (Isa isa : supported_isas()) {
+    for (int64_t n : {1, 15, 16, 17, 100}) {
+      for (bool round : {false, true}) {
+        SCOPED_TRACE(std::string(isa_name(isa)) + " n=" + std::to_string(n) + (round ? " bf16" : ""));
+        std::vector<float> g(n), u(n), G(n), h(n), h2(n);
+        for (int64_t j = 0; j < n; ++j) g[j] = normal(gen), u[j] = normal(gen), G[j] = normal(gen);
+        g[0] = -1.2784645f;  // near the zero of silu'
+        const float w = 0.37f;
+        const double hb = round ? kUb : 0.0;
+        swiglu_forward_row(isa, g.data(), u.data(), n, round, h.data());
+        std::vector<float> gi = g, ui = u;
+        const double dot = swiglu_backward_row(isa, gi.data(), ui.data(), G.data(), w, n, round, h2.data());
+        double dot_ref = 0, dot_abs = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const double gd = g[j], ud = u[j];
+          const double h_ref = activation_forward<double>(ExpertActivation::kSwiGlu, gd, ud, {});
+          const double tol_h = (kActC * kU + hb) * std::abs(h_ref) + 1e-30;
+          EXPECT_NEAR(h[j], h_ref, tol_h) << j;
+          EXPECT_EQ(h[j], h2[j]) << j;  // the same h in forward and backward
+          dot_ref += double(G[j]) * h_ref;
+          dot_abs += std::abs(double(G[j]) * h_ref);
+          double dg = 0, du = 0;
+          activation_backward<double>(ExpertActivation::kSwiGlu, gd, ud, double(w) * G[j], {}, &dg, &du);
+          const double s = 1.0 / (1.0 + std::exp(-gd));
+          const double dh = double(w) * G[j];
+          EXPECT_NEAR(gi[j], dg, kActC * kU * std::abs(dh * ud * s) * (1 + std::abs(gd) * (1 - s)) + 1e-30) << j;
+          EXPECT_NEAR(ui[j], du, kActC * kU * std::abs(du) + 1e-30) << j;
+        }
+        EXPECT_NEAR(dot, dot_ref, (kActC * kU + hb) * dot_abs + 1e-30);
+        (void)k;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -365,5 +365,47 @@ TEST(LayerGradients, AccumulatesUntilZeroGrad) {
   });
 }
 
+// zero_grad() is lazy for expert weight gradients: the next backward writes those it touches
+// and grads() zero-fills the rest. After a step that touched other experts, zero_grad() then
+// one backward must give exactly (bitwise) the gradients of a fresh layer's single backward,
+// and a second backward must add to them.
+TEST(LayerGradients, LazyZeroGradMatchesFreshLayer) {
+  MoeLayerConfig c = base_config(16, 8);
+  c.routing.num_experts = 8;
+  c.routing.num_experts_per_tok = 1;
+  c.num_shared_experts = 1;
+  std::mt19937 gen(11);
+  const Matrix<float> x1 = random_matrix<float>(12, 16, gen);
+  const Matrix<float> x2 = random_matrix<float>(3, 16, gen);  // 3 tokens: most experts idle
+  const Matrix<float> d1 = random_matrix<float>(12, 16, gen);
+  const Matrix<float> d2 = random_matrix<float>(3, 16, gen);
+  MoeLayer layer(c, uint64_t{5}), fresh(c, uint64_t{5});
+  layer.zero_grad();
+  layer.forward(x1.cview());
+  layer.backward(d1.cview());
+  layer.zero_grad();
+  const MoeForwardResult r = layer.forward(x2.cview());
+  layer.backward(d2.cview());
+  int idle = 0;
+  for (int64_t e = 0; e < c.num_experts(); ++e) idle += r.routing.plan.tokens_for_expert(e) == 0;
+  EXPECT_GE(idle, 5);  // the case under test: experts touched before, idle now
+  fresh.forward(x2.cview());
+  fresh.backward(d2.cview());
+  std::vector<const std::vector<float>*> want;
+  fresh.grads().for_each([&](const char*, const std::vector<float>& v) { want.push_back(&v); });
+  size_t i = 0;
+  layer.grads().for_each([&](const char* name, const std::vector<float>& v) {
+    EXPECT_EQ(v, *want[i++]) << name;
+  });
+  // Accumulation continues after the lazy zero.
+  layer.forward(x2.cview());
+  layer.backward(d2.cview());
+  i = 0;
+  layer.grads().for_each([&](const char* name, const std::vector<float>& v) {
+    const std::vector<float>& a = *want[i++];
+    for (size_t j = 0; j < v.size(); ++j) EXPECT_FLOAT_EQ(v[j], 2 * a[j]) << name << "[" << j << "]";
+  });
+}
+
 }  // namespace
 }  // namespace moekit

@@ -180,6 +180,12 @@ MoeParams moe_params_view(const MoeLayerConfig& config, const MoeTensors& tensor
 // the expected and the actual shape).
 void check_moe_params(const MoeLayerConfig& config, const MoeParams& params);
 
+// Wall time of one phase of the last forward or backward call (MoeLayer::last_phases()).
+struct PhaseTime {
+  std::string name;
+  double ms = 0;
+};
+
 struct MoeForwardResult {
   Matrix<float> output;           // [num_tokens, d_model]
   RoutingResult<float> routing;   // plan, losses, statistics (and what routing's backward needs)
@@ -244,20 +250,26 @@ class MoeLayer {
 
   // Gradient buffers are allocated on first use (the first backward or a call of grads() or
   // zero_grad()), so an inference-only layer never holds them.
-  const MoeTensors& grads() const { return grads_; }
-  MoeTensors& grads() {
-    ensure_grads();
-    return grads_;
-  }
+  const MoeTensors& grads() const;
+  MoeTensors& grads();
+  // Zeroes every gradient. The expert weight gradients are zeroed lazily: the next backward
+  // writes (not adds) those of the experts that receive rows, and grads() fills the rest, so
+  // a training step does not read or clear gradient memory it does not need to.
   void zero_grad();
 
   // Name of the kernel path in use ("avx512bf16", "scalar", ...).
   const char* isa_name() const;
 
+  // Where the last forward() or backward() spent its time, phase by phase in the order they
+  // ran (forward: "router", "routing", "gemm1", "gemm2", "combine", "save"; backward: see
+  // src/layer.cpp). Two clock reads per phase: always on.
+  const std::vector<PhaseTime>& last_phases() const;
+
   struct Impl;
 
  private:
   void ensure_grads();
+  void materialize_zero_grads();
 
   MoeLayerConfig config_;
   std::unique_ptr<MoeTensors> owned_;  // fp32 master parameters when owned

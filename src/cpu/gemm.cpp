@@ -722,8 +722,22 @@ PackedWeight PackedWeight::pack(const void* w, DType dtype, int64_t n, int64_t k
   return pack_operand(b, k, n, packed_dtype, isa, paired);
 }
 
+size_t PackedWeight::packed_bytes(int64_t k, int64_t n, DType packed_dtype, Isa isa, bool paired) {
+  const KernelInfo ki = kernel_for(isa, packed_dtype);
+  if (ki.micro == nullptr) return static_cast<size_t>(n * k) * (packed_dtype == DType::kF32 ? 4 : 2);
+  const int64_t n_out = paired ? n / 2 : n;
+  const int64_t out_nr = out_per_panel(ki, paired);
+  const int64_t panels = (n_out + out_nr - 1) / out_nr;
+  return static_cast<size_t>(panels * k_padded(ki, k) * ki.nr) * b_elem_size(ki);
+}
+
 PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
                                         bool paired) {
+  return pack_operand(b, k, n, packed_dtype, isa, paired, nullptr);
+}
+
+PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
+                                        bool paired, uint8_t* storage) {
   check_dtype("PackedWeight::pack: dtype", b.dtype);
   check_dtype("PackedWeight::pack: packed_dtype", packed_dtype);
   if (n < 0 || k < 0)
@@ -748,17 +762,17 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
   };
   const KernelInfo ki = kernel_for(isa, packed_dtype);
   const int64_t n_out = paired ? n / 2 : n;
-  size_t bytes;
-  if (ki.micro == nullptr) {  // scalar layout: B row-major [k][n] in packed_dtype
-    bytes = static_cast<size_t>(n * k) * (packed_dtype == DType::kF32 ? 4 : 2);
-  } else {
-    const int64_t out_nr = out_per_panel(ki, paired);
-    const int64_t panels = (n_out + out_nr - 1) / out_nr;
-    bytes = static_cast<size_t>(panels * k_padded(ki, k) * ki.nr) * b_elem_size(ki);
-  }
+  const size_t bytes = packed_bytes(k, n, packed_dtype, isa, paired);
   out.bytes_ = bytes;
-  uint8_t* mem = static_cast<uint8_t*>(::operator new(std::max<size_t>(bytes, 64), std::align_val_t(64)));
-  out.storage_ = std::shared_ptr<uint8_t>(mem, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
+  uint8_t* mem = storage;
+  if (mem == nullptr) {
+    mem = static_cast<uint8_t*>(::operator new(std::max<size_t>(bytes, 64), std::align_val_t(64)));
+    out.storage_ = std::shared_ptr<uint8_t>(mem, [](uint8_t* q) { ::operator delete(q, std::align_val_t(64)); });
+  } else {
+    if (reinterpret_cast<uintptr_t>(mem) % 64 != 0)
+      throw_input_error("PackedWeight::pack_operand: storage", "64-byte aligned", "unaligned");
+    out.storage_ = std::shared_ptr<uint8_t>(mem, [](uint8_t*) {});  // the caller's memory
+  }
   if (ki.micro == nullptr) {  // B [k][n]: the scalar loops run along contiguous B rows
     for (int64_t kk = 0; kk < k; ++kk)
       for (int64_t j = 0; j < n; ++j) {

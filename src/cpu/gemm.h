@@ -116,6 +116,12 @@ class PackedWeight {
   // columns [n/2, n).
   static PackedWeight pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
                                    bool paired = false);
+  // The same into the caller's memory: `storage` (64-byte aligned) holds packed_bytes(...)
+  // bytes and outlives every use of the result (which does not own it). Repacking into memory
+  // kept between calls avoids fresh pages (a page fault each, zero-filled) on every pack.
+  static PackedWeight pack_operand(const Operand& b, int64_t k, int64_t n, DType packed_dtype, Isa isa,
+                                   bool paired, uint8_t* storage);
+  static size_t packed_bytes(int64_t k, int64_t n, DType packed_dtype, Isa isa, bool paired = false);
   int64_t n() const { return n_; }
   int64_t k() const { return k_; }
   DType dtype() const { return dtype_; }

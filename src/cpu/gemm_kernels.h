@@ -74,6 +74,11 @@ struct KernelInfo {
 KernelInfo avx2_kernel(DType b_dtype);
 KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot);
 
+// SwiGLU row kernels of activation.h on AVX-512; false when this build has no AVX-512 code.
+bool swiglu_forward_avx512(const float* g, const float* u, int64_t n, bool round_bf16, float* h);
+bool swiglu_backward_avx512(float* g_io, float* u_io, const float* G, float w, int64_t n, bool round_bf16,
+                            float* h, double* dot);
+
 // Cache blocking, tunable for the benchmarks and tests (not thread-safe to change while GEMMs
 // run). Measured on Zen 4 (docs/kernels.md): K blocking only lost speed up to K = 3584 (the
 // L2 prefetchers stream A rows and B panels well), so one K block is used up to kc.

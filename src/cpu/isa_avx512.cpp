@@ -5,6 +5,7 @@
 // the rest of the program).
 // GCC 12 reports its own intrinsic headers (_mm512_undefined_*) as maybe-uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -189,6 +190,22 @@ MOEKIT_T512_INLINE void start_tile(const MicroTile& t, __m512* acc0, __m512* acc
   }
 }
 
+// An accumulating store reads C: prefetch the tile's C rows while the K loop runs (with a
+// short K, e.g. a weight gradient over one expert's few tokens, the load would otherwise stall
+// the store of every row).
+template <int MR>
+MOEKIT_T512_INLINE void prefetch_c(const MicroTile& t) {
+  const EpiArgs& e = *t.e;
+  if (!t.finish || !e.accumulate || e.c_dtype != DType::kF32) return;
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const int64_t row = t.row0 + r;
+    const float* c = static_cast<const float*>(e.c) + (e.c_rows ? e.c_rows[row] : row) * e.ldc + t.col0;
+    _mm_prefetch(reinterpret_cast<const char*>(c), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + 16), _MM_HINT_T0);
+  }
+}
+
 template <int MR>
 MOEKIT_T512_INLINE void end_tile(const MicroTile& t, const __m512* acc0, const __m512* acc1) {
   if (!t.finish) {
@@ -223,6 +240,7 @@ template <int MR, bool kSplit>
 MOEKIT_T512 void micro_f32(const MicroTile& t) {
   __m512 acc0[MR], acc1[MR];
   start_tile<MR>(t, acc0, acc1);
+  prefetch_c<MR>(t);
   const int64_t lda = t.lda, kc = t.kc;
   MOEKIT_A_BASES(float, static_cast<const float*>(t.a), lda)
 #define MOEKIT_ROW_F32(r, base, off)                                 \
@@ -261,6 +279,7 @@ template <int MR>
 MOEKIT_T512BF16 void micro_bf16(const MicroTile& t) {
   __m512 acc0[MR], acc1[MR];
   start_tile<MR>(t, acc0, acc1);
+  prefetch_c<MR>(t);
   const int64_t lda = t.lda / 2, kp = t.kc / 2;  // in dwords (bf16 pairs)
   MOEKIT_A_BASES(i32_alias, static_cast<const i32_alias*>(t.a), lda)
   const u32_alias* b = static_cast<const u32_alias*>(t.b);
@@ -308,7 +327,67 @@ MOEKIT_T512 void dispatch_f32(const MicroTile& t) { MOEKIT_MR_CASES(micro_f32_pl
 MOEKIT_T512 void dispatch_split(const MicroTile& t) { MOEKIT_MR_CASES(micro_f32_split) }
 MOEKIT_T512BF16 void dispatch_bf16(const MicroTile& t) { MOEKIT_MR_CASES(micro_bf16) }
 
+// ---------------------------------------------------------------------------------------------
+// SwiGLU rows (activation.h). s = 1 / (1 + exp(−g)); h = (g·s)·u as activation_forward
+// multiplies; d_g = ((d_h·u)·s)·(1 + g·(1 − s)), d_u = (d_h·g)·s. The tail runs masked.
+
+MOEKIT_T512_INLINE __m512 round_bf16_512(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(v)), 16));
+}
+
+MOEKIT_T512_INLINE __m512 sigmoid512(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+MOEKIT_T512 void swiglu_forward_rows(const float* g, const float* u, int64_t n, bool round_bf16, float* h) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, u + j);
+    __m512 hv = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid512(gv)), uv);
+    if (round_bf16) hv = round_bf16_512(hv);
+    _mm512_mask_storeu_ps(h + j, m, hv);
+  }
+}
+
+MOEKIT_T512 double swiglu_backward_rows(float* g_io, float* u_io, const float* G, float w, int64_t n,
+                                        bool round_bf16, float* h) {
+  const __m512 one = _mm512_set1_ps(1.0f), wv = _mm512_set1_ps(w);
+  __m512d dot_lo = _mm512_setzero_pd(), dot_hi = _mm512_setzero_pd();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g_io + j), uv = _mm512_maskz_loadu_ps(m, u_io + j);
+    const __m512 Gv = _mm512_maskz_loadu_ps(m, G + j);
+    const __m512 s = sigmoid512(gv);
+    __m512 hv = _mm512_mul_ps(_mm512_mul_ps(gv, s), uv);
+    if (round_bf16) hv = round_bf16_512(hv);
+    if (h) _mm512_mask_storeu_ps(h + j, m, hv);
+    // Σ G·h in double (masked lanes are zero).
+    dot_lo = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(Gv)), _mm512_cvtps_pd(_mm512_castps512_ps256(hv)), dot_lo);
+    dot_hi = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(Gv), 1))),
+                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hv), 1))), dot_hi);
+    const __m512 dh = _mm512_mul_ps(wv, Gv);
+    const __m512 d_g = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dh, uv), s),
+                                     _mm512_add_ps(one, _mm512_mul_ps(gv, _mm512_sub_ps(one, s))));
+    const __m512 d_u = _mm512_mul_ps(_mm512_mul_ps(dh, gv), s);
+    _mm512_mask_storeu_ps(g_io + j, m, d_g);
+    _mm512_mask_storeu_ps(u_io + j, m, d_u);
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(dot_lo, dot_hi));
+}
+
 }  // namespace
+
+bool swiglu_forward_avx512(const float* g, const float* u, int64_t n, bool round_bf16, float* h) {
+  swiglu_forward_rows(g, u, n, round_bf16, h);
+  return true;
+}
+
+bool swiglu_backward_avx512(float* g_io, float* u_io, const float* G, float w, int64_t n, bool round_bf16,
+                            float* h, double* dot) {
+  *dot = swiglu_backward_rows(g_io, u_io, G, w, n, round_bf16, h);
+  return true;
+}
 
 KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   KernelInfo k;
@@ -337,6 +416,8 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
 
 namespace moekit::cpu::detail_gemm {
 KernelInfo avx512_kernel(DType, bool) { return {}; }
+bool swiglu_forward_avx512(const float*, const float*, int64_t, bool, float*) { return false; }
+bool swiglu_backward_avx512(float*, float*, const float*, float, int64_t, bool, float*, double*) { return false; }
 }  // namespace moekit::cpu::detail_gemm
 
 #endif
