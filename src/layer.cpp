@@ -45,6 +45,7 @@
 
 #include "cpu/activation.h"
 #include "cpu/gemm.h"
+#include "cpu/gemm_kernels.h"
 #include "cpu/thread_pool.h"
 #include "internal/random.h"
 #include "moekit/error.h"
@@ -1214,6 +1215,12 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   // B operands reused by every tile of a group are packed once per group (in parallel), in
   // B's own dtype exactly as gemm() would pack them per call: the same kernel, the same bits.
   // The packs live in one arena kept by the layer; the two uses below do not overlap in time.
+  // A group with few rows and an fp32 weight is not packed: gemm() reads such a B in place
+  // (the same kernel and bits), so a decode-sized backward streams each weight once instead of
+  // reading it, writing a packed copy and reading that.
+  auto in_place = [&](const Group& g, const Operand& b) {
+    return b.dtype == cpu::DType::kF32 && g.num_rows <= cpu::detail_gemm::tuning().b_in_place_rows;
+  };
   auto pack_per_group = [&](auto operand_of) {
     const size_t num_groups = rs.groups.size();
     std::vector<PackedWeight> packed(num_groups);
@@ -1222,15 +1229,16 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       const Group& g = rs.groups[gi];
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
-      const size_t bytes = g.num_rows > 0 ? PackedWeight::packed_bytes(k, n, b.dtype, impl.isa) : 0;
+      const size_t bytes =
+          g.num_rows > 0 && !in_place(g, b) ? PackedWeight::packed_bytes(k, n, b.dtype, impl.isa) : 0;
       offset[gi + 1] = offset[gi] + (bytes + 63) / 64 * 64;
     }
     uint8_t* mem = impl.backward_pack_ws.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
     impl.pool.run(static_cast<int64_t>(num_groups), [&](int64_t gi, int) {
       const Group& g = rs.groups[static_cast<size_t>(gi)];
-      if (g.num_rows <= 0) return;
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
+      if (g.num_rows <= 0 || in_place(g, b)) return;
       packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, b.dtype, impl.isa, false, mem + offset[gi]);
     });
     return packed;
@@ -1255,7 +1263,13 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.a = {g.dy, cpu::DType::kF32, d, 1, g.a_rows};
       q.c = g_buf + g.h_offset;
       q.ldc = g.d_ff;
-      cpu::gemm_packed(q, down_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
+      const PackedWeight& b = down_b[static_cast<size_t>(tile.group)];
+      if (b.data() != nullptr) {
+        cpu::gemm_packed(q, b, tile.m0, tile.m1, tile.n0, tile.n1);
+      } else {
+        q.b = Operand{g.w_down, to_cpu(g.w_down_dtype), g.d_ff, 1};
+        cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      }
     });
   }
   impl.phase("d_h");
@@ -1354,7 +1368,13 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.a = {pre.data() + g.gu_offset, cpu::DType::kF32, g.gu_cols, 1};
       q.c = rows_row(g.row_begin);
       q.ldc = d;
-      cpu::gemm_packed(q, gate_up_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
+      const PackedWeight& b = gate_up_b[static_cast<size_t>(tile.group)];
+      if (b.data() != nullptr) {
+        cpu::gemm_packed(q, b, tile.m0, tile.m1, tile.n0, tile.n1);
+      } else {
+        q.b = Operand{g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, 1};
+        cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      }
     });
   }
   impl.phase("d_x_rows");

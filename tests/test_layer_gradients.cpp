@@ -44,6 +44,7 @@ struct GradCase {
   std::function<void(MoeLayerConfig&)> set;
   int64_t sequence_length = 0;
   bool masked = false;
+  int64_t num_tokens = 48;  // > 64 rows per group takes the packed-B paths of the backward
 };
 
 MoeLayerConfig base_config(int64_t d_model, int64_t d_ff) {
@@ -79,6 +80,12 @@ const std::vector<GradCase>& grad_cases() {
          c.routing.routing_method = RoutingMethod::kDense;
          c.activation = ExpertActivation::kRelu;
        }},
+      {"dense_swiglu_shared_many_rows",
+       [](MoeLayerConfig& c) {
+         c.routing.routing_method = RoutingMethod::kDense;
+         c.num_shared_experts = 1;
+       },
+       0, false, 150},
       {"expert_choice_swiglu_clamped",
        [](MoeLayerConfig& c) {
          c.routing.routing_method = RoutingMethod::kExpertChoice;
@@ -238,7 +245,7 @@ void compare_layer_backward(const GradCase& k, DType dtype, int threads) {
   MoeLayer layer(c, uint64_t{3});
   randomize(c, layer.parameters(), gen);
   layer.refresh_packed_weights();
-  const int64_t num_tokens = 48;
+  const int64_t num_tokens = k.num_tokens;
   const Matrix<float> x = random_matrix<float>(num_tokens, c.d_model, gen);
   const Matrix<float> d_out = random_matrix<float>(num_tokens, c.d_model, gen);
   std::vector<uint8_t> mask(num_tokens, 1);
