@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -545,6 +546,7 @@ struct MoeLayer::Impl {
 
   Workspace gate_up_ws, down_ws;  // the packed weights above (and the router's)
   Workspace backward_pack_ws;     // backward: expert weights packed transposed
+  Workspace grad_pack_ws;         // backward: h and X packed as B of the weight gradients
   Workspace hidden_ws;  // forward h; backward G, h and the transposed d_pre
   Workspace rows_ws;    // forward y; backward the [rows, d_model] intermediates
 
@@ -1221,7 +1223,11 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   auto in_place = [&](const Group& g, const Operand& b) {
     return b.dtype == cpu::DType::kF32 && g.num_rows <= cpu::detail_gemm::tuning().b_in_place_rows;
   };
-  auto pack_per_group = [&](auto operand_of) {
+  // pack_groups(arena, dtype, operand_of): B of every group packed in `dtype` (kept: the
+  // operand's own dtype) into `arena`; groups left unpacked (in_place) get an empty weight.
+  auto pack_groups = [&](Workspace& arena, std::optional<cpu::DType> dtype, bool allow_in_place, auto operand_of) {
+    auto packed_dtype = [&](const Operand& b) { return dtype ? *dtype : b.dtype; };
+    auto skip = [&](const Group& g, const Operand& b) { return allow_in_place && in_place(g, b); };
     const size_t num_groups = rs.groups.size();
     std::vector<PackedWeight> packed(num_groups);
     std::vector<size_t> offset(num_groups + 1, 0);
@@ -1230,23 +1236,24 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
       const size_t bytes =
-          g.num_rows > 0 && !in_place(g, b) ? PackedWeight::packed_bytes(k, n, b.dtype, impl.isa) : 0;
+          g.num_rows > 0 && !skip(g, b) ? PackedWeight::packed_bytes(k, n, packed_dtype(b), impl.isa) : 0;
       offset[gi + 1] = offset[gi] + (bytes + 63) / 64 * 64;
     }
-    uint8_t* mem = impl.backward_pack_ws.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
+    uint8_t* mem = arena.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
     impl.pool.run(static_cast<int64_t>(num_groups), [&](int64_t gi, int) {
       const Group& g = rs.groups[static_cast<size_t>(gi)];
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
-      if (g.num_rows <= 0 || in_place(g, b)) return;
-      packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, b.dtype, impl.isa, false, mem + offset[gi]);
+      if (g.num_rows <= 0 || skip(g, b)) return;
+      packed[static_cast<size_t>(gi)] =
+          PackedWeight::pack_operand(b, k, n, packed_dtype(b), impl.isa, false, mem + offset[gi]);
     });
     return packed;
   };
 
   // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per group.
   {
-    const std::vector<PackedWeight> down_b = pack_per_group(
+    const std::vector<PackedWeight> down_b = pack_groups(impl.backward_pack_ws, std::nullopt, true,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = d;
           *n = g.d_ff;
@@ -1318,11 +1325,21 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   impl.phase("activation");
 
   // 3. dW_down += (w ⊙ d_y)ᵀ · h  ([d_model, rows] · [rows, d_ff], the token sum inside one
-  //    tile); db_down += Σ_rows w ⊙ d_y, in row order.
+  //    tile); db_down += Σ_rows w ⊙ d_y, in row order. h is packed once per group as B, in the
+  //    layer's dtype: bf16 weight gradients come from bf16 operands (both rounded, as PyTorch's
+  //    autocast runs its backward matmuls) with fp32 accumulation.
+  const cpu::DType grad_dtype = to_cpu(c.dtype);
   {
+    const std::vector<PackedWeight> h_b = pack_groups(
+        impl.grad_pack_ws, grad_dtype, false, [&](const Group& g, int64_t* k, int64_t* n) {
+          *k = g.num_rows;
+          *n = g.d_ff;
+          return Operand{h_buf + g.h_offset, cpu::DType::kF32, g.d_ff, 1};
+        });
+    impl.phase("pack_h");
     const auto tiles = make_tiles(
         rs.groups, [&](const Group& g) { return g.num_rows > 0 ? d : int64_t{0}; },
-        [](const Group& g) { return g.d_ff; }, threads, kUnpackedRowBlock);
+        [](const Group& g) { return g.d_ff; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
@@ -1330,11 +1347,10 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.n = g.d_ff;
       q.k = g.num_rows;
       q.a = {rows_row(g.row_begin), cpu::DType::kF32, g.num_rows, 1};
-      q.b = {h_buf + g.h_offset, cpu::DType::kF32, g.d_ff, 1};
       q.c = d_down_of(g);
       q.ldc = g.d_ff;
       q.accumulate = !pending_zero(g);
-      cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      cpu::gemm_packed(q, h_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
     if (c.expert_bias) {
       impl.pool.run(static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
@@ -1351,7 +1367,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
   //    per group.
   {
-    const std::vector<PackedWeight> gate_up_b = pack_per_group(
+    const std::vector<PackedWeight> gate_up_b = pack_groups(impl.backward_pack_ws, std::nullopt, true,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = g.gu_cols;
           *n = d;
@@ -1462,16 +1478,22 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
                 g.num_rows, tile.m1 - tile.m0, g.gu_cols);
       for (int64_t i = tile.m0; i < tile.m1; ++i) {
         const float* src = g.a + g.src(i) * d;
-        float* dst = rows_row(g.row_begin + i);
-        for (int64_t k = 0; k < d; ++k) dst[k] = bf16 ? round_bf16(src[k]) : src[k];
+        std::copy(src, src + d, rows_row(g.row_begin + i));
       }
     });
   }
   impl.phase("transpose");
   {
+    const std::vector<PackedWeight> x_b = pack_groups(
+        impl.grad_pack_ws, grad_dtype, false, [&](const Group& g, int64_t* k, int64_t* n) {
+          *k = g.num_rows;
+          *n = d;
+          return Operand{rows_row(g.row_begin), cpu::DType::kF32, d, 1};
+        });
+    impl.phase("pack_x");
     const auto tiles = make_tiles(
         rs.groups, [](const Group& g) { return g.num_rows > 0 ? g.gu_cols : int64_t{0}; },
-        [&](const Group&) { return d; }, threads, kUnpackedRowBlock);
+        [&](const Group&) { return d; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
@@ -1479,11 +1501,10 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       q.n = d;
       q.k = g.num_rows;
       q.a = {hg + g.gu_offset, cpu::DType::kF32, g.num_rows, 1};
-      q.b = {rows_row(g.row_begin), cpu::DType::kF32, d, 1};
       q.c = d_gate_up_of(g);
       q.ldc = d;
       q.accumulate = !pending_zero(g);
-      cpu::gemm(q, impl.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      cpu::gemm_packed(q, x_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     });
     if (c.expert_bias) {
       impl.pool.run(static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {

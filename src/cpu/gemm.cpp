@@ -381,6 +381,65 @@ struct BSource {
   int64_t rs, cs;
 };
 
+// fp32 → bf16 bits, round to nearest even, NaN quieted: float_to_bf16 without a branch, so
+// that the packing loops below vectorise.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+inline uint16_t bf16_bits(uint16_t x) { return x; }
+
+// The kBf16Pairs layout, element (kk, t) at (kk/2)·2·nr + 2t + kk%2, for the two common
+// sources, in loops the compiler vectorises: B rows contiguous (a weight used transposed, or
+// activations as B) and B columns contiguous along K (W [n][k], the forward's weights). Needs
+// every lane's column present and the lanes of each half equally spaced (a whole panel, plain
+// or paired); returns false otherwise (the caller's general loop handles it).
+template <class T>
+bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k0, int64_t valid, int64_t rows,
+                     uint16_t* dst) {
+  const int half = nr / 2;
+  for (int t = 0; t < nr; ++t) {
+    const T* base = t < half ? colp[0] : colp[half];
+    if (colp[t] == nullptr || colp[t] != base + (t % half) * src.cs) return false;
+  }
+  const int64_t pairs_full = valid / 2;
+  if (src.cs == 1) {
+    for (int64_t p = 0; p < pairs_full; ++p) {
+      uint16_t* d = dst + p * 2 * nr;
+      const int64_t off0 = (k0 + 2 * p) * src.rs, off1 = off0 + src.rs;
+      for (int h = 0; h < 2; ++h) {
+        const T* r0 = colp[h * half] + off0;
+        const T* r1 = colp[h * half] + off1;
+        uint16_t* dh = d + 2 * h * half;
+        for (int t = 0; t < half; ++t) {
+          dh[2 * t] = bf16_bits(r0[t]);
+          dh[2 * t + 1] = bf16_bits(r1[t]);
+        }
+      }
+    }
+  } else if (src.rs == 1) {
+    for (int t = 0; t < nr; ++t) {
+      const T* c = colp[t] + k0;
+      uint16_t* d = dst + 2 * t;
+      for (int64_t p = 0; p < pairs_full; ++p) {
+        d[p * 2 * nr] = bf16_bits(c[2 * p]);
+        d[p * 2 * nr + 1] = bf16_bits(c[2 * p + 1]);
+      }
+    }
+  } else {
+    return false;
+  }
+  // An odd last K row (paired with zero) and the zero rows up to `rows`.
+  for (int64_t r = 2 * pairs_full; r < rows; ++r) {
+    uint16_t* d = dst + (r >> 1) * 2 * nr + (r & 1);
+    for (int t = 0; t < nr; ++t) d[2 * t] = r < valid ? bf16_bits(colp[t][(k0 + r) * src.rs]) : uint16_t{0};
+  }
+  return true;
+}
+
 // Writes K rows [k0, k0 + rows) of panel `panel` (rows past k are zero) at dst, in ki's layout.
 // Columns are of the logical B (nb wide); a paired panel takes gate columns from [0, n_out) and
 // up columns from [n_out, 2·n_out).
@@ -418,6 +477,28 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
     }
   };
   const int64_t valid = std::max<int64_t>(0, std::min(rows, k - k0));
+  if constexpr (kLayout == BLayout::kBf16Pairs) {
+    if (pack_pairs_fast<T>(nr, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst))) return;
+  }
+  if constexpr (kLayout == BLayout::kF32 && std::is_same_v<T, float>) {
+    // Columns contiguous along K (W [n][k], every lane present): a blocked transpose, 16 K rows
+    // (one cache line of each column) at a time, so that reads are whole lines and the writes
+    // stay in a 2 KiB block.
+    bool all = src.rs == 1;
+    for (int t = 0; t < nr && all; ++t) all = colp[t] != nullptr;
+    if (all) {
+      float* d = reinterpret_cast<float*>(dst);
+      int64_t r0 = 0;
+      for (; r0 + 16 <= valid; r0 += 16)
+        for (int t = 0; t < nr; ++t) {
+          const float* c = colp[t] + k0 + r0;
+          for (int r = 0; r < 16; ++r) d[(r0 + r) * nr + t] = c[r];
+        }
+      for (int64_t r = r0; r < rows; ++r)
+        for (int t = 0; t < nr; ++t) d[r * nr + t] = r < valid ? colp[t][k0 + r] : 0.0f;
+      return;
+    }
+  }
   if (src.rs == 1) {  // columns contiguous along K (W [n][k]): column by column
     for (int t = 0; t < nr; ++t) {
       const T* cp = colp[t];
