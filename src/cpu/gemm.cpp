@@ -399,7 +399,8 @@ inline uint16_t bf16_bits(uint16_t x) { return x; }
 // or paired); returns false otherwise (the caller's general loop handles it).
 template <class T>
 bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k0, int64_t valid, int64_t rows,
-                     uint16_t* dst) {
+                     uint16_t* dst,
+                     void (*pack_f32_cols)(const float* const*, int64_t, int64_t, float*)) {
   const int half = nr / 2;
   for (int t = 0; t < nr; ++t) {
     const T* base = t < half ? colp[0] : colp[half];
@@ -421,10 +422,21 @@ bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k
       }
     }
   } else if (src.rs == 1) {
+    int64_t p0 = 0;
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      // bf16 W [n][k]: a (k, k+1) pair of a column is one dword, so the layout is a transpose
+      // of dwords, 16 × 16 at a time with the fp32 kernel's transpose (bits moved unchanged).
+      if (pack_f32_cols != nullptr && k0 % 2 == 0 && nr == 32) {
+        const float* cols[32];
+        for (int t = 0; t < nr; ++t) cols[t] = reinterpret_cast<const float*>(colp[t] + k0);
+        p0 = pairs_full / 16 * 16;
+        pack_f32_cols(cols, 0, p0, reinterpret_cast<float*>(dst));
+      }
+    }
     for (int t = 0; t < nr; ++t) {
       const T* c = colp[t] + k0;
       uint16_t* d = dst + 2 * t;
-      for (int64_t p = 0; p < pairs_full; ++p) {
+      for (int64_t p = p0; p < pairs_full; ++p) {
         d[p * 2 * nr] = bf16_bits(c[2 * p]);
         d[p * 2 * nr + 1] = bf16_bits(c[2 * p + 1]);
       }
@@ -478,7 +490,8 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
   };
   const int64_t valid = std::max<int64_t>(0, std::min(rows, k - k0));
   if constexpr (kLayout == BLayout::kBf16Pairs) {
-    if (pack_pairs_fast<T>(nr, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst))) return;
+    if (pack_pairs_fast<T>(nr, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst), ki.pack_f32_cols))
+      return;
   }
   if constexpr (kLayout == BLayout::kF32 && std::is_same_v<T, float>) {
     // Columns contiguous along K (W [n][k], every lane present): a blocked transpose, 16 K rows
@@ -489,6 +502,10 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
     if (all) {
       float* d = reinterpret_cast<float*>(dst);
       int64_t r0 = 0;
+      if (ki.pack_f32_cols != nullptr) {
+        r0 = valid / 16 * 16;
+        ki.pack_f32_cols(colp, k0, r0, d);
+      }
       for (; r0 + 16 <= valid; r0 += 16)
         for (int t = 0; t < nr; ++t) {
           const float* c = colp[t] + k0 + r0;

@@ -67,6 +67,9 @@ struct KernelInfo {
   bool a_bf16_pairs = false;    // A rows in bf16 (kBf16Pairs); else fp32
   // Optional vectorised fp32 → bf16 (round to nearest even) of n values; null: scalar.
   void (*to_bf16)(const float* src, uint16_t* dst, int64_t n) = nullptr;
+  // Optional kF32 panel packing from columns contiguous along K (W [n][k]): K rows [0, rows)
+  // of the nr columns col[t] + k0, rows a multiple of 16, into dst[r·nr + t]; null: scalar.
+  void (*pack_f32_cols)(const float* const* col, int64_t k0, int64_t rows, float* dst) = nullptr;
 };
 
 // Per-ISA kernel tables (defined in isa_*.cpp; they return an empty KernelInfo when the

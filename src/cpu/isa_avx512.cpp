@@ -328,6 +328,54 @@ MOEKIT_T512 void dispatch_split(const MicroTile& t) { MOEKIT_MR_CASES(micro_f32_
 MOEKIT_T512BF16 void dispatch_bf16(const MicroTile& t) { MOEKIT_MR_CASES(micro_bf16) }
 
 // ---------------------------------------------------------------------------------------------
+// Packing W [n][k] into kF32 panels: 16 × 16 blocks transposed in registers (two rounds of
+// in-lane unpacks, two of 128-bit lane shuffles), each column read as one cache line.
+
+MOEKIT_T512_INLINE void transpose16(__m512* r) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane L: rows 4i..4i+3 of column 4L + j
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // r[c]: column c, rows 0..15
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
+  }
+}
+
+MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows, float* dst) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int h = 0; h < 2; ++h) {
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) v[t] = _mm512_loadu_ps(col[16 * h + t] + k0 + r0);
+      transpose16(v);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) _mm512_storeu_ps(dst + (r0 + r) * kNr + 16 * h, v[r]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SwiGLU rows (activation.h). s = 1 / (1 + exp(−g)); h = (g·s)·u as activation_forward
 // multiplies; d_g = ((d_h·u)·s)·(1 + g·(1 − s)), d_u = (d_h·g)·s. The tail runs masked.
 
@@ -394,6 +442,7 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.mr_max = kMr;
   k.nr = kNr;
   k.to_bf16 = &to_bf16_row;
+  k.pack_f32_cols = &pack_f32_cols;
   if (b_dtype == DType::kF32) {
     k.micro = &dispatch_f32;
     k.layout = BLayout::kF32;
