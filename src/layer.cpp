@@ -589,9 +589,16 @@ void init_uniform(std::vector<float>& v, int64_t fan_in, uint64_t seed, uint64_t
   }
 }
 
-void round_copy(const std::vector<float>& src, std::vector<uint16_t>& dst) {
+// dst = bf16(src), in blocks over the pool (a weight update of a bf16 layer runs this on every
+// expert weight).
+void round_copy(const std::vector<float>& src, std::vector<uint16_t>& dst, cpu::ThreadPool& pool) {
   dst.resize(src.size());
-  for (size_t i = 0; i < src.size(); ++i) dst[i] = cpu::float_to_bf16(src[i]);
+  constexpr int64_t kBlock = int64_t{1} << 18;
+  const int64_t n = static_cast<int64_t>(src.size());
+  pool.run((n + kBlock - 1) / kBlock, [&](int64_t b, int) {
+    const int64_t begin = b * kBlock;
+    cpu::float_to_bf16_n(src.data() + begin, dst.data() + begin, std::min(kBlock, n - begin));
+  });
 }
 
 }  // namespace
@@ -703,10 +710,10 @@ void MoeLayer::refresh_packed_weights() {
     params_ = moe_params_view(config_, *owned_);
     if (config_.dtype == DType::kBF16) {
       // The layer computes with the bf16 rounding of the fp32 master weights.
-      round_copy(owned_->gate_up, impl_->gate_up_bf16);
-      round_copy(owned_->down, impl_->down_bf16);
-      round_copy(owned_->shared_gate_up, impl_->shared_gate_up_bf16);
-      round_copy(owned_->shared_down, impl_->shared_down_bf16);
+      round_copy(owned_->gate_up, impl_->gate_up_bf16, impl_->pool);
+      round_copy(owned_->down, impl_->down_bf16, impl_->pool);
+      round_copy(owned_->shared_gate_up, impl_->shared_gate_up_bf16, impl_->pool);
+      round_copy(owned_->shared_down, impl_->shared_down_bf16, impl_->pool);
       params_.gate_up.data = impl_->gate_up_bf16.data();
       params_.down.data = impl_->down_bf16.data();
       params_.gate_up.dtype = params_.down.dtype = DType::kBF16;

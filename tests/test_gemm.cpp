@@ -671,5 +671,20 @@ TEST(SwigluRows, MatchDoubleReferenceOnEveryPath) {
   }
 }
 
+// The bulk conversion gives float_to_bf16's bits for every class of input: ties to even,
+// values that round up into the next binade and to infinity, infinities, NaNs, denormals.
+TEST(Bf16, BulkConversionMatchesScalar) {
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu,
+                                0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffbfffffu, 0x00000001u,
+                                0x007fffffu, 0x3fffffffu};
+  std::mt19937 gen(3);
+  for (int i = 0; i < 1000; ++i) bits.push_back(gen());
+  std::vector<float> x(bits.size());
+  std::memcpy(x.data(), bits.data(), bits.size() * 4);
+  std::vector<uint16_t> got(x.size());
+  float_to_bf16_n(x.data(), got.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], float_to_bf16(x[i])) << std::hex << bits[i];
+}
+
 }  // namespace
 }  // namespace moekit::cpu

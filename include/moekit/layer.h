@@ -239,9 +239,10 @@ class MoeLayer {
   // ACCUMULATES (+=) every parameter gradient into grads(): call zero_grad() to start a new
   // step. The router weight and bias receive the gradient through the combine weights
   // (dL/dw_te = ⟨d_output_t, E_e(x_t)⟩) and through the losses. The backward consumes the saved
-  // state: one backward per training forward. With dtype bf16 the GEMMs against expert weights
-  // round their other operand to bf16 (as the forward does) and the weight-gradient GEMMs use
-  // fp32 operands (h and x as the forward rounded them); gradients are always fp32.
+  // state: one backward per training forward. With dtype bf16 every expert GEMM has bf16
+  // operands and fp32 accumulation, as PyTorch's autocast runs the backward matmuls: those
+  // against the weights round their other operand (d_y, d_pre) to bf16, and the weight-gradient
+  // GEMMs round both (w ⊙ d_y and h; d_pre and x). Gradients are always stored in fp32.
   Matrix<float> backward(ConstMatrixView<float> d_output);  // [num_tokens, d_model]
 
   // The selection bias of aux-loss-free balancing (RoutingConfig::e_score_correction_bias,

@@ -111,6 +111,23 @@ float bf16_to_float(uint16_t x) {
   return f;
 }
 
+namespace {
+// fp32 → bf16 bits, round to nearest even, NaN quieted: float_to_bf16 without a branch, so
+// that the loops using it (bulk conversion, packing) vectorise.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+inline uint16_t bf16_bits(uint16_t x) { return x; }
+}  // namespace
+
+void float_to_bf16_n(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Argument checks
 
@@ -380,17 +397,6 @@ struct BSource {
   DType dtype;
   int64_t rs, cs;
 };
-
-// fp32 → bf16 bits, round to nearest even, NaN quieted: float_to_bf16 without a branch, so
-// that the packing loops below vectorise.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
-}
-inline uint16_t bf16_bits(uint16_t x) { return x; }
 
 // The kBf16Pairs layout, element (kk, t) at (kk/2)·2·nr + 2t + kk%2, for the two common
 // sources, in loops the compiler vectorises: B rows contiguous (a weight used transposed, or

@@ -43,6 +43,7 @@ enum class DType : int { kF32 = 0, kBF16 = 1 };
 
 uint16_t float_to_bf16(float x);  // round to nearest even; NaN stays NaN
 float bf16_to_float(uint16_t x);
+void float_to_bf16_n(const float* src, uint16_t* dst, int64_t n);  // float_to_bf16 of each
 
 // A strided matrix operand. Element (r, c) of op(X) is at
 //   data + row(r) * row_stride + c * col_stride        (in elements of dtype)
