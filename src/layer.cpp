@@ -500,15 +500,6 @@ class Workspace {
   size_t size_ = 0;
 };
 
-// dst[c][r] = src[r][c] for a [rows, cols] block, in 16 × 16 tiles (both sides stay in cache).
-void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 16;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
-      for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c)
-        for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
-}
-
 }  // namespace
 
 struct MoeLayer::Impl {
@@ -1325,8 +1316,12 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
             for (int64_t k = 0; k < d; ++k) dot += double(dy[k]) * g.b_down[k];
           d_w[g.row_begin + i] = float(dot);
         }
-        for (int64_t k = 0; k < d; ++k) scaled_t[k * g.num_rows + i] = w * dy[k];
       }
+      // (w ⊙ d_y)ᵀ for this tile's rows: columns [m0, m1) of [d_model, num_rows].
+      std::vector<const float*> dy_rows(static_cast<size_t>(tile.m1 - tile.m0));
+      for (int64_t i = tile.m0; i < tile.m1; ++i) dy_rows[i - tile.m0] = g.dy + g.src(i) * d;
+      cpu::transpose_rows(impl.isa, dy_rows.data(), g.scale ? g.scale + tile.m0 : nullptr, tile.m1 - tile.m0, d,
+                          scaled_t + tile.m0, g.num_rows);
     });
   }
   impl.phase("activation");
@@ -1481,8 +1476,10 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     const auto tiles = make_tiles(rs.groups, rows_of, [](const Group&) { return int64_t{1}; }, threads);
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
-      transpose(pre.data() + g.gu_offset + tile.m0 * g.gu_cols, g.gu_cols, hg + g.gu_offset + tile.m0,
-                g.num_rows, tile.m1 - tile.m0, g.gu_cols);
+      std::vector<const float*> pre_rows(static_cast<size_t>(tile.m1 - tile.m0));
+      for (int64_t i = tile.m0; i < tile.m1; ++i) pre_rows[i - tile.m0] = pre.data() + g.gu_offset + i * g.gu_cols;
+      cpu::transpose_rows(impl.isa, pre_rows.data(), nullptr, tile.m1 - tile.m0, g.gu_cols, hg + g.gu_offset + tile.m0,
+                          g.num_rows);
       for (int64_t i = tile.m0; i < tile.m1; ++i) {
         const float* src = g.a + g.src(i) * d;
         std::copy(src, src + d, rows_row(g.row_begin + i));

@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -684,6 +685,64 @@ TEST(Bf16, BulkConversionMatchesScalar) {
   std::vector<uint16_t> got(x.size());
   float_to_bf16_n(x.data(), got.data(), static_cast<int64_t>(x.size()));
   for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], float_to_bf16(x[i])) << std::hex << bits[i];
+}
+
+// transpose_rows on every path is exactly scale[r] · rows[r][c] (one rounding), including
+// row and column counts that are not multiples of the 16 × 16 register blocks.
+TEST(TransposeRows, EveryPathBitwise) {
+  std::mt19937 gen(5);
+  std::normal_distribution<float> normal;
+  for (Isa isa : supported_isas())
+    for (int64_t num_rows : {1, 15, 16, 33})
+      for (int64_t cols : {1, 16, 17, 40})
+        for (bool scaled : {false, true}) {
+          std::vector<std::vector<float>> src(static_cast<size_t>(num_rows), std::vector<float>(cols));
+          std::vector<const float*> rows;
+          std::vector<float> scale(num_rows);
+          for (auto& r : src) {
+            for (float& v : r) v = normal(gen);
+            rows.push_back(r.data());
+          }
+          for (float& v : scale) v = normal(gen);
+          const int64_t ld = num_rows + 3;
+          std::vector<float> dst(static_cast<size_t>(cols * ld), -7.0f);
+          transpose_rows(isa, rows.data(), scaled ? scale.data() : nullptr, num_rows, cols, dst.data(), ld);
+          for (int64_t c = 0; c < cols; ++c)
+            for (int64_t r = 0; r < ld; ++r) {
+              const float want = r < num_rows ? (scaled ? scale[r] : 1.0f) * src[r][c] : -7.0f;
+              ASSERT_EQ(dst[c * ld + r], want) << isa_name(isa) << " " << num_rows << "x" << cols << " r" << r << " c" << c;
+            }
+        }
+}
+
+// Packing fp32 B as bf16 rounds each value exactly once: the packed bytes equal those of
+// packing the bf16-rounded copy (a path checked against the reference above), for B with
+// contiguous rows (activations, a weight used transposed) and contiguous columns (W [n][k]),
+// paired and not, whole and partial panels, odd K.
+TEST(GemmPacking, Fp32SourceRoundsLikeBf16Source) {
+  std::mt19937 gen(9);
+  std::normal_distribution<float> normal;
+  for (Isa isa : supported_isas())
+    for (int64_t k : {1, 31, 64, 101})
+      for (int64_t n : {16, 64, 70})
+        for (bool rows_contiguous : {true, false})
+          for (bool paired : {false, true}) {
+            std::vector<float> b32(static_cast<size_t>(k * n));
+            for (float& v : b32) v = normal(gen);
+            b32[0] = std::numeric_limits<float>::quiet_NaN();
+            std::vector<uint16_t> b16(b32.size());
+            for (size_t i = 0; i < b32.size(); ++i) b16[i] = float_to_bf16(b32[i]);
+            // Logical B [k, n]: element (kk, j) at kk·n + j (rows contiguous) or j·k + kk.
+            const int64_t rs = rows_contiguous ? n : 1, cs = rows_contiguous ? 1 : k;
+            const PackedWeight a = PackedWeight::pack_operand(Operand{b32.data(), DType::kF32, rs, cs}, k, n,
+                                                              DType::kBF16, isa, paired);
+            const PackedWeight b = PackedWeight::pack_operand(Operand{b16.data(), DType::kBF16, rs, cs}, k, n,
+                                                              DType::kBF16, isa, paired);
+            ASSERT_EQ(a.bytes(), b.bytes());
+            EXPECT_EQ(std::memcmp(a.data(), b.data(), a.bytes()), 0)
+                << isa_name(isa) << " k=" << k << " n=" << n << (rows_contiguous ? " rows" : " cols")
+                << (paired ? " paired" : "");
+          }
 }
 
 }  // namespace

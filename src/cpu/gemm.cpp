@@ -404,9 +404,9 @@ struct BSource {
 // every lane's column present and the lanes of each half equally spaced (a whole panel, plain
 // or paired); returns false otherwise (the caller's general loop handles it).
 template <class T>
-bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k0, int64_t valid, int64_t rows,
-                     uint16_t* dst,
-                     void (*pack_f32_cols)(const float* const*, int64_t, int64_t, float*)) {
+bool pack_pairs_fast(const KernelInfo& ki, const T* const* colp, const BSource& src, int64_t k0, int64_t valid,
+                     int64_t rows, uint16_t* dst) {
+  const int nr = ki.nr;
   const int half = nr / 2;
   for (int t = 0; t < nr; ++t) {
     const T* base = t < half ? colp[0] : colp[half];
@@ -421,6 +421,12 @@ bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k
         const T* r0 = colp[h * half] + off0;
         const T* r1 = colp[h * half] + off1;
         uint16_t* dh = d + 2 * h * half;
+        if constexpr (std::is_same_v<T, float>) {
+          if (ki.pair_rows_f32 != nullptr && half == 16) {
+            ki.pair_rows_f32(r0, r1, reinterpret_cast<uint32_t*>(dh));
+            continue;
+          }
+        }
         for (int t = 0; t < half; ++t) {
           dh[2 * t] = bf16_bits(r0[t]);
           dh[2 * t + 1] = bf16_bits(r1[t]);
@@ -432,11 +438,11 @@ bool pack_pairs_fast(int nr, const T* const* colp, const BSource& src, int64_t k
     if constexpr (std::is_same_v<T, uint16_t>) {
       // bf16 W [n][k]: a (k, k+1) pair of a column is one dword, so the layout is a transpose
       // of dwords, 16 × 16 at a time with the fp32 kernel's transpose (bits moved unchanged).
-      if (pack_f32_cols != nullptr && k0 % 2 == 0 && nr == 32) {
+      if (ki.pack_f32_cols != nullptr && k0 % 2 == 0 && nr == 32) {
         const float* cols[32];
         for (int t = 0; t < nr; ++t) cols[t] = reinterpret_cast<const float*>(colp[t] + k0);
         p0 = pairs_full / 16 * 16;
-        pack_f32_cols(cols, 0, p0, reinterpret_cast<float*>(dst));
+        ki.pack_f32_cols(cols, 0, p0, reinterpret_cast<float*>(dst));
       }
     }
     for (int t = 0; t < nr; ++t) {
@@ -496,8 +502,7 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
   };
   const int64_t valid = std::max<int64_t>(0, std::min(rows, k - k0));
   if constexpr (kLayout == BLayout::kBf16Pairs) {
-    if (pack_pairs_fast<T>(nr, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst), ki.pack_f32_cols))
-      return;
+    if (pack_pairs_fast<T>(ki, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst))) return;
   }
   if constexpr (kLayout == BLayout::kF32 && std::is_same_v<T, float>) {
     // Columns contiguous along K (W [n][k], every lane present): a blocked transpose, 16 K rows
@@ -901,6 +906,19 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
   for (int64_t q = 0; q < panels; ++q)
     pack_panel(ki, paired, n_out, k, q, 0, kpad, src, mem + static_cast<size_t>(q) * panel_bytes);
   return out;
+}
+
+void transpose_rows(Isa isa, const float* const* rows, const float* scale, int64_t num_rows, int64_t cols,
+                    float* dst, int64_t ld_dst) {
+  const KernelInfo ki = kernel_for(isa, DType::kF32);
+  int64_t r0 = 0;
+  if (ki.transpose16_rows != nullptr)
+    for (; r0 + 16 <= num_rows; r0 += 16)
+      ki.transpose16_rows(rows + r0, scale ? scale + r0 : nullptr, cols, dst + r0, ld_dst);
+  for (int64_t r = r0; r < num_rows; ++r) {
+    const float s = scale ? scale[r] : 1.0f;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = s * rows[r][c];
+  }
 }
 
 void gemm_packed(const GemmProblem& p, const PackedWeight& w, int64_t m_begin, int64_t m_end,

@@ -149,6 +149,12 @@ void gemm(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, int64_t
 void gemm_packed(const GemmProblem& p, const PackedWeight& w, int64_t m_begin, int64_t m_end,
                  int64_t n_begin, int64_t n_end);
 
+// dst[c·ld_dst + r] = scale[r] · rows[r][c] for r < num_rows, c < cols (scale null: 1): a
+// gathered, row-scaled transpose (the backward's (w ⊙ d_y)ᵀ and d_preᵀ), 16 × 16 blocks in
+// registers on AVX-512. One rounding per element, so every path gives the same bits.
+void transpose_rows(Isa isa, const float* const* rows, const float* scale, int64_t num_rows, int64_t cols,
+                    float* dst, int64_t ld_dst);
+
 // Plain triple loop, fp64 accumulation: the oracle the tests compare every path with.
 void gemm_reference(const GemmProblem& p);
 

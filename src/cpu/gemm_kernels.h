@@ -70,6 +70,11 @@ struct KernelInfo {
   // Optional kF32 panel packing from columns contiguous along K (W [n][k]): K rows [0, rows)
   // of the nr columns col[t] + k0, rows a multiple of 16, into dst[r·nr + t]; null: scalar.
   void (*pack_f32_cols)(const float* const* col, int64_t k0, int64_t rows, float* dst) = nullptr;
+  // Optional kBf16Pairs from fp32 rows: dst[t] = (bf16(r0[t]), bf16(r1[t])) as one dword for
+  // t < 16 (r1 null: zero); null: scalar.
+  void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst) = nullptr;
+  // Optional dst[c·ld + r] = scale[r]·rows[r][c] (scale null: 1) for r < 16, c < cols.
+  void (*transpose16_rows)(const float* const* rows, const float* scale, int64_t cols, float* dst, int64_t ld) = nullptr;
 };
 
 // Per-ISA kernel tables (defined in isa_*.cpp; they return an empty KernelInfo when the

@@ -375,6 +375,31 @@ MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows
     }
 }
 
+MOEKIT_T512 void pair_rows_f32(const float* r0, const float* r1, uint32_t* dst) {
+  const __m512i lo = _mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r0)));
+  const __m512i hi = r1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r1))), 16)
+                        : _mm512_setzero_si512();
+  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+}
+
+MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, int64_t cols, float* dst,
+                                  int64_t ld) {
+  __m512 s[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) s[r] = _mm512_set1_ps(scale ? scale[r] : 1.0f);
+  int64_t c0 = 0;
+  for (; c0 + 16 <= cols; c0 += 16) {
+    __m512 v[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_mul_ps(s[r], _mm512_loadu_ps(rows[r] + c0));
+    transpose16(v);
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) _mm512_storeu_ps(dst + (c0 + c) * ld, v[c]);
+  }
+  for (int64_t c = c0; c < cols; ++c)
+    for (int r = 0; r < 16; ++r) dst[c * ld + r] = (scale ? scale[r] : 1.0f) * rows[r][c];
+}
+
 // ---------------------------------------------------------------------------------------------
 // SwiGLU rows (activation.h). s = 1 / (1 + exp(−g)); h = (g·s)·u as activation_forward
 // multiplies; d_g = ((d_h·u)·s)·(1 + g·(1 − s)), d_u = (d_h·g)·s. The tail runs masked.
@@ -443,6 +468,8 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.nr = kNr;
   k.to_bf16 = &to_bf16_row;
   k.pack_f32_cols = &pack_f32_cols;
+  k.pair_rows_f32 = &pair_rows_f32;
+  k.transpose16_rows = &transpose16_rows;
   if (b_dtype == DType::kF32) {
     k.micro = &dispatch_f32;
     k.layout = BLayout::kF32;
