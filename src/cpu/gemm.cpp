@@ -426,6 +426,11 @@ bool pack_pairs_fast(const KernelInfo& ki, const T* const* colp, const BSource& 
             ki.pair_rows_f32(r0, r1, reinterpret_cast<uint32_t*>(dh));
             continue;
           }
+        } else {
+          if (ki.pair_rows_bf16 != nullptr && half == 16) {
+            ki.pair_rows_bf16(r0, r1, reinterpret_cast<uint32_t*>(dh));
+            continue;
+          }
         }
         for (int t = 0; t < half; ++t) {
           dh[2 * t] = bf16_bits(r0[t]);

@@ -73,6 +73,7 @@ struct KernelInfo {
   // Optional kBf16Pairs from fp32 rows: dst[t] = (bf16(r0[t]), bf16(r1[t])) as one dword for
   // t < 16 (r1 null: zero); null: scalar.
   void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst) = nullptr;
+  void (*pair_rows_bf16)(const uint16_t* r0, const uint16_t* r1, uint32_t* dst) = nullptr;  // the same from bf16
   // Optional dst[c·ld + r] = scale[r]·rows[r][c] (scale null: 1) for r < 16, c < cols.
   void (*transpose16_rows)(const float* const* rows, const float* scale, int64_t cols, float* dst, int64_t ld) = nullptr;
 };

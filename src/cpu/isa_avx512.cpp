@@ -382,6 +382,14 @@ MOEKIT_T512 void pair_rows_f32(const float* r0, const float* r1, uint32_t* dst) 
   _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
 }
 
+MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t* dst) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+  const __m512i hi =
+      r1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1))), 16)
+         : _mm512_setzero_si512();
+  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+}
+
 MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, int64_t cols, float* dst,
                                   int64_t ld) {
   __m512 s[16];
@@ -469,6 +477,7 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.to_bf16 = &to_bf16_row;
   k.pack_f32_cols = &pack_f32_cols;
   k.pair_rows_f32 = &pair_rows_f32;
+  k.pair_rows_bf16 = &pair_rows_bf16;
   k.transpose16_rows = &transpose16_rows;
   if (b_dtype == DType::kF32) {
     k.micro = &dispatch_f32;
