@@ -1,6 +1,8 @@
 #include "thread_pool.h"
 
 #include <algorithm>
+#include <map>
+#include <memory>
 
 namespace moekit::cpu {
 namespace {
@@ -85,6 +87,16 @@ void ThreadPool::run_raw(int64_t num_tasks, TaskFn fn, void* context) {
     error_ = nullptr;
   }
   if (error) std::rethrow_exception(error);
+}
+
+ThreadPool& shared_thread_pool(int num_threads) {
+  static std::mutex mutex;
+  static std::map<int, std::unique_ptr<ThreadPool>> pools;
+  const int n = std::max(1, num_threads);
+  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<ThreadPool>& pool = pools[n];
+  if (!pool) pool = std::make_unique<ThreadPool>(n);
+  return *pool;
 }
 
 }  // namespace moekit::cpu

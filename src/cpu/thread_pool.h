@@ -69,4 +69,9 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// A process-wide pool of num_threads threads (created on first use, one per distinct count,
+// kept until exit), for code without a pool of its own (the routing core), so that no call
+// pays for creating threads. Safe to use from several threads: jobs run one at a time.
+ThreadPool& shared_thread_pool(int num_threads);
+
 }  // namespace moekit::cpu

@@ -1,12 +1,12 @@
 // Static-partition parallel loop. Each index is processed by exactly one thread and no thread
-// writes another's indices, so results never depend on the thread count.
+// writes another's indices, so results never depend on the thread count. The chunks run on the
+// process-wide persistent pool (no thread is created per call).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <exception>
-#include <thread>
-#include <vector>
+
+#include "../cpu/thread_pool.h"
 
 namespace moekit::detail {
 
@@ -18,24 +18,11 @@ void parallel_for(int64_t n, int num_threads, Fn&& fn) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> workers;
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
   const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t i = 0; i < threads; ++i) {
-    const int64_t begin = i * chunk;
-    const int64_t end = std::min(n, begin + chunk);
-    if (begin >= end) break;
-    workers.emplace_back([&, i, begin, end] {
-      try {
-        fn(begin, end);
-      } catch (...) {
-        errors[static_cast<size_t>(i)] = std::current_exception();
-      }
-    });
-  }
-  for (auto& w : workers) w.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  cpu::shared_thread_pool(static_cast<int>(threads)).run(chunks, [&](int64_t i, int) {
+    fn(i * chunk, std::min(n, (i + 1) * chunk));
+  });
 }
 
 }  // namespace moekit::detail
