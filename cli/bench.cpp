@@ -381,7 +381,7 @@ int bench_command(const std::vector<std::string>& args) {
       backward_phases.add(layer.last_phases());
       double pack = 0;
       for (const PhaseTime& p : fp)
-        if (p.name == "pack") pack += p.ms;
+        if (p.name.rfind("pack", 0) == 0) pack += p.ms;
       tu.push_back(ms(t0, tr) + pack);
       tf.push_back(ms(tr, t1) - pack);
       tb.push_back(ms(t1, t2));

@@ -491,6 +491,7 @@ class Workspace {
     }
     return reinterpret_cast<T*>(data_.get());
   }
+  size_t capacity() const { return size_; }
 
  private:
   struct Free {
@@ -511,7 +512,9 @@ struct MoeLayer::Impl {
   // Packed weights per expert; index num_experts is the shared expert.
   std::vector<PackedWeight> gate_up_packed, down_packed;
   PackedWeight router_packed;  // fp32 router weight (the router is always fp32)
-  bool packed = false;
+  // Which packs are current (refresh_packed_weights() clears them); per group.
+  std::vector<uint8_t> gate_up_valid, down_valid;
+  bool router_valid = false;
   bool gate_up_paired = false;  // paired layout (fused SwiGLU) vs raw pre-activations
 
   // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here.
@@ -535,7 +538,7 @@ struct MoeLayer::Impl {
   // but not yet filled (zero_grad() is lazy; see there).
   std::vector<uint8_t> grad_pending_zero;
 
-  Workspace gate_up_ws, down_ws;  // the packed weights above (and the router's)
+  Workspace gate_up_ws, down_ws, router_ws;  // the packed weights above
   Workspace backward_pack_ws;     // backward: expert weights packed transposed
   Workspace grad_pack_ws;         // backward: h and X packed as B of the weight gradients
   Workspace hidden_ws;  // forward h; backward G, h and the transposed d_pre
@@ -715,63 +718,90 @@ void MoeLayer::refresh_packed_weights() {
       }
     }
   }
-  impl_->packed = false;
-  impl_->gate_up_packed.clear();
-  impl_->down_packed.clear();
+  impl_->router_valid = false;
+  std::fill(impl_->gate_up_valid.begin(), impl_->gate_up_valid.end(), 0);
+  std::fill(impl_->down_valid.begin(), impl_->down_valid.end(), 0);
   impl_->saved = Impl::Saved{};
 }
 
 namespace {
 
-// Packs what the forward needs: gate_up paired for the fused SwiGLU epilogue (inference) or
-// plain (training keeps the raw pre-activations), and down.
-void ensure_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer::Impl& impl, bool paired) {
+// Packs what the forward needs, lazily: the router weight at the start of every forward, and
+// after routing the weights of the experts that received rows (gate_up paired for the fused
+// SwiGLU epilogue in inference, plain in training, where the raw pre-activations are kept; and
+// down). A weight stays packed until refresh_packed_weights(); an expert no token has reached
+// since is never packed (a decode step touches a fraction of the experts). Every packed weight
+// lives at a fixed offset of one of the layer's arenas.
+void ensure_router_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer::Impl& impl, bool paired) {
+  const int64_t d = c.d_model;
+  const int64_t groups = c.num_experts() + (c.has_shared() ? 1 : 0);
   const bool want_paired = paired && is_gated(c.activation);
-  if (impl.packed && impl.gate_up_paired == want_paired) return;
+  if (impl.gate_up_valid.size() != static_cast<size_t>(groups)) {
+    impl.gate_up_valid.assign(static_cast<size_t>(groups), 0);
+    impl.down_valid.assign(static_cast<size_t>(groups), 0);
+    impl.gate_up_packed.resize(static_cast<size_t>(groups));
+    impl.down_packed.resize(static_cast<size_t>(groups));
+  }
+  if (want_paired != impl.gate_up_paired) {
+    std::fill(impl.gate_up_valid.begin(), impl.gate_up_valid.end(), 0);
+    impl.gate_up_paired = want_paired;
+  }
+  if (impl.router_valid) return;
+  uint8_t* mem = impl.router_ws.get<uint8_t>(
+      static_cast<int64_t>(PackedWeight::packed_bytes(d, p.router_weight.rows, cpu::DType::kF32, impl.isa, false)));
+  impl.router_packed = PackedWeight::pack_operand(Operand{p.router_weight.data, cpu::DType::kF32, 1, d}, d,
+                                                  p.router_weight.rows, cpu::DType::kF32, impl.isa, false, mem);
+  impl.router_valid = true;
+}
+
+template <typename GroupList>
+void ensure_experts_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer::Impl& impl,
+                           const GroupList& groups_in_use) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   const int64_t groups = num_experts + (c.has_shared() ? 1 : 0);
   const cpu::DType packed_dtype = to_cpu(c.dtype);
-  const bool repack_down = !impl.packed;
-  impl.gate_up_packed.resize(static_cast<size_t>(groups));
-  impl.down_packed.resize(static_cast<size_t>(groups));
-  // Every packed weight lives in one of two arenas kept by the layer (offsets 64-byte aligned).
+  const bool paired = impl.gate_up_paired;
   auto weight_of = [&](int64_t e, bool gate_up) -> const WeightView& {
     const bool shared = e == num_experts;
     return gate_up ? (shared ? p.shared_gate_up : p.gate_up) : (shared ? p.shared_down : p.down);
   };
   auto round64 = [](size_t b) { return (b + 63) / 64 * 64; };
-  std::vector<size_t> gu_off(static_cast<size_t>(groups) + 1, 0), dn_off(static_cast<size_t>(groups) + 2, 0);
+  std::vector<size_t> gu_off(static_cast<size_t>(groups) + 1, 0), dn_off(static_cast<size_t>(groups) + 1, 0);
   for (int64_t e = 0; e < groups; ++e) {
     const WeightView& gu = weight_of(e, true);
     const WeightView& dn = weight_of(e, false);
-    gu_off[e + 1] = gu_off[e] + round64(PackedWeight::packed_bytes(d, gu.rows, packed_dtype, impl.isa, want_paired));
+    gu_off[e + 1] = gu_off[e] + round64(PackedWeight::packed_bytes(d, gu.rows, packed_dtype, impl.isa, paired));
     dn_off[e + 1] = dn_off[e] + round64(PackedWeight::packed_bytes(dn.cols, d, packed_dtype, impl.isa, false));
   }
-  dn_off[groups + 1] = dn_off[groups] + round64(PackedWeight::packed_bytes(d, p.router_weight.rows, cpu::DType::kF32,
-                                                                            impl.isa, false));
+  // An arena that has to grow moves: then nothing in it is valid any more.
+  if (gu_off[groups] > impl.gate_up_ws.capacity())
+    std::fill(impl.gate_up_valid.begin(), impl.gate_up_valid.end(), 0);
+  if (dn_off[groups] > impl.down_ws.capacity()) std::fill(impl.down_valid.begin(), impl.down_valid.end(), 0);
+  std::vector<int64_t> todo;
+  for (const auto& g : groups_in_use)
+    if (g.num_rows > 0 && (!impl.gate_up_valid[g.expert] || !impl.down_valid[g.expert])) todo.push_back(g.expert);
+  if (todo.empty()) return;
   uint8_t* gu_mem = impl.gate_up_ws.get<uint8_t>(static_cast<int64_t>(gu_off[groups]));
-  uint8_t* dn_mem = repack_down ? impl.down_ws.get<uint8_t>(static_cast<int64_t>(dn_off[groups + 1])) : nullptr;
-  impl.pool.run(groups, [&](int64_t e, int) {
-    const WeightView& gu = weight_of(e, true);
-    const WeightView& dn = weight_of(e, false);
+  uint8_t* dn_mem = impl.down_ws.get<uint8_t>(static_cast<int64_t>(dn_off[groups]));
+  impl.pool.run(static_cast<int64_t>(todo.size()), [&](int64_t i, int) {
+    const int64_t e = todo[static_cast<size_t>(i)];
     const int64_t ge = e == num_experts ? 0 : e;
-    const auto* gu_base = static_cast<const uint8_t*>(gu.data) + ge * gu.rows * gu.cols * dtype_bytes(gu.dtype);
-    // W [n, k] row-major is the logical B [k, n] with row stride 1 and column stride k.
-    impl.gate_up_packed[e] = PackedWeight::pack_operand(Operand{gu_base, to_cpu(gu.dtype), 1, d}, d, gu.rows,
-                                                        packed_dtype, impl.isa, want_paired, gu_mem + gu_off[e]);
-    if (repack_down) {
-      const auto* dn_base = static_cast<const uint8_t*>(dn.data) + ge * dn.rows * dn.cols * dtype_bytes(dn.dtype);
-      impl.down_packed[e] = PackedWeight::pack_operand(Operand{dn_base, to_cpu(dn.dtype), 1, dn.cols}, dn.cols, d,
+    if (!impl.gate_up_valid[e]) {
+      const WeightView& gu = weight_of(e, true);
+      const auto* base = static_cast<const uint8_t*>(gu.data) + ge * gu.rows * gu.cols * dtype_bytes(gu.dtype);
+      // W [n, k] row-major is the logical B [k, n] with row stride 1 and column stride k.
+      impl.gate_up_packed[e] = PackedWeight::pack_operand(Operand{base, to_cpu(gu.dtype), 1, d}, d, gu.rows,
+                                                          packed_dtype, impl.isa, paired, gu_mem + gu_off[e]);
+      impl.gate_up_valid[e] = 1;
+    }
+    if (!impl.down_valid[e]) {
+      const WeightView& dn = weight_of(e, false);
+      const auto* base = static_cast<const uint8_t*>(dn.data) + ge * dn.rows * dn.cols * dtype_bytes(dn.dtype);
+      impl.down_packed[e] = PackedWeight::pack_operand(Operand{base, to_cpu(dn.dtype), 1, dn.cols}, dn.cols, d,
                                                        packed_dtype, impl.isa, false, dn_mem + dn_off[e]);
+      impl.down_valid[e] = 1;
     }
   });
-  if (repack_down) {
-    impl.router_packed = PackedWeight::pack_operand(Operand{p.router_weight.data, cpu::DType::kF32, 1, d}, d,
-                                                    p.router_weight.rows, cpu::DType::kF32, impl.isa, false,
-                                                    dn_mem + dn_off[groups]);
-  }
-  impl.packed = true;
-  impl.gate_up_paired = want_paired;
 }
 
 // Builds the groups of the row space from the plan (or the Soft MoE slots).
@@ -887,8 +917,8 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   impl.start_phases();
   const bool training = c.routing.training;
   impl.saved = Impl::Saved{};
-  ensure_packed(c, params_, impl, /*paired=*/!training);
-  impl.phase("pack");
+  ensure_router_packed(c, params_, impl, /*paired=*/!training);
+  impl.phase("pack_router");
 
   RoutingOptions routing_options = options;
   routing_options.num_threads = c.num_threads;
@@ -953,6 +983,8 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   const int threads = impl.pool.num_threads();
   const bool bf16 = c.dtype == DType::kBF16;
   impl.phase("dispatch");
+  ensure_experts_packed(c, params_, impl, rs.groups);
+  impl.phase("pack_experts");
 
   // GEMM 1. Inference: h = act(X · W_gate_upᵀ + b) straight from the epilogue (bf16 when the
   // layer is bf16: it is the next GEMM's input). Training: the raw pre-activations, kept for

@@ -542,6 +542,34 @@ TEST(LayerForward, TrainingAndInferencePathsAgree) {
   }
 }
 
+// Weights are packed lazily, per expert, when tokens first reach it after a weight update. A
+// layer whose first call touched only some experts, whose weights then changed
+// (refresh_packed_weights), and which then runs in both modes on tokens reaching other experts,
+// must give bitwise the outputs of a fresh layer holding the new weights, fp32 and bf16.
+TEST(LayerForward, LazyPackingAfterWeightUpdateMatchesFreshLayer) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    MoeLayerConfig c = make_config(8, 1, 24, 20);
+    c.dtype = dtype;
+    c.num_shared_experts = 1;
+    MoeLayer layer = random_layer(c, 51);
+    const Matrix<float> few = random_hidden(2, 24, 52), many = random_hidden(40, 24, 53);
+    const auto first = layer.forward(few.cview());
+    int touched = 0;
+    for (int64_t e = 0; e < 8; ++e) touched += first.routing.plan.tokens_for_expert(e) > 0;
+    EXPECT_LE(touched, 2);
+    randomize(c, layer.parameters(), 54);
+    layer.refresh_packed_weights();
+    MoeLayer fresh = random_layer(c, 54);
+    for (bool training : {false, true, false}) {
+      layer.set_training(training);
+      fresh.set_training(training);
+      const auto got = layer.forward(many.cview());
+      const auto want = fresh.forward(many.cview());
+      EXPECT_EQ(got.output.values, want.output.values) << dtype_name(dtype) << (training ? " training" : "");
+    }
+  }
+}
+
 // Runs fn(isa) under MOEKIT_ISA = each kernel path, from the scalar oracle up; paths this CPU
 // lacks make the layer's constructor throw and are skipped. Returns the number of paths run.
 int for_each_kernel_path(const std::function<void(const std::string&)>& fn) {

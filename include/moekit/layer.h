@@ -262,7 +262,8 @@ class MoeLayer {
   const char* isa_name() const;
 
   // Where the last forward() or backward() spent its time, phase by phase in the order they
-  // ran (forward: "router", "routing", "gemm1", "gemm2", "combine", "save"; backward: see
+  // ran (forward: "pack_router", "router", "routing", "dispatch", "pack_experts", "gemm1",
+  // "gemm2", "combine", "save"; backward: see
   // src/layer.cpp). Two clock reads per phase: always on.
   const std::vector<PhaseTime>& last_phases() const;
 
