@@ -399,6 +399,9 @@ constexpr int64_t kUnpackedRowBlock = 1024;
 constexpr int64_t kMaxColBlock = 256;
 constexpr int64_t kMinColBlock = 32;
 constexpr int64_t kTilesPerThread = 4;
+// Training forward: groups with at most this many rows read their weights in place
+// (cpu::gemm_weight_rows) instead of packing them after every weight update.
+constexpr int64_t kWeightRowsInPlace = 4;
 
 // One expert's share of the row space, with everything its GEMMs read and write.
 struct Group {
@@ -756,7 +759,7 @@ void ensure_router_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer:
 
 template <typename GroupList>
 void ensure_experts_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer::Impl& impl,
-                           const GroupList& groups_in_use) {
+                           const GroupList& groups_in_use, int64_t unpacked_rows) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   const int64_t groups = num_experts + (c.has_shared() ? 1 : 0);
   const cpu::DType packed_dtype = to_cpu(c.dtype);
@@ -779,7 +782,8 @@ void ensure_experts_packed(const MoeLayerConfig& c, const MoeParams& p, MoeLayer
   if (dn_off[groups] > impl.down_ws.capacity()) std::fill(impl.down_valid.begin(), impl.down_valid.end(), 0);
   std::vector<int64_t> todo;
   for (const auto& g : groups_in_use)
-    if (g.num_rows > 0 && (!impl.gate_up_valid[g.expert] || !impl.down_valid[g.expert])) todo.push_back(g.expert);
+    if (g.num_rows > unpacked_rows && (!impl.gate_up_valid[g.expert] || !impl.down_valid[g.expert]))
+      todo.push_back(g.expert);
   if (todo.empty()) return;
   uint8_t* gu_mem = impl.gate_up_ws.get<uint8_t>(static_cast<int64_t>(gu_off[groups]));
   uint8_t* dn_mem = impl.down_ws.get<uint8_t>(static_cast<int64_t>(dn_off[groups]));
@@ -983,7 +987,11 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   const int threads = impl.pool.num_threads();
   const bool bf16 = c.dtype == DType::kBF16;
   impl.phase("dispatch");
-  ensure_experts_packed(c, params_, impl, rs.groups);
+  // Training reads the weights of groups with at most kWeightRowsInPlace rows in place (they
+  // change every step: packing them would cost more than the GEMM); inference packs once.
+  const int64_t unpacked_rows = training ? kWeightRowsInPlace : 0;
+  auto in_place = [&](const Group& g) { return g.num_rows <= unpacked_rows; };
+  ensure_experts_packed(c, params_, impl, rs.groups, unpacked_rows);
   impl.phase("pack_experts");
 
   // GEMM 1. Inference: h = act(X · W_gate_upᵀ + b) straight from the epilogue (bf16 when the
@@ -1023,7 +1031,12 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
         q.c_dtype = bf16 ? cpu::DType::kBF16 : cpu::DType::kF32;
       }
       q.ldc = q.n;
-      cpu::gemm_packed(q, impl.gate_up_packed[g.expert], tile.m0, tile.m1, tile.n0, tile.n1);
+      if (in_place(g)) {
+        cpu::gemm_weight_rows(q, g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, impl.isa, tile.m0, tile.m1, tile.n0,
+                              tile.n1);
+      } else {
+        cpu::gemm_packed(q, impl.gate_up_packed[g.expert], tile.m0, tile.m1, tile.n0, tile.n1);
+      }
     });
   }
   impl.phase("gemm1");
@@ -1062,7 +1075,11 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
         q.a = {hs.data(), cpu::DType::kF32, f, 1};
         q.epilogue.row_scale = g.scale ? g.scale + tile.m0 : nullptr;
         q.c = y.row(g.row_begin + tile.m0);
-        cpu::gemm_packed(q, impl.down_packed[g.expert], 0, rows, tile.n0, tile.n1);
+        if (in_place(g)) {
+          cpu::gemm_weight_rows(q, g.w_down, to_cpu(g.w_down_dtype), g.d_ff, impl.isa, 0, rows, tile.n0, tile.n1);
+        } else {
+          cpu::gemm_packed(q, impl.down_packed[g.expert], 0, rows, tile.n0, tile.n1);
+        }
       } else {
         q.m = g.num_rows;
         q.a = bf16 ? Operand{h16 + g.h_offset, cpu::DType::kBF16, g.d_ff, 1}

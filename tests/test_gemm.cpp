@@ -745,5 +745,59 @@ TEST(GemmPacking, Fp32SourceRoundsLikeBf16Source) {
           }
 }
 
+// gemm_weight_rows (weights read in place) on every path against a double reference, with the
+// summation bound γ(k+1)·(|bias| + Σ|a'||w|) (any order), then the row scale's rounding; bf16
+// W rounds A (A' = bf16(A)) so that products are exact, as in gemm(). Gathered A rows and
+// scattered C rows; k and n not multiples of the vector width or of the 4 × 4 blocks.
+TEST(GemmWeightRows, EveryPathWithinBound) {
+  std::mt19937 gen(13);
+  std::normal_distribution<float> normal;
+  for (Isa isa : supported_isas())
+    for (DType wdt : {DType::kF32, DType::kBF16})
+      for (int64_t m : {1, 3, 6})
+        for (int64_t n : {1, 5, 37})
+          for (int64_t k : {1, 17, 100}) {
+            const int64_t ldw = k + 2, lda = k + 1;
+            std::vector<float> a(static_cast<size_t>((m + 2) * lda)), w32(static_cast<size_t>(n * ldw));
+            for (float& v : a) v = normal(gen);
+            for (float& v : w32) v = normal(gen);
+            std::vector<uint16_t> w16(w32.size());
+            for (size_t i = 0; i < w32.size(); ++i) w16[i] = float_to_bf16(w32[i]);
+            std::vector<float> bias(n), scale(m + 2);
+            for (float& v : bias) v = normal(gen);
+            for (float& v : scale) v = normal(gen);
+            std::vector<int32_t> a_rows(m), c_rows(m);
+            for (int64_t i = 0; i < m; ++i) a_rows[i] = static_cast<int32_t>(m + 1 - i), c_rows[i] = static_cast<int32_t>(i + 1);
+            const int64_t ldc = n + 3;
+            std::vector<float> c(static_cast<size_t>((m + 2) * ldc), -9.0f);
+            GemmProblem p;
+            p.m = m, p.n = n, p.k = k;
+            p.a = {a.data(), DType::kF32, lda, 1, a_rows.data()};
+            p.c = c.data(), p.ldc = ldc, p.c_rows = c_rows.data();
+            p.epilogue.bias = bias.data(), p.epilogue.row_scale = scale.data();
+            const void* w = wdt == DType::kF32 ? static_cast<const void*>(w32.data()) : w16.data();
+            // Two calls splitting rows and columns, as tiles would.
+            gemm_weight_rows(p, w, wdt, ldw, isa, 0, m / 2, 0, n);
+            gemm_weight_rows(p, w, wdt, ldw, isa, m / 2, m, 0, n / 2);
+            gemm_weight_rows(p, w, wdt, ldw, isa, m / 2, m, n / 2, n);
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t j = 0; j < n; ++j) {
+                double acc = bias[j], mag = std::abs(bias[j]);
+                for (int64_t kk = 0; kk < k; ++kk) {
+                  float av = a[a_rows[i] * lda + kk];
+                  double wv = w32[j * ldw + kk];
+                  if (wdt == DType::kBF16) av = bf16_to_float(float_to_bf16(av)), wv = bf16_to_float(w16[j * ldw + kk]);
+                  acc += double(av) * wv;
+                  mag += std::abs(double(av) * wv);
+                }
+                const double want = acc * scale[i];
+                const double tol = gamma(double(k + 1)) * mag * std::abs(scale[i]) + 2 * kU * std::abs(want);
+                EXPECT_NEAR(c[c_rows[i] * ldc + j], want, tol)
+                    << isa_name(isa) << " m" << m << " n" << n << " k" << k << " (" << i << "," << j << ")";
+              }
+            EXPECT_EQ(c[0], -9.0f);  // row 0 is not a target
+          }
+}
+
 }  // namespace
 }  // namespace moekit::cpu

@@ -527,19 +527,23 @@ TEST(LayerForward, Bf16WithinDerivedBound) {
   }
 }
 
+// (3 tokens: groups of at most 4 rows, whose weights the training forward reads in place.)
 TEST(LayerForward, TrainingAndInferencePathsAgree) {
-  for (ExpertActivation act : kActivations) {
-    MoeLayerConfig c = make_config(5, 2, 40, 30, act);
-    c.expert_bias = true;
-    MoeLayer layer = random_layer(c, 41);
-    const Matrix<float> hidden = random_hidden(33, 40, 42);
-    const auto inference = layer.forward(hidden.cview());
-    layer.set_training(true);
-    const auto training = layer.forward(hidden.cview());
-    for (size_t i = 0; i < inference.output.values.size(); ++i)
-      EXPECT_NEAR(inference.output.values[i], training.output.values[i],
-                  1e-5 * (1 + std::abs(inference.output.values[i])));
-  }
+  for (ExpertActivation act : kActivations)
+    for (int64_t num_tokens : {33, 3}) {
+      MoeLayerConfig c = make_config(5, 2, 40, 30, act);
+      c.expert_bias = true;
+      c.num_shared_experts = 1;
+      MoeLayer layer = random_layer(c, 41);
+      const Matrix<float> hidden = random_hidden(num_tokens, 40, 42);
+      const auto inference = layer.forward(hidden.cview());
+      layer.set_training(true);
+      const auto training = layer.forward(hidden.cview());
+      for (size_t i = 0; i < inference.output.values.size(); ++i)
+        EXPECT_NEAR(inference.output.values[i], training.output.values[i],
+                    1e-5 * (1 + std::abs(inference.output.values[i])))
+            << num_tokens << " tokens";
+    }
 }
 
 // Weights are packed lazily, per expert, when tokens first reach it after a weight update. A

@@ -86,6 +86,8 @@ const std::vector<GradCase>& grad_cases() {
          c.num_shared_experts = 1;
        },
        0, false, 150},
+      {"topk_swiglu_shared_few_rows",  // ≤ 4 rows per group: weights read in place in training
+       [](MoeLayerConfig& c) { c.num_shared_experts = 1; }, 0, false, 3},
       {"expert_choice_swiglu_clamped",
        [](MoeLayerConfig& c) {
          c.routing.routing_method = RoutingMethod::kExpertChoice;

@@ -913,6 +913,69 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
   return out;
 }
 
+void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_t ldw, Isa isa, int64_t m_begin,
+                      int64_t m_end, int64_t n_begin, int64_t n_end) {
+  check_common(p, m_begin, m_end, n_begin, n_end);
+  check_dtype("gemm_weight_rows: w_dtype", w_dtype);
+  if (p.epilogue.activation != Activation::kNone)
+    throw_input_error("gemm_weight_rows: epilogue.activation", "kNone", static_cast<int>(p.epilogue.activation));
+  if (p.c_dtype != DType::kF32 || p.accumulate)
+    throw_input_error("gemm_weight_rows: C", "fp32, not accumulated", p.accumulate ? "accumulate" : "bf16");
+  if (p.n > 1 && ldw < p.k) throw_input_error("gemm_weight_rows: ldw", detail::concat(">= k = ", p.k), ldw);
+  if (static_cast<int>(isa) > static_cast<int>(detect_isa()))
+    throw_input_error("gemm_weight_rows: isa", std::string("at most ") + isa_name(detect_isa()), isa_name(isa));
+  if (m_begin == m_end || n_begin == n_end) return;
+  if (p.k > 0 && w == nullptr) throw_input_error("gemm_weight_rows: w", "non-null", "null");
+  const bool round_a = w_dtype == DType::kBF16 && p.a.dtype == DType::kF32;
+  const size_t esz = w_dtype == DType::kF32 ? 4 : 2;
+  const KernelInfo ki = kernel_for(isa, DType::kF32);
+  // A rows as fp32 (rounded to bf16 when W is bf16), 4 at a time.
+  std::vector<float> a_rows(static_cast<size_t>(4 * std::max<int64_t>(p.k, 1)));
+  for (int64_t i0 = m_begin; i0 < m_end; i0 += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, m_end - i0));
+    const float* a[4] = {nullptr, nullptr, nullptr, nullptr};
+    for (int r = 0; r < rows; ++r) {
+      float* dst = a_rows.data() + r * p.k;
+      for (int64_t kk = 0; kk < p.k; ++kk) {
+        const float v = static_cast<float>(load_elem(p.a, i0 + r, kk));
+        dst[kk] = round_a ? bf16_to_float(float_to_bf16(v)) : v;
+      }
+      a[r] = dst;
+    }
+    for (int64_t j0 = n_begin; j0 < n_end; j0 += 4) {
+      const void* wr[4] = {nullptr, nullptr, nullptr, nullptr};
+      for (int j = 0; j < 4 && j0 + j < n_end; ++j)
+        wr[j] = static_cast<const uint8_t*>(w) + static_cast<size_t>((j0 + j) * ldw) * esz;
+      float out[4][4] = {};
+      if (ki.dot_rows != nullptr) {
+        ki.dot_rows(a, rows, wr, w_dtype == DType::kBF16, p.k, out);
+      } else {  // one fp32 chain per element, k in order
+        for (int r = 0; r < rows; ++r)
+          for (int j = 0; j < 4; ++j) {
+            if (wr[j] == nullptr) continue;
+            float acc = 0;
+            for (int64_t kk = 0; kk < p.k; ++kk) {
+              const float wv = w_dtype == DType::kF32 ? static_cast<const float*>(wr[j])[kk]
+                                                      : bf16_to_float(static_cast<const uint16_t*>(wr[j])[kk]);
+              acc += a[r][kk] * wv;
+            }
+            out[r][j] = acc;
+          }
+      }
+      for (int r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        float* c = static_cast<float*>(p.c) + (p.c_rows ? p.c_rows[i] : i) * p.ldc;
+        const float scale = p.epilogue.row_scale ? p.epilogue.row_scale[i] : 1.0f;
+        for (int j = 0; j < 4 && j0 + j < n_end; ++j) {
+          float v = out[r][j] + (p.epilogue.bias ? p.epilogue.bias[j0 + j] : 0.0f);
+          if (p.epilogue.row_scale) v *= scale;
+          c[j0 + j] = v;
+        }
+      }
+    }
+  }
+}
+
 void transpose_rows(Isa isa, const float* const* rows, const float* scale, int64_t num_rows, int64_t cols,
                     float* dst, int64_t ld_dst) {
   const KernelInfo ki = kernel_for(isa, DType::kF32);

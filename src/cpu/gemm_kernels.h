@@ -75,6 +75,10 @@ struct KernelInfo {
   void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst) = nullptr;
   void (*pair_rows_bf16)(const uint16_t* r0, const uint16_t* r1, uint32_t* dst) = nullptr;  // the same from bf16
   // Optional dst[c·ld + r] = scale[r]·rows[r][c] (scale null: 1) for r < 16, c < cols.
+  // Optional dot products for gemm_weight_rows: out[r][j] = Σ_k a[r][k]·w[j][k] for r < rows
+  // (≤ 4) and j < 4 (w[j] null: skipped), k < K; a rows fp32 (already rounded when w is bf16).
+  void (*dot_rows)(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
+                   float out[4][4]) = nullptr;
   void (*transpose16_rows)(const float* const* rows, const float* scale, int64_t cols, float* dst, int64_t ld) = nullptr;
 };
 

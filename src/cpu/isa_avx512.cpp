@@ -390,6 +390,36 @@ MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t
   _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
 }
 
+// Up to 4 A rows × 4 weight rows, 16 k per step (the tail masked), each accumulator reduced
+// at the end in a fixed order.
+MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
+                          float out[4][4]) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; kk += 16) {
+    const __mmask16 m = k - kk >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (k - kk)) - 1u);
+    __m512 wv[4];
+    for (int j = 0; j < 4; ++j) {
+      if (w[j] == nullptr) {
+        wv[j] = _mm512_setzero_ps();
+      } else if (w_bf16) {
+        const __m256i raw = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w[j]) + kk);
+        wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      } else {
+        wv[j] = _mm512_maskz_loadu_ps(m, static_cast<const float*>(w[j]) + kk);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m512 av = _mm512_maskz_loadu_ps(m, a[r] + kk);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(av, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < 4; ++j) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
 MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, int64_t cols, float* dst,
                                   int64_t ld) {
   __m512 s[16];
@@ -479,6 +509,7 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.pair_rows_f32 = &pair_rows_f32;
   k.pair_rows_bf16 = &pair_rows_bf16;
   k.transpose16_rows = &transpose16_rows;
+  k.dot_rows = &dot_rows;
   if (b_dtype == DType::kF32) {
     k.micro = &dispatch_f32;
     k.layout = BLayout::kF32;
