@@ -391,33 +391,54 @@ MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t
 }
 
 // Up to 4 A rows × 4 weight rows, 16 k per step (the tail masked), each accumulator reduced
-// at the end in a fixed order.
-MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
-                          float out[4][4]) {
-  __m512 acc[4][4];
-  for (int r = 0; r < 4; ++r)
+// at the end in a fixed order. R (the A rows) is a template argument so that the 4·R
+// accumulators stay in registers; a missing weight row repeats row 0 (its sums are dropped).
+template <int R, bool kBf16>
+MOEKIT_T512_INLINE void dot_rows_t(const float* const* a, const void* const* w_in, int64_t k, float out[4][4]) {
+  const void* w[4];
+  for (int j = 0; j < 4; ++j) w[j] = w_in[j] ? w_in[j] : w_in[0];
+  __m512 acc[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t kk = 0; kk < k; kk += 16) {
     const __mmask16 m = k - kk >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (k - kk)) - 1u);
     __m512 wv[4];
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      if (w[j] == nullptr) {
-        wv[j] = _mm512_setzero_ps();
-      } else if (w_bf16) {
+      if constexpr (kBf16) {
         const __m256i raw = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(w[j]) + kk);
         wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       } else {
         wv[j] = _mm512_maskz_loadu_ps(m, static_cast<const float*>(w[j]) + kk);
       }
     }
-    for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
       const __m512 av = _mm512_maskz_loadu_ps(m, a[r] + kk);
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(av, wv[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < rows; ++r)
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
+                          float out[4][4]) {
+  switch (rows * 2 + (w_bf16 ? 1 : 0)) {
+    case 2: return dot_rows_t<1, false>(a, w, k, out);
+    case 3: return dot_rows_t<1, true>(a, w, k, out);
+    case 4: return dot_rows_t<2, false>(a, w, k, out);
+    case 5: return dot_rows_t<2, true>(a, w, k, out);
+    case 6: return dot_rows_t<3, false>(a, w, k, out);
+    case 7: return dot_rows_t<3, true>(a, w, k, out);
+    case 8: return dot_rows_t<4, false>(a, w, k, out);
+    default: return dot_rows_t<4, true>(a, w, k, out);
+  }
 }
 
 MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, int64_t cols, float* dst,
