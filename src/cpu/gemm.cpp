@@ -587,6 +587,42 @@ void pack_rows_f32(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, 
   }
 }
 
+// B with contiguous rows (fp32 or bf16) into kBf16Pairs panels [pj0, pj1), in the source's row
+// order: each pair of K rows is read once, sequentially, and scattered over the panels (a panel
+// at a time would read 64 bytes per row with the row stride between them, a quarter of the
+// memory bandwidth). Only panels whose lanes all hold columns; returns the first panel not
+// packed (the caller packs the rest), or pj0 when the kernel table has no pair routine.
+int64_t pack_rows_pairs(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, const BSource& src, int64_t pj0,
+                        int64_t pj1, uint8_t* buf, size_t panel_bytes) {
+  const int64_t nr = ki.nr, half = nr / 2;
+  const bool f32 = src.dtype == DType::kF32;
+  if (half != 16 || (f32 ? ki.pair_rows_f32 == nullptr : ki.pair_rows_bf16 == nullptr)) return pj0;
+  const int64_t full = paired ? n_out / half : n_out / nr;  // panels with every lane present
+  const int64_t end = std::min(pj1, full);
+  if (end <= pj0) return pj0;
+  const size_t esz = f32 ? 4 : 2;
+  const auto* base = static_cast<const uint8_t*>(src.data);
+  for (int64_t p = 0; p < (k + 1) / 2; ++p) {
+    const uint8_t* r0 = base + static_cast<size_t>(2 * p * src.rs) * esz;
+    const uint8_t* r1 = 2 * p + 1 < k ? r0 + static_cast<size_t>(src.rs) * esz : nullptr;
+    for (int64_t q = pj0; q < end; ++q) {
+      auto* d = reinterpret_cast<uint32_t*>(buf + static_cast<size_t>(q - pj0) * panel_bytes) + p * nr;
+      const int64_t c0 = paired ? q * half : q * nr, c1 = paired ? n_out + q * half : q * nr + half;
+      for (int h = 0; h < 2; ++h) {
+        const size_t off = static_cast<size_t>(h == 0 ? c0 : c1) * esz;
+        if (f32) {
+          ki.pair_rows_f32(reinterpret_cast<const float*>(r0 + off),
+                           r1 ? reinterpret_cast<const float*>(r1 + off) : nullptr, d + h * half);
+        } else {
+          ki.pair_rows_bf16(reinterpret_cast<const uint16_t*>(r0 + off),
+                            r1 ? reinterpret_cast<const uint16_t*>(r1 + off) : nullptr, d + h * half);
+        }
+      }
+    }
+  }
+  return end;
+}
+
 // A(i, kk) of a strided operand as float (widened, or rounded to bf16 when `round`).
 struct ASource {
   const Operand& a;
@@ -796,7 +832,11 @@ bool gemm_fast(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, in
       pack_rows_f32(ki, paired, p.n, p.k, static_cast<const float*>(b.data), b.row_stride, pj, pj_end,
                     buf, panel_bytes);
     } else {
-      for (int64_t q = pj; q < pj_end; ++q) {
+      const BSource src{b.data, b.dtype, b.row_stride, b.col_stride};
+      const int64_t first = ki.layout == BLayout::kBf16Pairs && b.col_stride == 1
+                                ? pack_rows_pairs(ki, paired, p.n, p.k, src, pj, pj_end, buf, panel_bytes)
+                                : pj;
+      for (int64_t q = first; q < pj_end; ++q) {
         uint8_t* dst = buf + static_cast<size_t>(q - pj) * panel_bytes;
         pack_panel(ki, paired, p.n, p.k, q, 0, kpad, BSource{b.data, b.dtype, b.row_stride, b.col_stride}, dst);
       }
@@ -908,7 +948,10 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
                   panel_bytes);
     return out;
   }
-  for (int64_t q = 0; q < panels; ++q)
+  const int64_t first = ki.layout == BLayout::kBf16Pairs && b.col_stride == 1
+                            ? pack_rows_pairs(ki, paired, n_out, k, src, 0, panels, mem, panel_bytes)
+                            : 0;
+  for (int64_t q = first; q < panels; ++q)
     pack_panel(ki, paired, n_out, k, q, 0, kpad, src, mem + static_cast<size_t>(q) * panel_bytes);
   return out;
 }
