@@ -190,13 +190,14 @@ MOEKIT_T512_INLINE void start_tile(const MicroTile& t, __m512* acc0, __m512* acc
   }
 }
 
-// An accumulating store reads C: prefetch the tile's C rows while the K loop runs (with a
-// short K, e.g. a weight gradient over one expert's few tokens, the load would otherwise stall
-// the store of every row).
+// The stores of a finished tile miss the cache (C is written once; an accumulating store also
+// reads it): prefetch the tile's C rows while the K loop runs, so that the lines arrive in the
+// meantime. With a short K (a weight gradient over one expert's tokens) this took a K = 128
+// GEMM from 77 % to 94 % of the long-K speed in fp32, 66 % to 80 % in bf16 (Zen 5).
 template <int MR>
 MOEKIT_T512_INLINE void prefetch_c(const MicroTile& t) {
   const EpiArgs& e = *t.e;
-  if (!t.finish || !e.accumulate || e.c_dtype != DType::kF32) return;
+  if (!t.finish || e.c_dtype != DType::kF32) return;
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     const int64_t row = t.row0 + r;
