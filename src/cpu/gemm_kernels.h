@@ -69,11 +69,16 @@ struct KernelInfo {
   void (*to_bf16)(const float* src, uint16_t* dst, int64_t n) = nullptr;
   // Optional kF32 panel packing from columns contiguous along K (W [n][k]): K rows [0, rows)
   // of the nr columns col[t] + k0, rows a multiple of 16, into dst[r·nr + t]; null: scalar.
-  void (*pack_f32_cols)(const float* const* col, int64_t k0, int64_t rows, float* dst) = nullptr;
+  // stream: non-temporal stores (dst 64-byte aligned; a large weight read back from memory).
+  void (*pack_f32_cols)(const float* const* col, int64_t k0, int64_t rows, float* dst, bool stream) = nullptr;
   // Optional kBf16Pairs from fp32 rows: dst[t] = (bf16(r0[t]), bf16(r1[t])) as one dword for
   // t < 16 (r1 null: zero); null: scalar.
-  void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst) = nullptr;
-  void (*pair_rows_bf16)(const uint16_t* r0, const uint16_t* r1, uint32_t* dst) = nullptr;  // the same from bf16
+  void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst, bool stream) = nullptr;
+  // Optional copy of 32 floats to a 64-byte aligned dst with non-temporal stores (a packed
+  // weight larger than the caches, read back later from memory); null: memcpy.
+  void (*stream_copy32)(float* dst, const float* src) = nullptr;
+  void (*stream_fence)() = nullptr;
+  void (*pair_rows_bf16)(const uint16_t* r0, const uint16_t* r1, uint32_t* dst, bool stream) = nullptr;  // from bf16
   // Optional dst[c·ld + r] = scale[r]·rows[r][c] (scale null: 1) for r < 16, c < cols.
   // Optional dot products for gemm_weight_rows: out[r][j] = Σ_k a[r][k]·w[j][k] for r < rows
   // (≤ 4) and j < 4 (w[j] null: skipped), k < K; a rows fp32 (already rounded when w is bf16).

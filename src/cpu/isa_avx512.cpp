@@ -364,7 +364,7 @@ MOEKIT_T512_INLINE void transpose16(__m512* r) {
   }
 }
 
-MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows, float* dst) {
+MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows, float* dst, bool stream) {
   for (int64_t r0 = 0; r0 < rows; r0 += 16)
     for (int h = 0; h < 2; ++h) {
       __m512 v[16];
@@ -372,23 +372,28 @@ MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows
       for (int t = 0; t < 16; ++t) v[t] = _mm512_loadu_ps(col[16 * h + t] + k0 + r0);
       transpose16(v);
 #pragma GCC unroll 16
-      for (int r = 0; r < 16; ++r) _mm512_storeu_ps(dst + (r0 + r) * kNr + 16 * h, v[r]);
+      for (int r = 0; r < 16; ++r) {
+        if (stream) _mm512_stream_ps(dst + (r0 + r) * kNr + 16 * h, v[r]);
+        else _mm512_storeu_ps(dst + (r0 + r) * kNr + 16 * h, v[r]);
+      }
     }
 }
 
-MOEKIT_T512 void pair_rows_f32(const float* r0, const float* r1, uint32_t* dst) {
+MOEKIT_T512 void pair_rows_f32(const float* r0, const float* r1, uint32_t* dst, bool stream) {
   const __m512i lo = _mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r0)));
   const __m512i hi = r1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r1))), 16)
                         : _mm512_setzero_si512();
-  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+  if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_or_si512(lo, hi));
+  else _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
 }
 
-MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t* dst) {
+MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t* dst, bool stream) {
   const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
   const __m512i hi =
       r1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1))), 16)
          : _mm512_setzero_si512();
-  _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
+  if (stream) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_or_si512(lo, hi));
+  else _mm512_storeu_si512(dst, _mm512_or_si512(lo, hi));
 }
 
 // Up to 4 A rows × 4 weight rows, 16 k per step (the tail masked), each accumulator reduced
@@ -441,6 +446,12 @@ MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w,
     default: return dot_rows_t<4, true>(a, w, k, out);
   }
 }
+
+MOEKIT_T512 void stream_copy32(float* dst, const float* src) {
+  _mm512_stream_ps(dst, _mm512_loadu_ps(src));
+  _mm512_stream_ps(dst + 16, _mm512_loadu_ps(src + 16));
+}
+MOEKIT_T512 void stream_fence() { _mm_sfence(); }
 
 MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, int64_t cols, float* dst,
                                   int64_t ld) {
@@ -530,6 +541,8 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.pack_f32_cols = &pack_f32_cols;
   k.pair_rows_f32 = &pair_rows_f32;
   k.pair_rows_bf16 = &pair_rows_bf16;
+  k.stream_copy32 = &stream_copy32;
+  k.stream_fence = &stream_fence;
   k.transpose16_rows = &transpose16_rows;
   k.dot_rows = &dot_rows;
   if (b_dtype == DType::kF32) {
