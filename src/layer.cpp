@@ -520,8 +520,10 @@ struct MoeLayer::Impl {
   bool router_valid = false;
   bool gate_up_paired = false;  // paired layout (fused SwiGLU) vs raw pre-activations
 
-  // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here.
+  // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here. Rounded per
+  // expert when first needed after a weight update: bf16_stale[e] (index num_experts: shared).
   std::vector<uint16_t> gate_up_bf16, down_bf16, shared_gate_up_bf16, shared_down_bf16;
+  std::vector<uint8_t> bf16_stale;
 
   // Phase times of the last forward or backward (last_phases()).
   std::vector<PhaseTime> phases;
@@ -588,14 +590,24 @@ void init_uniform(std::vector<float>& v, int64_t fan_in, uint64_t seed, uint64_t
 
 // dst = bf16(src), in blocks over the pool (a weight update of a bf16 layer runs this on every
 // expert weight).
-void round_copy(const std::vector<float>& src, std::vector<uint16_t>& dst, cpu::ThreadPool& pool) {
-  dst.resize(src.size());
-  constexpr int64_t kBlock = int64_t{1} << 18;
-  const int64_t n = static_cast<int64_t>(src.size());
-  pool.run((n + kBlock - 1) / kBlock, [&](int64_t b, int) {
-    const int64_t begin = b * kBlock;
-    cpu::float_to_bf16_n(src.data() + begin, dst.data() + begin, std::min(kBlock, n - begin));
+// The bf16 copies of the expert weights of the experts in `experts` (index num_experts: the
+// shared expert) that are stale, rounded from the fp32 masters in parallel.
+void round_experts(const MoeLayerConfig& c, const MoeTensors& masters, MoeLayer::Impl& impl,
+                   const std::vector<int64_t>& experts) {
+  const int64_t gu = c.gate_up_rows() * c.d_model, dn = c.d_model * c.d_ff;
+  impl.pool.run(static_cast<int64_t>(experts.size()), [&](int64_t i, int) {
+    const int64_t e = experts[static_cast<size_t>(i)];
+    if (e == c.num_experts()) {
+      cpu::float_to_bf16_n(masters.shared_gate_up.data(), impl.shared_gate_up_bf16.data(),
+                           static_cast<int64_t>(masters.shared_gate_up.size()));
+      cpu::float_to_bf16_n(masters.shared_down.data(), impl.shared_down_bf16.data(),
+                           static_cast<int64_t>(masters.shared_down.size()));
+    } else {
+      cpu::float_to_bf16_n(masters.gate_up.data() + e * gu, impl.gate_up_bf16.data() + e * gu, gu);
+      cpu::float_to_bf16_n(masters.down.data() + e * dn, impl.down_bf16.data() + e * dn, dn);
+    }
   });
+  for (int64_t e : experts) impl.bf16_stale[static_cast<size_t>(e)] = 0;
 }
 
 }  // namespace
@@ -646,6 +658,19 @@ MoeTensors& MoeLayer::parameters() {
 const MoeTensors& MoeLayer::parameters() const {
   if (!owned_) throw std::logic_error("MoeLayer::parameters: the layer borrows its parameters (use params())");
   return *owned_;
+}
+
+const MoeParams& MoeLayer::params() const {
+  // An owned bf16 layer rounds its weights per expert when first needed; the views must show
+  // all of them. Filling stale copies changes nothing the caller could have seen: logically const.
+  Impl& impl = *impl_;
+  if (owned_ && !impl.bf16_stale.empty()) {
+    std::vector<int64_t> stale;
+    for (int64_t e = 0; e <= config_.num_experts(); ++e)
+      if (impl.bf16_stale[static_cast<size_t>(e)]) stale.push_back(e);
+    if (!stale.empty()) round_experts(config_, *owned_, impl, stale);
+  }
+  return params_;
 }
 
 const char* MoeLayer::isa_name() const { return cpu::isa_name(impl_->isa); }
@@ -706,11 +731,13 @@ void MoeLayer::refresh_packed_weights() {
   if (owned_) {
     params_ = moe_params_view(config_, *owned_);
     if (config_.dtype == DType::kBF16) {
-      // The layer computes with the bf16 rounding of the fp32 master weights.
-      round_copy(owned_->gate_up, impl_->gate_up_bf16, impl_->pool);
-      round_copy(owned_->down, impl_->down_bf16, impl_->pool);
-      round_copy(owned_->shared_gate_up, impl_->shared_gate_up_bf16, impl_->pool);
-      round_copy(owned_->shared_down, impl_->shared_down_bf16, impl_->pool);
+      // The layer computes with the bf16 rounding of the fp32 master weights, made per expert
+      // when tokens first reach it (ensure_bf16_current), or for all by params().
+      impl_->gate_up_bf16.resize(owned_->gate_up.size());
+      impl_->down_bf16.resize(owned_->down.size());
+      impl_->shared_gate_up_bf16.resize(owned_->shared_gate_up.size());
+      impl_->shared_down_bf16.resize(owned_->shared_down.size());
+      impl_->bf16_stale.assign(static_cast<size_t>(config_.num_experts() + 1), 1);
       params_.gate_up.data = impl_->gate_up_bf16.data();
       params_.down.data = impl_->down_bf16.data();
       params_.gate_up.dtype = params_.down.dtype = DType::kBF16;
@@ -986,6 +1013,12 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
                                       slot_inputs.values.data(), gate.empty() ? nullptr : gate.data());
   const int threads = impl.pool.num_threads();
   const bool bf16 = c.dtype == DType::kBF16;
+  if (!impl.bf16_stale.empty()) {
+    std::vector<int64_t> stale;
+    for (const Group& g : rs.groups)
+      if (g.num_rows > 0 && impl.bf16_stale[static_cast<size_t>(g.expert)]) stale.push_back(g.expert);
+    if (!stale.empty()) round_experts(c, *owned_, impl, stale);
+  }
   impl.phase("dispatch");
   // Training reads the weights of groups with at most kWeightRowsInPlace rows in place (they
   // change every step: packing them would cost more than the GEMM); inference packs once.

@@ -546,9 +546,9 @@ TEST(LayerForward, TrainingAndInferencePathsAgree) {
     }
 }
 
-// Weights are packed lazily, per expert, when tokens first reach it after a weight update. A
-// layer whose first call touched only some experts, whose weights then changed
-// (refresh_packed_weights), and which then runs in both modes on tokens reaching other experts,
+// Weights are packed (and, owned bf16, rounded) lazily, per expert, when tokens first reach it
+// after a weight update. A layer whose calls before and after an update (refresh_packed_weights)
+// touched only some experts, and which then runs in both modes on tokens reaching the others,
 // must give bitwise the outputs of a fresh layer holding the new weights, fp32 and bf16.
 TEST(LayerForward, LazyPackingAfterWeightUpdateMatchesFreshLayer) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
@@ -563,6 +563,7 @@ TEST(LayerForward, LazyPackingAfterWeightUpdateMatchesFreshLayer) {
     EXPECT_LE(touched, 2);
     randomize(c, layer.parameters(), 54);
     layer.refresh_packed_weights();
+    layer.forward(few.cview());  // after the update, again only a few experts first
     MoeLayer fresh = random_layer(c, 54);
     for (bool training : {false, true, false}) {
       layer.set_training(training);

@@ -31,9 +31,17 @@
 //              2·d_ff) values plus the routing's; during the forward also the per-assignment
 //              outputs [num_kept, d_model] and [num_threads · 128, d_ff] of scratch. Soft MoE
 //              also keeps its slot inputs and outputs [num_sequences · num_slots, d_model];
-//   backward:  [num_kept, 2·d_ff] and [num_kept, d_model] of scratch.
-// Scratch buffers are kept by the layer between calls (no page faults per call) and freed with
-// it; packed weights are one more copy of the expert weights (fp32 or bf16 per dtype).
+//   backward:  [num_kept, 2·d_ff] and [num_kept, d_model] of scratch, the weights of the
+//              experts that received rows packed transposed (one copy of those weights, in
+//              their dtype) and h and x packed as weight-gradient operands ([num_kept, d_ff +
+//              d_model] in the layer's dtype).
+// Scratch buffers are kept by the layer between calls (no page faults per call; large ones as
+// transparent huge pages) and freed with it; packed weights are one more copy of the expert
+// weights (fp32 or bf16 per dtype), packed lazily for the experts tokens reach (in training,
+// experts with at most 4 rows read their weights in place and are not packed).
+//
+// Training step: after an optimizer update call refresh_packed_weights(); zero_grad() is lazy
+// (see there). last_phases() tells where a forward or backward spent its time.
 #pragma once
 
 #include <cstdint>
@@ -222,7 +230,7 @@ class MoeLayer {
   MoeTensors& parameters();
   const MoeTensors& parameters() const;
   // The views the layer computes with.
-  const MoeParams& params() const { return params_; }
+  const MoeParams& params() const;
 
   // Re-packs expert weights (and, when owned and bf16, re-rounds the bf16 copy).
   void refresh_packed_weights();
