@@ -520,10 +520,15 @@ struct MoeLayer::Impl {
   bool router_valid = false;
   bool gate_up_paired = false;  // paired layout (fused SwiGLU) vs raw pre-activations
 
-  // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here. Rounded per
-  // expert when first needed after a weight update: bf16_stale[e] (index num_experts: shared).
+  // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here. Filled by
+  // params() when stale (bf16_stale[e], index num_experts: shared); the layer itself computes
+  // from compute_params.
   std::vector<uint16_t> gate_up_bf16, down_bf16, shared_gate_up_bf16, shared_down_bf16;
   std::vector<uint8_t> bf16_stale;
+  // What the experts compute from: params_, or for an owned bf16 layer the fp32 masters, which
+  // every path rounds to bf16 as it packs or loads them (the same values as the bf16 copies,
+  // without a pass that writes those).
+  MoeParams compute_params;
 
   // Phase times of the last forward or backward (last_phases()).
   std::vector<PhaseTime> phases;
@@ -660,6 +665,10 @@ const MoeTensors& MoeLayer::parameters() const {
   return *owned_;
 }
 
+const MoeParams& MoeLayer::compute_params() const {
+  return owned_ && config_.dtype == DType::kBF16 ? impl_->compute_params : params_;
+}
+
 const MoeParams& MoeLayer::params() const {
   // An owned bf16 layer rounds its weights per expert when first needed; the views must show
   // all of them. Filling stale copies changes nothing the caller could have seen: logically const.
@@ -738,6 +747,7 @@ void MoeLayer::refresh_packed_weights() {
       impl_->shared_gate_up_bf16.resize(owned_->shared_gate_up.size());
       impl_->shared_down_bf16.resize(owned_->shared_down.size());
       impl_->bf16_stale.assign(static_cast<size_t>(config_.num_experts() + 1), 1);
+      impl_->compute_params = moe_params_view(config_, *owned_);
       params_.gate_up.data = impl_->gate_up_bf16.data();
       params_.down.data = impl_->down_bf16.data();
       params_.gate_up.dtype = params_.down.dtype = DType::kBF16;
@@ -1009,22 +1019,17 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
 
   std::vector<float> gate;
   if (c.shared_expert_gate) gate = shared_gate_values(c, params_, hidden_states);
-  const RowSpace rs = build_row_space(c, params_, plan, num_sequences, hidden_states.data,
+  const MoeParams& wp = compute_params();
+  const RowSpace rs = build_row_space(c, wp, plan, num_sequences, hidden_states.data,
                                       slot_inputs.values.data(), gate.empty() ? nullptr : gate.data());
   const int threads = impl.pool.num_threads();
   const bool bf16 = c.dtype == DType::kBF16;
-  if (!impl.bf16_stale.empty()) {
-    std::vector<int64_t> stale;
-    for (const Group& g : rs.groups)
-      if (g.num_rows > 0 && impl.bf16_stale[static_cast<size_t>(g.expert)]) stale.push_back(g.expert);
-    if (!stale.empty()) round_experts(c, *owned_, impl, stale);
-  }
   impl.phase("dispatch");
   // Training reads the weights of groups with at most kWeightRowsInPlace rows in place (they
   // change every step: packing them would cost more than the GEMM); inference packs once.
   const int64_t unpacked_rows = training ? kWeightRowsInPlace : 0;
   auto in_place = [&](const Group& g) { return g.num_rows <= unpacked_rows; };
-  ensure_experts_packed(c, params_, impl, rs.groups, unpacked_rows);
+  ensure_experts_packed(c, wp, impl, rs.groups, unpacked_rows);
   impl.phase("pack_experts");
 
   // GEMM 1. Inference: h = act(X · W_gate_upᵀ + b) straight from the epilogue (bf16 when the
@@ -1066,7 +1071,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
       q.ldc = q.n;
       if (in_place(g)) {
         cpu::gemm_weight_rows(q, g.w_gate_up, to_cpu(g.w_gate_up_dtype), d, impl.isa, tile.m0, tile.m1, tile.n0,
-                              tile.n1);
+                              tile.n1, bf16);
       } else {
         cpu::gemm_packed(q, impl.gate_up_packed[g.expert], tile.m0, tile.m1, tile.n0, tile.n1);
       }
@@ -1109,7 +1114,8 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
         q.epilogue.row_scale = g.scale ? g.scale + tile.m0 : nullptr;
         q.c = y.row(g.row_begin + tile.m0);
         if (in_place(g)) {
-          cpu::gemm_weight_rows(q, g.w_down, to_cpu(g.w_down_dtype), g.d_ff, impl.isa, 0, rows, tile.n0, tile.n1);
+          cpu::gemm_weight_rows(q, g.w_down, to_cpu(g.w_down_dtype), g.d_ff, impl.isa, 0, rows, tile.n0, tile.n1,
+                                bf16);
         } else {
           cpu::gemm_packed(q, impl.down_packed[g.expert], 0, rows, tile.n0, tile.n1);
         }
@@ -1217,7 +1223,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
 
   std::vector<float> gate;
   if (c.shared_expert_gate) gate = shared_gate_values(c, params_, x);
-  RowSpace rs = build_row_space(c, params_, plan, num_sequences, x.data, s.slot_inputs.values.data(),
+  RowSpace rs = build_row_space(c, compute_params(), plan, num_sequences, x.data, s.slot_inputs.values.data(),
                                 gate.empty() ? nullptr : gate.data());
 
   RoutingGradOutput<float> routing_grad;
@@ -1301,7 +1307,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   // (the same kernel and bits), so a decode-sized backward streams each weight once instead of
   // reading it, writing a packed copy and reading that.
   auto in_place = [&](const Group& g, const Operand& b) {
-    return b.dtype == cpu::DType::kF32 && g.num_rows <= cpu::detail_gemm::tuning().b_in_place_rows;
+    return !bf16 && b.dtype == cpu::DType::kF32 && g.num_rows <= cpu::detail_gemm::tuning().b_in_place_rows;
   };
   // pack_groups(arena, dtype, operand_of): B of every group packed in `dtype` (kept: the
   // operand's own dtype) into `arena`; groups left unpacked (in_place) get an empty weight.
@@ -1333,7 +1339,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
 
   // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per group.
   {
-    const std::vector<PackedWeight> down_b = pack_groups(impl.backward_pack_ws, std::nullopt, true,
+    const std::vector<PackedWeight> down_b = pack_groups(impl.backward_pack_ws, to_cpu(c.dtype), true,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = d;
           *n = g.d_ff;
@@ -1451,7 +1457,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
   //    per group.
   {
-    const std::vector<PackedWeight> gate_up_b = pack_groups(impl.backward_pack_ws, std::nullopt, true,
+    const std::vector<PackedWeight> gate_up_b = pack_groups(impl.backward_pack_ws, to_cpu(c.dtype), true,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = g.gu_cols;
           *n = d;

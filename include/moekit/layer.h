@@ -280,6 +280,7 @@ class MoeLayer {
  private:
   void ensure_grads();
   void materialize_zero_grads();
+  const MoeParams& compute_params() const;  // params_, or an owned bf16 layer's fp32 masters
 
   MoeLayerConfig config_;
   std::unique_ptr<MoeTensors> owned_;  // fp32 master parameters when owned

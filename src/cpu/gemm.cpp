@@ -449,6 +449,11 @@ bool pack_pairs_fast(const KernelInfo& ki, const T* const* colp, const BSource& 
         p0 = pairs_full / 16 * 16;
         ki.pack_f32_cols(cols, 0, p0, reinterpret_cast<float*>(dst), stream);
       }
+    } else {
+      if (ki.pack_pairs_f32_cols != nullptr && nr == 32) {
+        p0 = pairs_full / 16 * 16;
+        ki.pack_pairs_f32_cols(colp, k0, p0, reinterpret_cast<uint32_t*>(dst), stream);
+      }
     }
     for (int t = 0; t < nr; ++t) {
       const T* c = colp[t] + k0;
@@ -971,7 +976,7 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
 }
 
 void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_t ldw, Isa isa, int64_t m_begin,
-                      int64_t m_end, int64_t n_begin, int64_t n_end) {
+                      int64_t m_end, int64_t n_begin, int64_t n_end, bool round_w) {
   check_common(p, m_begin, m_end, n_begin, n_end);
   check_dtype("gemm_weight_rows: w_dtype", w_dtype);
   if (p.epilogue.activation != Activation::kNone)
@@ -983,7 +988,8 @@ void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_
     throw_input_error("gemm_weight_rows: isa", std::string("at most ") + isa_name(detect_isa()), isa_name(isa));
   if (m_begin == m_end || n_begin == n_end) return;
   if (p.k > 0 && w == nullptr) throw_input_error("gemm_weight_rows: w", "non-null", "null");
-  const bool round_a = w_dtype == DType::kBF16 && p.a.dtype == DType::kF32;
+  round_w = round_w && w_dtype == DType::kF32;
+  const bool round_a = (w_dtype == DType::kBF16 || round_w) && p.a.dtype == DType::kF32;
   const size_t esz = w_dtype == DType::kF32 ? 4 : 2;
   const KernelInfo ki = kernel_for(isa, DType::kF32);
   // A rows as fp32 (rounded to bf16 when W is bf16), 4 at a time.
@@ -1005,15 +1011,16 @@ void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_
         wr[j] = static_cast<const uint8_t*>(w) + static_cast<size_t>((j0 + j) * ldw) * esz;
       float out[4][4] = {};
       if (ki.dot_rows != nullptr) {
-        ki.dot_rows(a, rows, wr, w_dtype == DType::kBF16, p.k, out);
+        ki.dot_rows(a, rows, wr, w_dtype == DType::kBF16, round_w, p.k, out);
       } else {  // one fp32 chain per element, k in order
         for (int r = 0; r < rows; ++r)
           for (int j = 0; j < 4; ++j) {
             if (wr[j] == nullptr) continue;
             float acc = 0;
             for (int64_t kk = 0; kk < p.k; ++kk) {
-              const float wv = w_dtype == DType::kF32 ? static_cast<const float*>(wr[j])[kk]
-                                                      : bf16_to_float(static_cast<const uint16_t*>(wr[j])[kk]);
+              float wv = w_dtype == DType::kF32 ? static_cast<const float*>(wr[j])[kk]
+                                                : bf16_to_float(static_cast<const uint16_t*>(wr[j])[kk]);
+              if (round_w) wv = bf16_to_float(float_to_bf16(wv));
               acc += a[r][kk] * wv;
             }
             out[r][j] = acc;

@@ -153,12 +153,13 @@ void gemm_packed(const GemmProblem& p, const PackedWeight& w, int64_t m_begin, i
 // rows (columns of C) [n_begin, n_end),
 //   C[c_row(i)][j] = (Σ_k A'(i, k) · W[j][k] + bias[j]) · row_scale[i]
 // with W [n][k] row-major (row stride ldw), fp32 or bf16, and A' as in gemm() (rounded to bf16
-// when W is bf16). For a group of a few token rows the weight is then streamed once, where
+// when W is bf16). round_w: an fp32 W is rounded to bf16 as it is loaded (an fp32 master weight
+// computing as bf16; then A is rounded too), the same values as a bf16 copy of W. For a group of a few token rows the weight is then streamed once, where
 // packing it would first read and write all of it. Each element is one dot product whose order
 // depends only on k (not on the split into calls). The epilogue is limited to bias and
 // row_scale (activation kNone), with an fp32 C and no accumulate.
 void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_t ldw, Isa isa, int64_t m_begin,
-                      int64_t m_end, int64_t n_begin, int64_t n_end);
+                      int64_t m_end, int64_t n_begin, int64_t n_end, bool round_w = false);
 
 // dst[c·ld_dst + r] = scale[r] · rows[r][c] for r < num_rows, c < cols (scale null: 1): a
 // gathered, row-scaled transpose (the backward's (w ⊙ d_y)ᵀ and d_preᵀ), 16 × 16 blocks in

@@ -73,6 +73,9 @@ struct KernelInfo {
   void (*pack_f32_cols)(const float* const* col, int64_t k0, int64_t rows, float* dst, bool stream) = nullptr;
   // Optional kBf16Pairs from fp32 rows: dst[t] = (bf16(r0[t]), bf16(r1[t])) as one dword for
   // t < 16 (r1 null: zero); null: scalar.
+  // Optional kBf16Pairs from fp32 columns contiguous along K (W [n][k], 32 columns col[t] + k0):
+  // pairs [0, pairs) (a multiple of 16) into dst[p·32 + t] as dwords; null: scalar.
+  void (*pack_pairs_f32_cols)(const float* const* col, int64_t k0, int64_t pairs, uint32_t* dst, bool stream) = nullptr;
   void (*pair_rows_f32)(const float* r0, const float* r1, uint32_t* dst, bool stream) = nullptr;
   // Optional copy of 32 floats to a 64-byte aligned dst with non-temporal stores (a packed
   // weight larger than the caches, read back later from memory); null: memcpy.
@@ -82,7 +85,8 @@ struct KernelInfo {
   // Optional dst[c·ld + r] = scale[r]·rows[r][c] (scale null: 1) for r < 16, c < cols.
   // Optional dot products for gemm_weight_rows: out[r][j] = Σ_k a[r][k]·w[j][k] for r < rows
   // (≤ 4) and j < 4 (w[j] null: skipped), k < K; a rows fp32 (already rounded when w is bf16).
-  void (*dot_rows)(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
+  // round_w: fp32 w rounded to bf16 as loaded.
+  void (*dot_rows)(const float* const* a, int rows, const void* const* w, bool w_bf16, bool round_w, int64_t k,
                    float out[4][4]) = nullptr;
   void (*transpose16_rows)(const float* const* rows, const float* scale, int64_t cols, float* dst, int64_t ld) = nullptr;
 };

@@ -379,6 +379,28 @@ MOEKIT_T512 void pack_f32_cols(const float* const* col, int64_t k0, int64_t rows
     }
 }
 
+MOEKIT_T512 void pack_pairs_f32_cols(const float* const* col, int64_t k0, int64_t pairs, uint32_t* dst,
+                                     bool stream) {
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16)
+    for (int h = 0; h < 2; ++h) {
+      __m512 v[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) {
+        const float* c = col[16 * h + t] + k0 + 2 * p0;
+        const __m256i lo = to_bf16_512(_mm512_loadu_ps(c)), hi = to_bf16_512(_mm512_loadu_ps(c + 16));
+        // 32 bf16 in K order: dword i is the pair (k 2i, k 2i+1), even k in the low half.
+        v[t] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      }
+      transpose16(v);
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        float* d = reinterpret_cast<float*>(dst + (p0 + r) * kNr + 16 * h);
+        if (stream) _mm512_stream_ps(d, v[r]);
+        else _mm512_storeu_ps(d, v[r]);
+      }
+    }
+}
+
 MOEKIT_T512 void pair_rows_f32(const float* r0, const float* r1, uint32_t* dst, bool stream) {
   const __m512i lo = _mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r0)));
   const __m512i hi = r1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(_mm512_loadu_ps(r1))), 16)
@@ -399,7 +421,12 @@ MOEKIT_T512 void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, uint32_t
 // Up to 4 A rows × 4 weight rows, 16 k per step (the tail masked), each accumulator reduced
 // at the end in a fixed order. R (the A rows) is a template argument so that the 4·R
 // accumulators stay in registers; a missing weight row repeats row 0 (its sums are dropped).
-template <int R, bool kBf16>
+// fp32 → the nearest bf16 value, kept in fp32.
+MOEKIT_T512_INLINE __m512 round_bf16_512(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(v)), 16));
+}
+
+template <int R, bool kBf16, bool kRoundW>
 MOEKIT_T512_INLINE void dot_rows_t(const float* const* a, const void* const* w_in, int64_t k, float out[4][4]) {
   const void* w[4];
   for (int j = 0; j < 4; ++j) w[j] = w_in[j] ? w_in[j] : w_in[0];
@@ -418,6 +445,7 @@ MOEKIT_T512_INLINE void dot_rows_t(const float* const* a, const void* const* w_i
         wv[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       } else {
         wv[j] = _mm512_maskz_loadu_ps(m, static_cast<const float*>(w[j]) + kk);
+        if constexpr (kRoundW) wv[j] = round_bf16_512(wv[j]);
       }
     }
 #pragma GCC unroll 4
@@ -433,17 +461,21 @@ MOEKIT_T512_INLINE void dot_rows_t(const float* const* a, const void* const* w_i
     for (int j = 0; j < 4; ++j) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w, bool w_bf16, int64_t k,
+template <int R>
+MOEKIT_T512_INLINE void dot_rows_r(const float* const* a, const void* const* w, bool w_bf16, bool round_w, int64_t k,
+                                   float out[4][4]) {
+  if (w_bf16) return dot_rows_t<R, true, false>(a, w, k, out);
+  if (round_w) return dot_rows_t<R, false, true>(a, w, k, out);
+  return dot_rows_t<R, false, false>(a, w, k, out);
+}
+
+MOEKIT_T512 void dot_rows(const float* const* a, int rows, const void* const* w, bool w_bf16, bool round_w, int64_t k,
                           float out[4][4]) {
-  switch (rows * 2 + (w_bf16 ? 1 : 0)) {
-    case 2: return dot_rows_t<1, false>(a, w, k, out);
-    case 3: return dot_rows_t<1, true>(a, w, k, out);
-    case 4: return dot_rows_t<2, false>(a, w, k, out);
-    case 5: return dot_rows_t<2, true>(a, w, k, out);
-    case 6: return dot_rows_t<3, false>(a, w, k, out);
-    case 7: return dot_rows_t<3, true>(a, w, k, out);
-    case 8: return dot_rows_t<4, false>(a, w, k, out);
-    default: return dot_rows_t<4, true>(a, w, k, out);
+  switch (rows) {
+    case 1: return dot_rows_r<1>(a, w, w_bf16, round_w, k, out);
+    case 2: return dot_rows_r<2>(a, w, w_bf16, round_w, k, out);
+    case 3: return dot_rows_r<3>(a, w, w_bf16, round_w, k, out);
+    default: return dot_rows_r<4>(a, w, w_bf16, round_w, k, out);
   }
 }
 
@@ -475,9 +507,6 @@ MOEKIT_T512 void transpose16_rows(const float* const* rows, const float* scale, 
 // SwiGLU rows (activation.h). s = 1 / (1 + exp(−g)); h = (g·s)·u as activation_forward
 // multiplies; d_g = ((d_h·u)·s)·(1 + g·(1 − s)), d_u = (d_h·g)·s. The tail runs masked.
 
-MOEKIT_T512_INLINE __m512 round_bf16_512(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_512(v)), 16));
-}
 
 MOEKIT_T512_INLINE __m512 sigmoid512(__m512 g) {
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -540,6 +569,7 @@ KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot) {
   k.to_bf16 = &to_bf16_row;
   k.pack_f32_cols = &pack_f32_cols;
   k.pair_rows_f32 = &pair_rows_f32;
+  k.pack_pairs_f32_cols = &pack_pairs_f32_cols;
   k.pair_rows_bf16 = &pair_rows_bf16;
   k.stream_copy32 = &stream_copy32;
   k.stream_fence = &stream_fence;
