@@ -1414,6 +1414,9 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   }
   impl.phase("activation");
 
+  // The weight-gradient GEMMs tile their rows only (column blocks shrink only when there are
+  // too few tiles): each tile then converts its A rows once for all columns (bf16 dW_gate_up:
+  // 24 → 22 ms on the coarse shape).
   // 3. dW_down += (w ⊙ d_y)ᵀ · h  ([d_model, rows] · [rows, d_ff], the token sum inside one
   //    tile); db_down += Σ_rows w ⊙ d_y, in row order. h is packed once per group as B, in the
   //    layer's dtype: bf16 weight gradients come from bf16 operands (both rounded, as PyTorch's
@@ -1429,7 +1432,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     impl.phase("pack_h");
     const auto tiles = make_tiles(
         rs.groups, [&](const Group& g) { return g.num_rows > 0 ? d : int64_t{0}; },
-        [](const Group& g) { return g.d_ff; }, threads);
+        [](const Group& g) { return g.d_ff; }, threads, kRowBlock, std::max(rs.max_d_ff, kMaxColBlock));
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
@@ -1585,7 +1588,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     impl.phase("pack_x");
     const auto tiles = make_tiles(
         rs.groups, [](const Group& g) { return g.num_rows > 0 ? g.gu_cols : int64_t{0}; },
-        [&](const Group&) { return d; }, threads);
+        [&](const Group&) { return d; }, threads, kRowBlock, std::max(d, kMaxColBlock));
     impl.run_tiles(tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       GemmProblem q;
