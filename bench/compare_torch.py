@@ -171,7 +171,7 @@ def moekit_side(shape, dtype_name, args):
 # Timing keys (the smaller the better) and rates (the larger the better); other keys: first round.
 def keep_fastest(best, new):
     for key, value in new.items():
-        if key not in best:
+        if key not in best or not isinstance(value, (int, float)):
             best[key] = value
         elif key.endswith("_ms"):
             best[key] = min(best[key], value)
