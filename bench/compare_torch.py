@@ -171,8 +171,10 @@ def moekit_side(shape, dtype_name, args):
 # Timing keys (the smaller the better) and rates (the larger the better); other keys: first round.
 def keep_fastest(best, new):
     for key, value in new.items():
-        if key not in best or not isinstance(value, (int, float)):
+        if key not in best:
             best[key] = value
+        elif not isinstance(value, (int, float)):
+            continue
         elif key.endswith("_ms"):
             best[key] = min(best[key], value)
         elif key.endswith("_gbps") and key != "weight_gbps":
