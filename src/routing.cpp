@@ -158,18 +158,25 @@ Real sigmoid(Real x) {
 }
 
 // Indices of the k largest keys, best first; ties go to the lower index.
+// One pass keeping the best k sorted (insertion; no allocation once `out` has grown): a key
+// enters only if strictly greater than the k-th kept, and goes after every kept key it does
+// not exceed, so equal keys keep index order.
 void top_k_indices(const double* keys, int64_t n, int64_t k, std::vector<int32_t>& out) {
   out.clear();
-  std::vector<uint8_t> taken(static_cast<size_t>(n), 0);
-  for (int64_t j = 0; j < k; ++j) {
-    int64_t best = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (taken[i]) continue;
-      if (best < 0 || keys[i] > keys[best]) best = i;
+  k = std::min(k, n);
+  if (k <= 0) return;
+  out.reserve(static_cast<size_t>(k));
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = keys[i];
+    const int64_t size = static_cast<int64_t>(out.size());
+    if (size == k && !(v > keys[out[size - 1]])) continue;
+    int64_t pos = size == k ? k - 1 : size;  // the slot freed (the last) or appended
+    if (size < k) out.push_back(0);
+    while (pos > 0 && v > keys[out[pos - 1]]) {
+      out[pos] = out[pos - 1];
+      --pos;
     }
-    if (best < 0) break;
-    taken[best] = 1;
-    out.push_back(static_cast<int32_t>(best));
+    out[pos] = static_cast<int32_t>(i);
   }
 }
 
@@ -813,9 +820,13 @@ void balance_probs(const RoutingConfig& c, const RoutingSaved<Real>& s, int64_t 
     double sum = 0;
     for (int64_t e = 0; e < n; ++e) sum += out[e] = 1.0 / (1.0 + std::exp(-double(s.clean_logits(t, e))));
     for (int64_t e = 0; e < n; ++e) out[e] /= (sum + kSigmoidNormEps);
-  } else {
-    const double lse = logsumexp_row(s.clean_logits.row(t), n);
-    for (int64_t e = 0; e < n; ++e) out[e] = std::exp(double(s.clean_logits(t, e)) - lse);
+  } else {  // softmax in double, one exp per expert
+    const Real* x = s.clean_logits.row(t);
+    double max_value = x[0];
+    for (int64_t e = 1; e < n; ++e) max_value = std::max(max_value, double(x[e]));
+    double sum = 0;
+    for (int64_t e = 0; e < n; ++e) sum += out[e] = std::exp(double(x[e]) - max_value);
+    for (int64_t e = 0; e < n; ++e) out[e] /= sum;
   }
 }
 
