@@ -593,8 +593,6 @@ void init_uniform(std::vector<float>& v, int64_t fan_in, uint64_t seed, uint64_t
   }
 }
 
-// dst = bf16(src), in blocks over the pool (a weight update of a bf16 layer runs this on every
-// expert weight).
 // The bf16 copies of the expert weights of the experts in `experts` (index num_experts: the
 // shared expert) that are stale, rounded from the fp32 masters in parallel.
 void round_experts(const MoeLayerConfig& c, const MoeTensors& masters, MoeLayer::Impl& impl,

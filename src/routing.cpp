@@ -931,12 +931,15 @@ void Router<Real>::compute_losses() {
   // z-loss: mean over real tokens of logsumexp(logits)² (ST-MoE), on the clean logits. With
   // padding_in_loss_means, padding rows count with zero logits: lse = log(cols) each.
   if (!s.scores_given && n_real > 0) {
+    // lse per token in parallel (rows are independent), summed in token order.
+    std::vector<double> lse(static_cast<size_t>(num_tokens_), 0.0);
+    detail::parallel_for(num_tokens_, opt_.num_threads, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        if (real(t)) lse[t] = logsumexp_row(s.clean_logits.row(t), s.clean_logits.cols);
+    });
     double sum = 0;
-    for (int64_t t = 0; t < num_tokens_; ++t) {
-      if (!real(t)) continue;
-      const double lse = logsumexp_row(s.clean_logits.row(t), s.clean_logits.cols);
-      sum += lse * lse;
-    }
+    for (int64_t t = 0; t < num_tokens_; ++t)
+      if (real(t)) sum += lse[t] * lse[t];
     if (c_.padding_in_loss_means) {
       const double pad_lse = std::log(double(s.clean_logits.cols));
       sum += double(num_tokens_ - n_real) * pad_lse * pad_lse;
@@ -948,12 +951,23 @@ void Router<Real>::compute_losses() {
     return;
   }
 
-  std::vector<double> probs;
+  // P of every real token, computed once, rows in parallel; the sums below read it in token
+  // order, as they would compute it.
+  std::vector<double> balance_p(static_cast<size_t>(num_tokens_ * n_experts), 0.0);
+  detail::parallel_for(num_tokens_, opt_.num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<double> row;
+    for (int64_t t = begin; t < end; ++t) {
+      if (!real(t)) continue;
+      balance_probs(c_, s, t, row);
+      std::copy(row.begin(), row.end(), balance_p.begin() + t * n_experts);
+    }
+  });
+  auto probs_of = [&](int64_t t) { return balance_p.data() + t * n_experts; };
   // Importance CV² over Σ_t P_te.
   std::vector<double> importance(static_cast<size_t>(n_experts), 0.0);
   for (int64_t t = 0; t < num_tokens_; ++t) {
     if (!real(t)) continue;
-    balance_probs(c_, s, t, probs);
+    const double* probs = probs_of(t);
     for (int64_t e = 0; e < n_experts; ++e) importance[e] += probs[e];
   }
   l.importance_cv2 = cv_squared(importance);
@@ -986,7 +1000,7 @@ void Router<Real>::compute_losses() {
       for (int64_t t = first; t < last; ++t) {
         if (!real(t)) continue;
         ++tokens;
-        balance_probs(c_, s, t, probs);
+        const double* probs = probs_of(t);
         for (int64_t e = 0; e < n_experts; ++e) mean_p[e] += probs[e];
       }
       if (tokens == 0) continue;
