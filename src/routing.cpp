@@ -1057,18 +1057,27 @@ void Router<Real>::compute_stats() {
   st.tokens_per_expert.assign(static_cast<size_t>(n_experts), 0);
   st.selected_per_expert.assign(static_cast<size_t>(n_experts), 0);
   double entropy_sum = 0, confidence_sum = 0, weight_sum = 0;
+  // Per-token entropy and top score, rows in parallel; summed below in token order.
+  std::vector<double> entropy(static_cast<size_t>(num_tokens_), 0.0), top_score(entropy.size(), 0.0);
+  detail::parallel_for(num_tokens_, opt_.num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (!real(t)) continue;
+      double h = 0, top = 0, norm = 0;
+      for (int64_t e = 0; e < n_experts; ++e) norm += double(s.scores(t, e));
+      for (int64_t e = 0; e < n_experts; ++e) {
+        const double q = norm > 0 ? double(s.scores(t, e)) / norm : 0.0;
+        if (q > 0) h -= q * std::log(q);
+        top = std::max(top, double(s.scores(t, e)));
+      }
+      entropy[t] = h;
+      top_score[t] = top;
+    }
+  });
   for (int64_t t = 0; t < num_tokens_; ++t) {
     if (!real(t)) continue;
     ++st.num_tokens;
-    double h = 0, top = 0, norm = 0;
-    for (int64_t e = 0; e < n_experts; ++e) norm += double(s.scores(t, e));
-    for (int64_t e = 0; e < n_experts; ++e) {
-      const double q = norm > 0 ? double(s.scores(t, e)) / norm : 0.0;
-      if (q > 0) h -= q * std::log(q);
-      top = std::max(top, double(s.scores(t, e)));
-    }
-    entropy_sum += h;
-    confidence_sum += top;
+    entropy_sum += entropy[t];
+    confidence_sum += top_score[t];
     for (int64_t i = p.token_offsets[t]; i < p.token_offsets[t + 1]; ++i) {
       ++st.selected_per_expert[p.token_experts[i]];
       ++st.num_selections;
