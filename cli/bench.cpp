@@ -10,8 +10,9 @@
 //                         timed on its own (the layer does not expose its internal split).
 //   training (--backward) per round, as a training loop runs it: refresh_packed_weights() (the
 //                         optimizer changed the weights), forward, backward. weight_update_ms is
-//                         the repacking (the refresh and the forward's "pack" phase),
-//                         train_forward_ms the rest of the forward, step_ms all three;
+//                         the repacking (the refresh, and the forward's and the backward's weight
+//                         packing phases, done once per update), train_forward_ms and
+//                         backward_ms the rest of each pass, step_ms all of it;
 //                         *_phases_ms are the medians of the layer's own phase times
 //                         (MoeLayer::last_phases()).
 //   memory_read_gbps      a streaming read of a 1 GiB buffer on all threads (memory-bound shapes,
@@ -379,12 +380,21 @@ int bench_command(const std::vector<std::string>& args) {
       if (i < o.warmup) continue;
       train_forward_phases.add(fp);
       backward_phases.add(layer.last_phases());
-      double pack = 0;
-      for (const PhaseTime& p : fp)
-        if (p.name.rfind("pack", 0) == 0) pack += p.ms;
-      tu.push_back(ms(t0, tr) + pack);
-      tf.push_back(ms(tr, t1) - pack);
-      tb.push_back(ms(t1, t2));
+      // Repacking the weights (forward: "pack_router", "pack_experts"; backward: "pack_down_t",
+      // "pack_gate_up_t") happens once per weight update and is kept for every later pass until
+      // the next one (gradient accumulation reuses it): it counts as the update's cost.
+      auto weight_packing = [](const std::vector<PhaseTime>& phases) {
+        double total = 0;
+        for (const PhaseTime& p : phases)
+          if (p.name == "pack_router" || p.name == "pack_experts" || p.name == "pack_down_t" ||
+              p.name == "pack_gate_up_t")
+            total += p.ms;
+        return total;
+      };
+      const double pack_f = weight_packing(fp), pack_b = weight_packing(layer.last_phases());
+      tu.push_back(ms(t0, tr) + pack_f + pack_b);
+      tf.push_back(ms(tr, t1) - pack_f);
+      tb.push_back(ms(t1, t2) - pack_b);
       ts.push_back(ms(t0, t2));
     }
     layer.set_training(false);

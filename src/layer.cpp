@@ -549,7 +549,18 @@ struct MoeLayer::Impl {
   std::vector<uint8_t> grad_pending_zero;
 
   Workspace gate_up_ws, down_ws, router_ws;  // the packed weights above
-  Workspace backward_pack_ws;     // backward: expert weights packed transposed
+  // Backward: expert weights packed as the backward's B (W_down, W_gate_up as stored), per
+  // group, kept until refresh_packed_weights() (gradient accumulation over several backward
+  // passes per optimizer step packs them once).
+  struct PackCache {
+    Workspace ws;
+    std::vector<PackedWeight> packs;
+    std::vector<uint8_t> valid;
+    void invalidate() {
+      std::fill(valid.begin(), valid.end(), 0);
+      std::fill(packs.begin(), packs.end(), PackedWeight());  // a stale pack is never used
+    }
+  } down_t, gate_up_t;
   Workspace grad_pack_ws;         // backward: h and X packed as B of the weight gradients
   Workspace hidden_ws;  // forward h; backward G, h and the transposed d_pre
   Workspace rows_ws;    // forward y; backward the [rows, d_model] intermediates
@@ -757,6 +768,8 @@ void MoeLayer::refresh_packed_weights() {
     }
   }
   impl_->router_valid = false;
+  impl_->down_t.invalidate();
+  impl_->gate_up_t.invalidate();
   std::fill(impl_->gate_up_valid.begin(), impl_->gate_up_valid.end(), 0);
   std::fill(impl_->down_valid.begin(), impl_->down_valid.end(), 0);
   impl_->saved = Impl::Saved{};
@@ -1309,6 +1322,8 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   };
   // pack_groups(arena, dtype, operand_of): B of every group packed in `dtype` (kept: the
   // operand's own dtype) into `arena`; groups left unpacked (in_place) get an empty weight.
+  // pack_cached(cache, operand_of): the same for weights, kept in `cache` at fixed offsets per
+  // group and packed only when stale.
   auto pack_groups = [&](Workspace& arena, std::optional<cpu::DType> dtype, bool allow_in_place, auto operand_of) {
     auto packed_dtype = [&](const Operand& b) { return dtype ? *dtype : b.dtype; };
     auto skip = [&](const Group& g, const Operand& b) { return allow_in_place && in_place(g, b); };
@@ -1334,10 +1349,40 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
     });
     return packed;
   };
+  const cpu::DType weight_dtype = to_cpu(c.dtype);
+  auto pack_cached = [&](MoeLayer::Impl::PackCache& cache, auto operand_of) -> const std::vector<PackedWeight>& {
+    const size_t num_groups = rs.groups.size();
+    if (cache.valid.size() != num_groups) {
+      cache.valid.assign(num_groups, 0);
+      cache.packs.assign(num_groups, PackedWeight());
+    }
+    std::vector<size_t> offset(num_groups + 1, 0);
+    for (size_t gi = 0; gi < num_groups; ++gi) {
+      int64_t k = 0, n = 0;
+      operand_of(rs.groups[gi], &k, &n);
+      offset[gi + 1] = offset[gi] + (PackedWeight::packed_bytes(k, n, weight_dtype, impl.isa) + 63) / 64 * 64;
+    }
+    if (offset[num_groups] > cache.ws.capacity()) cache.invalidate();  // the arena moves
+    uint8_t* mem = cache.ws.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
+    std::vector<size_t> todo;
+    for (size_t gi = 0; gi < num_groups; ++gi) {
+      const Group& g = rs.groups[gi];
+      int64_t k = 0, n = 0;
+      if (g.num_rows > 0 && !in_place(g, operand_of(g, &k, &n)) && !cache.valid[gi]) todo.push_back(gi);
+    }
+    impl.pool.run(static_cast<int64_t>(todo.size()), [&](int64_t i, int) {
+      const size_t gi = todo[static_cast<size_t>(i)];
+      int64_t k = 0, n = 0;
+      const Operand b = operand_of(rs.groups[gi], &k, &n);
+      cache.packs[gi] = PackedWeight::pack_operand(b, k, n, weight_dtype, impl.isa, false, mem + offset[gi]);
+      cache.valid[gi] = 1;
+    });
+    return cache.packs;
+  };
 
   // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per group.
   {
-    const std::vector<PackedWeight> down_b = pack_groups(impl.backward_pack_ws, to_cpu(c.dtype), true,
+    const std::vector<PackedWeight>& down_b = pack_cached(impl.down_t,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = d;
           *n = g.d_ff;
@@ -1458,7 +1503,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   // 4. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
   //    per group.
   {
-    const std::vector<PackedWeight> gate_up_b = pack_groups(impl.backward_pack_ws, to_cpu(c.dtype), true,
+    const std::vector<PackedWeight>& gate_up_b = pack_cached(impl.gate_up_t,
         [&](const Group& g, int64_t* k, int64_t* n) {
           *k = g.gu_cols;
           *n = d;

@@ -374,6 +374,41 @@ TEST(LayerGradients, AccumulatesUntilZeroGrad) {
   });
 }
 
+// The backward keeps its packed weights until refresh_packed_weights(). After an update, a layer
+// that ran a training step before must give bitwise the gradients of a fresh layer holding the
+// new weights (groups of 150 rows take the packed paths), fp32 and bf16.
+TEST(LayerGradients, CachedBackwardPacksFollowWeightUpdates) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    MoeLayerConfig c = base_config(24, 17);
+    c.routing.routing_method = RoutingMethod::kDense;
+    c.dtype = dtype;
+    std::mt19937 gen(31);
+    const Matrix<float> x1 = random_matrix<float>(150, 24, gen), d1 = random_matrix<float>(150, 24, gen);
+    const Matrix<float> x2 = random_matrix<float>(150, 24, gen), d2 = random_matrix<float>(150, 24, gen);
+    MoeLayer layer(c, uint64_t{5}), fresh(c, uint64_t{5});
+    layer.zero_grad();
+    layer.forward(x1.cview());
+    layer.backward(d1.cview());
+    std::mt19937 g1(77), g2(77);
+    randomize(c, layer.parameters(), g1);
+    layer.refresh_packed_weights();
+    randomize(c, fresh.parameters(), g2);
+    fresh.refresh_packed_weights();
+    layer.zero_grad();
+    layer.forward(x2.cview());
+    const Matrix<float> dx = layer.backward(d2.cview());
+    fresh.forward(x2.cview());
+    const Matrix<float> dx_fresh = fresh.backward(d2.cview());
+    EXPECT_EQ(dx.values, dx_fresh.values) << dtype_name(dtype);
+    std::vector<const std::vector<float>*> want;
+    fresh.grads().for_each([&](const char*, const std::vector<float>& v) { want.push_back(&v); });
+    size_t i = 0;
+    layer.grads().for_each([&](const char* name, const std::vector<float>& v) {
+      EXPECT_EQ(v, *want[i++]) << name << " " << dtype_name(dtype);
+    });
+  }
+}
+
 // zero_grad() is lazy for expert weight gradients: the next backward writes those it touches
 // and grads() zero-fills the rest. After a step that touched other experts, zero_grad() then
 // one backward must give exactly (bitwise) the gradients of a fresh layer's single backward,

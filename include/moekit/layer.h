@@ -32,9 +32,10 @@
 //              outputs [num_kept, d_model] and [num_threads · 128, d_ff] of scratch. Soft MoE
 //              also keeps its slot inputs and outputs [num_sequences · num_slots, d_model];
 //   backward:  [num_kept, 2·d_ff] and [num_kept, d_model] of scratch, the weights of the
-//              experts that received rows packed transposed (one copy of those weights, in
-//              their dtype) and h and x packed as weight-gradient operands ([num_kept, d_ff +
-//              d_model] in the layer's dtype).
+//              experts that received rows packed as the backward reads them (one more copy of
+//              those weights in the layer's dtype, kept until refresh_packed_weights(), so that
+//              several backward passes per update pack once) and h and x packed as
+//              weight-gradient operands ([num_kept, d_ff + d_model] in the layer's dtype).
 // Scratch buffers are kept by the layer between calls (no page faults per call; large ones as
 // transparent huge pages) and freed with it; packed weights are one more copy of the expert
 // weights (fp32 or bf16 per dtype), packed lazily for the experts tokens reach (in training,
