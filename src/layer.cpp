@@ -37,7 +37,6 @@
 #include <cstring>
 #include <limits>
 #include <map>
-#include <optional>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
@@ -1320,22 +1319,19 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   auto in_place = [&](const Group& g, const Operand& b) {
     return !bf16 && b.dtype == cpu::DType::kF32 && g.num_rows <= cpu::detail_gemm::tuning().b_in_place_rows;
   };
-  // pack_groups(arena, dtype, operand_of): B of every group packed in `dtype` (kept: the
-  // operand's own dtype) into `arena`; groups left unpacked (in_place) get an empty weight.
-  // pack_cached(cache, operand_of): the same for weights, kept in `cache` at fixed offsets per
-  // group and packed only when stale.
-  auto pack_groups = [&](Workspace& arena, std::optional<cpu::DType> dtype, bool allow_in_place, auto operand_of) {
-    auto packed_dtype = [&](const Operand& b) { return dtype ? *dtype : b.dtype; };
-    auto skip = [&](const Group& g, const Operand& b) { return allow_in_place && in_place(g, b); };
+  // pack_groups(arena, dtype, operand_of): the B of every group with rows packed in `dtype`
+  // into `arena` (activations, packed on every call). pack_cached(cache, operand_of): the same
+  // for weights in the layer's dtype, kept in `cache` at fixed offsets per group and packed only
+  // when stale; groups read in place (in_place) get an empty weight.
+  auto pack_groups = [&](Workspace& arena, cpu::DType dtype, auto operand_of) {
     const size_t num_groups = rs.groups.size();
     std::vector<PackedWeight> packed(num_groups);
     std::vector<size_t> offset(num_groups + 1, 0);
     for (size_t gi = 0; gi < num_groups; ++gi) {
       const Group& g = rs.groups[gi];
       int64_t k = 0, n = 0;
-      const Operand b = operand_of(g, &k, &n);
-      const size_t bytes =
-          g.num_rows > 0 && !skip(g, b) ? PackedWeight::packed_bytes(k, n, packed_dtype(b), impl.isa) : 0;
+      operand_of(g, &k, &n);
+      const size_t bytes = g.num_rows > 0 ? PackedWeight::packed_bytes(k, n, dtype, impl.isa) : 0;
       offset[gi + 1] = offset[gi] + (bytes + 63) / 64 * 64;
     }
     uint8_t* mem = arena.get<uint8_t>(static_cast<int64_t>(offset[num_groups]));
@@ -1343,9 +1339,8 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
       const Group& g = rs.groups[static_cast<size_t>(gi)];
       int64_t k = 0, n = 0;
       const Operand b = operand_of(g, &k, &n);
-      if (g.num_rows <= 0 || skip(g, b)) return;
-      packed[static_cast<size_t>(gi)] =
-          PackedWeight::pack_operand(b, k, n, packed_dtype(b), impl.isa, false, mem + offset[gi]);
+      if (g.num_rows <= 0) return;
+      packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, dtype, impl.isa, false, mem + offset[gi]);
     });
     return packed;
   };
@@ -1467,7 +1462,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   const cpu::DType grad_dtype = to_cpu(c.dtype);
   {
     const std::vector<PackedWeight> h_b = pack_groups(
-        impl.grad_pack_ws, grad_dtype, false, [&](const Group& g, int64_t* k, int64_t* n) {
+        impl.grad_pack_ws, grad_dtype, [&](const Group& g, int64_t* k, int64_t* n) {
           *k = g.num_rows;
           *n = g.d_ff;
           return Operand{h_buf + g.h_offset, cpu::DType::kF32, g.d_ff, 1};
@@ -1623,7 +1618,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   impl.phase("transpose");
   {
     const std::vector<PackedWeight> x_b = pack_groups(
-        impl.grad_pack_ws, grad_dtype, false, [&](const Group& g, int64_t* k, int64_t* n) {
+        impl.grad_pack_ws, grad_dtype, [&](const Group& g, int64_t* k, int64_t* n) {
           *k = g.num_rows;
           *n = d;
           return Operand{rows_row(g.row_begin), cpu::DType::kF32, d, 1};
