@@ -1,5 +1,6 @@
-// Google Benchmark of MoeLayer on the three shapes of issue 8 (coarse, fine-grained, decode),
-// fp32 and bf16, inference forward and training step (forward + backward), on 1 and 2 threads.
+// Google Benchmark of MoeLayer on the three goal shapes (coarse, fine-grained, decode), fp32 and
+// bf16, inference forward and training step (zero_grad, refresh_packed_weights as after an
+// optimizer update, forward, backward), on 1 and 2 threads.
 // Counters: "FLOPS" (expert FLOPs 2·T·k·3·d_model·d_ff per second) and "Wbytes" (bytes of the
 // weights of experts that received tokens, per second: the figure that matters for decode).
 //
@@ -93,8 +94,13 @@ void BM_TrainStep(benchmark::State& state, int shape, moekit::DType dtype, int t
   f.layer->set_training(true);
   const moekit::ConstMatrixView<float> x{f.hidden.data(), s.tokens, s.d_model};
   const moekit::ConstMatrixView<float> dy{f.d_out.data(), s.tokens, s.d_model};
-  moekit::MoeForwardResult r;
+  // Warm-up: the first step allocates the gradients and packs the weights.
+  moekit::MoeForwardResult r = f.layer->forward(x);
+  f.layer->backward(dy);
   for (auto _ : state) {
+    // A step of a training loop after an optimizer update: lazy zero_grad, repack, pass.
+    f.layer->zero_grad();
+    f.layer->refresh_packed_weights();
     r = f.layer->forward(x);
     moekit::Matrix<float> dx = f.layer->backward(dy);
     benchmark::DoNotOptimize(dx.values.data());
