@@ -672,19 +672,40 @@ TEST(SwigluRows, MatchDoubleReferenceOnEveryPath) {
   }
 }
 
-// The bulk conversion gives float_to_bf16's bits for every class of input: ties to even,
-// values that round up into the next binade and to infinity, infinities, NaNs, denormals.
-TEST(Bf16, BulkConversionMatchesScalar) {
+// fp32 → bf16, scalar and bulk, against the definition: the nearer of the two bf16 values
+// around x (ties to the even mantissa), overflow to infinity, infinities kept, NaN quieted with
+// its sign; the candidates are compared in double, where their distances to x are exact.
+double bf16_value(uint32_t b) {  // exponent 255 with zero mantissa: 2^128, the overflow boundary
+  const uint32_t e = (b >> 7) & 0xffu, m = b & 0x7fu;
+  const double v = e == 0 ? std::ldexp(double(m), -133) : std::ldexp(double(128 + m), int(e) - 134);
+  return (b >> 15) ? -v : v;
+}
+
+TEST(Bf16, ConversionRoundsToNearestEven) {
   std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu,
-                                0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffbfffffu, 0x00000001u,
-                                0x007fffffu, 0x3fffffffu};
+                                0x7f7f8000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffbfffffu,
+                                0x00000001u, 0x007fffffu, 0x3fffffffu, 0xbf808001u};
   std::mt19937 gen(3);
-  for (int i = 0; i < 1000; ++i) bits.push_back(gen());
+  for (int i = 0; i < 2000; ++i) bits.push_back(gen());
   std::vector<float> x(bits.size());
   std::memcpy(x.data(), bits.data(), bits.size() * 4);
-  std::vector<uint16_t> got(x.size());
-  float_to_bf16_n(x.data(), got.data(), static_cast<int64_t>(x.size()));
-  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(got[i], float_to_bf16(x[i])) << std::hex << bits[i];
+  std::vector<uint16_t> bulk(x.size());
+  float_to_bf16_n(x.data(), bulk.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    const uint32_t u = bits[i];
+    uint16_t want;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      want = static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN, sign and top payload kept
+    } else if ((u & 0x7fffffffu) == 0x7f800000u) {
+      want = static_cast<uint16_t>(u >> 16);
+    } else {
+      const uint32_t lo = u >> 16, hi = lo + 1;  // toward zero, and one step away from zero
+      const double dlo = std::abs(double(x[i]) - bf16_value(lo)), dhi = std::abs(double(x[i]) - bf16_value(hi));
+      want = static_cast<uint16_t>(dlo < dhi ? lo : dhi < dlo ? hi : (lo % 2 == 0 ? lo : hi));
+    }
+    EXPECT_EQ(float_to_bf16(x[i]), want) << std::hex << u;
+    EXPECT_EQ(bulk[i], want) << std::hex << u;
+  }
 }
 
 // transpose_rows on every path is exactly scale[r] · rows[r][c] (one rounding), including

@@ -96,24 +96,10 @@ std::vector<Isa> supported_isas() {
 // ---------------------------------------------------------------------------------------------
 // bf16
 
-uint16_t float_to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float bf16_to_float(uint16_t x) {
-  const uint32_t u = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 namespace {
-// fp32 → bf16 bits, round to nearest even, NaN quieted: float_to_bf16 without a branch, so
-// that the loops using it (bulk conversion, packing) vectorise.
+// fp32 → bf16 bits, round to nearest even (adding 0x7fff plus the kept lsb carries into the
+// kept half exactly when the dropped half is above, or at and odd, the midpoint), NaN quieted;
+// branch-free, so that the loops using it (bulk conversion, packing) vectorise.
 inline uint16_t bf16_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
@@ -123,6 +109,15 @@ inline uint16_t bf16_bits(float x) {
 }
 inline uint16_t bf16_bits(uint16_t x) { return x; }
 }  // namespace
+
+uint16_t float_to_bf16(float x) { return bf16_bits(x); }
+
+float bf16_to_float(uint16_t x) {
+  const uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 void float_to_bf16_n(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
