@@ -590,7 +590,7 @@ TEST(GemmApi, IsaNamesAndDetection) {
   EXPECT_EQ(float_to_bf16(1.0f + 3.0f / 256.0f), float_to_bf16(1.0f + 1.0f / 64.0f));  // tie → even (up)
   EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
   EXPECT_TRUE(std::isinf(bf16_to_float(float_to_bf16(INFINITY))));
-  // MOEKIT_ISA lowers the active ISA; unknown names and AMX (not implemented) are rejected.
+  // MOEKIT_ISA lowers the active ISA; unknown names (amx has no path) are rejected.
   const char* saved = std::getenv("MOEKIT_ISA");
   const std::string saved_value = saved ? saved : "";
   setenv("MOEKIT_ISA", "scalar", 1);

@@ -581,7 +581,7 @@ int for_each_kernel_path(const std::function<void(const std::string&)>& fn) {
   const char* previous = std::getenv("MOEKIT_ISA");
   const std::string saved = previous ? previous : "";
   int paths = 0;
-  for (const char* isa : {"scalar", "avx2", "avx512", "avx512bf16", "amx"}) {
+  for (const char* isa : {"scalar", "avx2", "avx512", "avx512bf16"}) {
     setenv("MOEKIT_ISA", isa, 1);
     try {
       MoeLayer probe(make_config(2, 1, 4, 4), uint64_t{0});

@@ -45,15 +45,12 @@ Isa parse_isa(const std::string& s) {
   if (s == "avx2") return Isa::kAvx2;
   if (s == "avx512") return Isa::kAvx512;
   if (s == "avx512bf16") return Isa::kAvx512Bf16;
-  if (s == "amx") return Isa::kAmxBf16;
-  throw_input_error("MOEKIT_ISA", "one of scalar|avx2|avx512|avx512bf16|amx", s);
+  throw_input_error("MOEKIT_ISA", "one of scalar|avx2|avx512|avx512bf16", s);
 }
 
 }  // namespace
 
 Isa detect_isa() {
-  // AMX is not implemented (no machine with AMX was available to test it), so the best path
-  // is at most AVX512-BF16.
   static const Isa best = [] {
     cpu_init();  // safe even when called from another static initialiser
     if (cpu_has_avx512bf16()) return Isa::kAvx512Bf16;
@@ -82,7 +79,6 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx512Bf16: return "avx512bf16";
-    case Isa::kAmxBf16: return "amx";
   }
   return "unknown";
 }

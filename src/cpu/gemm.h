@@ -11,8 +11,8 @@
 //
 // Paths (docs/kernels.md has the measurements): AVX-512 14×32 fp32 FMA micro-kernel, the same
 // widening bf16 weights, AVX512-BF16 14×32 vdpbf16ps micro-kernel for bf16 weights, AVX2 6×16
-// fp32 micro-kernel, scalar. AMX is declared but not implemented (no AMX machine was available
-// to test it): detect_isa() never returns kAmxBf16.
+// fp32 micro-kernel, scalar. There is no AMX path yet (no AMX machine was available to test one;
+// untested kernels are not shipped): an AMX path will be one more Isa value and kernel file.
 #pragma once
 
 #include <cstdint>
@@ -27,13 +27,12 @@ enum class Isa : int {
   kAvx2 = 1,        // AVX2 + FMA
   kAvx512 = 2,      // AVX-512 F/BW/VL/DQ
   kAvx512Bf16 = 3,  // + AVX512-BF16 (vdpbf16ps) for bf16 operands
-  kAmxBf16 = 4,     // + AMX tiles (tdpbf16ps) for bf16 operands: not implemented yet
 };
 
 // The best ISA this CPU and this build support.
 Isa detect_isa();
-// detect_isa(), lowered by the environment variable MOEKIT_ISA (scalar|avx2|avx512|avx512bf16|
-// amx) when set; a request above what the CPU has is an error.
+// detect_isa(), lowered by the environment variable MOEKIT_ISA (scalar|avx2|avx512|avx512bf16)
+// when set; an unknown name or a request above what the CPU has is an error.
 Isa active_isa();
 const char* isa_name(Isa isa);
 // Every ISA from kScalar up to detect_isa(), for tests that compare all paths.
