@@ -5,8 +5,8 @@
 //                         on the library's best kernel (cpu::gemm_packed on a PackedWeight for
 //                         the active ISA) and all threads; FLOPs 2·T·k·3·d_model·d_ff, the
 //                         expert FLOPs of a SwiGLU MoE forward. Best of a few tilings.
-//   router_ms             what the layer's forward runs before the experts: the fp32 router GEMM
-//                         on a packed weight, then route_logits (top-k, weights, plan, losses),
+//   router_ms             what the layer's forward runs before the experts: the router op
+//                         (ops/router.h) on a packed weight, then route_logits (top-k, weights, plan, losses),
 //                         timed on its own (the layer does not expose its internal split).
 //   training (--backward) per round, as a training loop runs it: refresh_packed_weights() (the
 //                         optimizer changed the weights), forward, backward. weight_update_ms is
@@ -52,6 +52,7 @@
 #include "moekit/error.h"
 #include "moekit/layer.h"
 #include "moekit/routing.h"
+#include "ops/router.h"
 
 namespace moekit::cli {
 namespace {
@@ -207,12 +208,21 @@ std::vector<float> random_normal(size_t n, uint64_t seed) {
   return v;
 }
 
+// The process-wide pool, o.threads of its threads per job.
+struct Pool {
+  int threads = 1;
+  template <typename Fn>
+  void run(int64_t num_tasks, Fn&& fn) const {
+    mc::thread_pool().run(threads, num_tasks, fn);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Dense GEMM of equal FLOPs: C[M, N] = A[M, K] · Wᵀ, W [N, K] packed for the active ISA.
 
 class DenseGemm {
  public:
-  DenseGemm(int64_t M, int64_t N, int64_t K, DType dtype, mc::Isa isa, mc::ThreadPool& pool, uint64_t seed)
+  DenseGemm(int64_t M, int64_t N, int64_t K, DType dtype, mc::Isa isa, Pool pool, uint64_t seed)
       : M_(M), N_(N), pool_(pool) {
     const mc::DType cdt = dtype == DType::kBF16 ? mc::DType::kBF16 : mc::DType::kF32;
     a32_ = random_normal(static_cast<size_t>(M * K), seed + 11);
@@ -279,7 +289,7 @@ class DenseGemm {
   }
 
   int64_t M_, N_;
-  mc::ThreadPool& pool_;
+  Pool pool_;
   std::vector<float> a32_;
   std::vector<uint16_t> a16_;
   mc::PackedWeight w_;
@@ -305,7 +315,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) uint64_t sum_words(
   return s0 + s1 + s2 + s3;
 }
 
-double memory_read_gbps(mc::ThreadPool& pool, int repeats) {
+double memory_read_gbps(Pool pool, int repeats) {
   constexpr size_t kBytes = size_t(1) << 30;
   constexpr size_t kChunkWords = (size_t(16) << 20) / sizeof(uint64_t);  // 16 MiB per task
   const size_t words = kBytes / sizeof(uint64_t);
@@ -348,7 +358,7 @@ int bench_command(const std::vector<std::string>& args) {
   MoeLayer layer(config, o.seed);
   const std::vector<float> hidden = random_normal(static_cast<size_t>(o.tokens * o.d_model), o.seed + 1);
   const ConstMatrixView<float> x{hidden.data(), o.tokens, o.d_model};
-  mc::ThreadPool pool(o.threads);
+  const Pool pool{o.threads};
   const mc::Isa isa = mc::active_isa();
 
   // Phase 1, the layer alone: inference warm-up (packs the weights), then the training step.
@@ -420,32 +430,15 @@ int bench_command(const std::vector<std::string>& args) {
   // route_logits, as the layer's forward runs them before the experts.
   const MoeParams& params = layer.params();
   const int64_t router_rows = config.router_rows();
-  const mc::PackedWeight router_w = mc::PackedWeight::pack(
-      params.router_weight.data, mc::DType::kF32, router_rows, o.d_model, o.d_model, mc::DType::kF32, isa);
+  const ops::OpContext router_ctx = ops::cpu_context(o.threads);
+  ops::RouterCache router_cache;
+  ops::router_prepare(router_ctx, params.router_weight, router_cache);
   RoutingOptions router_options;
   router_options.num_threads = o.threads;
   Matrix<float> logits(o.tokens, router_rows);
   auto run_router = [&] {
-    constexpr int64_t kRowBlock = 128;
-    const int64_t row_tasks = (o.tokens + kRowBlock - 1) / kRowBlock;
-    mc::GemmProblem q;
-    q.m = o.tokens;
-    q.n = router_rows;
-    q.k = o.d_model;
-    q.a = {hidden.data(), mc::DType::kF32, o.d_model, 1};
-    q.c = logits.values.data();
-    q.ldc = router_rows;
-    q.epilogue.bias = params.router_bias.empty() ? nullptr : params.router_bias.data();
-    if (row_tasks >= o.threads) {
-      pool.run(row_tasks, [&](int64_t t, int) {
-        mc::gemm_packed(q, router_w, t * kRowBlock, std::min(o.tokens, (t + 1) * kRowBlock), 0, router_rows);
-      });
-    } else {  // few tokens: split the experts instead
-      const int64_t cb = std::max<int64_t>(16, (router_rows + o.threads - 1) / o.threads);
-      pool.run((router_rows + cb - 1) / cb, [&](int64_t t, int) {
-        mc::gemm_packed(q, router_w, 0, o.tokens, t * cb, std::min(router_rows, (t + 1) * cb));
-      });
-    }
+    ops::router_forward<float>(router_ctx, x, params.router_weight, params.router_bias, logits.view(),
+                               &router_cache);
     const RoutingResult<float> r = route_logits(config.routing, logits.cview(), router_options);
     (void)r;
   };

@@ -52,19 +52,13 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/backend.h"
 #include "moekit/config.h"
 #include "moekit/experts.h"
 #include "moekit/routing.h"
 #include "moekit/tensor.h"
 
 namespace moekit {
-
-// Element type of expert weights and activations. The router is always fp32.
-//   kBF16: weights stored bf16, activations rounded to bf16 at each GEMM input, fp32
-//          accumulation and fp32 output (the bf16 of PyTorch autocast).
-enum class DType { kF32, kBF16 };
-
-const char* dtype_name(DType dtype);  // "fp32" or "bf16"
 
 struct MoeLayerConfig {
   RoutingConfig routing;
@@ -80,8 +74,9 @@ struct MoeLayerConfig {
   int64_t num_shared_experts = 0;
   int64_t shared_d_ff = 0;
   bool shared_expert_gate = false;  // Qwen2-MoE: shared output × σ(x · w_shared_gate)
-  DType dtype = DType::kF32;
-  int num_threads = 1;
+  DType dtype = DType::kF32;      // weight format of the experts
+  Backend backend = Backend::kCpu;
+  int num_threads = 1;            // threads of the process-wide pool this layer's calls use
 
   // Derived shapes.
   int64_t num_experts() const { return routing.num_experts; }
@@ -107,15 +102,26 @@ struct MoeLayerConfig {
 // bfloat16), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
 MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
 
-// Non-owning view of a weight stack [experts, rows, cols], row-major, fp32 or bf16 (bf16: the
-// upper 16 bits of an IEEE fp32, as uint16). Element (e, r, c) is at ((e·rows + r)·cols + c).
+// Non-owning view of a weight stack [experts, rows, cols], fp32 or bf16 (bf16: the upper 16
+// bits of an IEEE fp32, as uint16). Element (e, r, c) is at
+//   data + e·expert_stride + r·row_stride + c·col_stride      (in elements of dtype)
+// where a stride of 0 means the contiguous row-major default (rows·cols, cols, 1). Strides let
+// a layer read a layout other than its own in place (per-expert tensors at any distance, a down
+// projection stored transposed as [experts, d_ff, d_model]): packing reads through them, no
+// copy is made first.
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t experts = 1;
   int64_t rows = 0;
   int64_t cols = 0;
+  int64_t expert_stride = 0;
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
   bool empty() const { return data == nullptr; }
+  int64_t expert_step() const { return expert_stride != 0 ? expert_stride : rows * cols; }
+  int64_t row_step() const { return row_stride != 0 ? row_stride : cols; }
+  int64_t col_step() const { return col_stride != 0 ? col_stride : 1; }
 };
 
 // The parameters a layer computes with, as views of memory it does not own (Python tensors,

@@ -1,8 +1,6 @@
 #include "thread_pool.h"
 
 #include <algorithm>
-#include <map>
-#include <memory>
 
 namespace moekit::cpu {
 namespace {
@@ -10,9 +8,17 @@ namespace {
 thread_local bool t_inside_task = false;
 }  // namespace
 
-ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
-  workers_.reserve(static_cast<size_t>(num_threads_ - 1));
-  for (int i = 1; i < num_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+void ThreadPool::grow(int num_threads) {
+  // A new worker waits for the next job: it starts having seen the current generation (which
+  // only changes under run_mutex_, held here).
+  const uint64_t seen = generation_;
+  for (int i = static_cast<int>(workers_.size()) + 1; i < num_threads; ++i)
+    workers_.emplace_back([this, i, seen] { worker_loop(i, seen); });
+}
+
+int ThreadPool::num_workers() {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  return static_cast<int>(workers_.size());
 }
 
 ThreadPool::~ThreadPool() {
@@ -41,16 +47,17 @@ void ThreadPool::drain(int thread) {
   t_inside_task = was_inside;
 }
 
-void ThreadPool::worker_loop(int thread) {
-  uint64_t seen = 0;
+void ThreadPool::worker_loop(int thread, uint64_t seen) {
+  bool take_part = false;
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
       if (stop_) return;
       seen = generation_;
+      take_part = thread < active_threads_;
     }
-    drain(thread);
+    if (take_part) drain(thread);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (--busy_workers_ == 0) done_.notify_one();
@@ -58,16 +65,18 @@ void ThreadPool::worker_loop(int thread) {
   }
 }
 
-void ThreadPool::run_raw(int64_t num_tasks, TaskFn fn, void* context) {
+void ThreadPool::run_raw(int num_threads, int64_t num_tasks, TaskFn fn, void* context) {
   if (num_tasks <= 0) return;
   // Serial cases: one thread, one task, or a run issued from inside a task (never nest).
-  if (workers_.empty() || num_tasks == 1 || t_inside_task) {
+  if (num_threads <= 1 || num_tasks == 1 || t_inside_task) {
     for (int64_t task = 0; task < num_tasks; ++task) fn(context, task, 0);
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mutex_);
+  grow(num_threads);
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    active_threads_ = num_threads;
     fn_ = fn;
     context_ = context;
     num_tasks_ = num_tasks;
@@ -89,14 +98,9 @@ void ThreadPool::run_raw(int64_t num_tasks, TaskFn fn, void* context) {
   if (error) std::rethrow_exception(error);
 }
 
-ThreadPool& shared_thread_pool(int num_threads) {
-  static std::mutex mutex;
-  static std::map<int, std::unique_ptr<ThreadPool>> pools;
-  const int n = std::max(1, num_threads);
-  std::lock_guard<std::mutex> lock(mutex);
-  std::unique_ptr<ThreadPool>& pool = pools[n];
-  if (!pool) pool = std::make_unique<ThreadPool>(n);
-  return *pool;
+ThreadPool& thread_pool() {
+  static ThreadPool pool;
+  return pool;
 }
 
 }  // namespace moekit::cpu

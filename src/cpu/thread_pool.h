@@ -1,5 +1,8 @@
-// One persistent pool of threads for the layer's compute: num_threads − 1 workers plus the
-// calling thread pull task indices from a single atomic counter.
+// The process-wide pool of threads that runs all of moekit's parallel work (the layer's tiles,
+// the routing core's loops, the bench): the calling thread plus up to num_threads − 1 workers
+// pull task indices from a single atomic counter. The caller sizes each job (num_threads per
+// run); the pool grows to the largest size asked for and never creates threads per call, so a
+// process holds at most max(num_threads) − 1 workers however many layers and routers it runs.
 //
 // Why one counter and not a static split: MoE work is uneven (a hot expert has many row blocks,
 // a cold one none), so tasks are pulled dynamically and every core stays busy until the queue is
@@ -27,31 +30,33 @@ class ThreadPool {
   // use per-thread scratch memory; the caller is thread 0.
   using TaskFn = void (*)(void* context, int64_t task, int thread);
 
-  explicit ThreadPool(int num_threads);
+  ThreadPool() = default;
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  int num_threads() const { return num_threads_; }
-
-  // Runs fn(task, thread) for every task in [0, num_tasks) and returns when all are done. The
-  // first exception thrown by a task is rethrown here; remaining tasks are skipped.
+  // Runs fn(task, thread) for every task in [0, num_tasks) on at most num_threads threads (the
+  // caller and num_threads − 1 workers) and returns when all are done. The first exception
+  // thrown by a task is rethrown here; remaining tasks are skipped.
   template <typename Fn>
-  void run(int64_t num_tasks, Fn&& fn) {
+  void run(int num_threads, int64_t num_tasks, Fn&& fn) {
     auto trampoline = [](void* context, int64_t task, int thread) {
       (*static_cast<std::remove_reference_t<Fn>*>(context))(task, thread);
     };
-    run_raw(num_tasks, trampoline, static_cast<void*>(&fn));
+    run_raw(num_threads, num_tasks, trampoline, static_cast<void*>(&fn));
   }
 
+  // Workers started so far (the largest num_threads asked for, minus one).
+  int num_workers();
+
  private:
-  void run_raw(int64_t num_tasks, TaskFn fn, void* context);
-  void worker_loop(int thread);
+  void run_raw(int num_threads, int64_t num_tasks, TaskFn fn, void* context);
+  void grow(int num_threads);  // under run_mutex_
+  void worker_loop(int thread, uint64_t seen);
   void drain(int thread);
 
-  int num_threads_ = 1;
   std::vector<std::thread> workers_;
-
+  int active_threads_ = 1;  // threads taking part in the current job
   std::mutex run_mutex_;  // one job at a time
   std::mutex mutex_;
   std::condition_variable wake_;  // workers wait here for a new job
@@ -69,9 +74,8 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
-// A process-wide pool of num_threads threads (created on first use, one per distinct count,
-// kept until exit), for code without a pool of its own (the routing core), so that no call
-// pays for creating threads. Safe to use from several threads: jobs run one at a time.
-ThreadPool& shared_thread_pool(int num_threads);
+// The process-wide pool (created on first use, kept until exit). Safe to use from several
+// threads: jobs run one at a time.
+ThreadPool& thread_pool();
 
 }  // namespace moekit::cpu

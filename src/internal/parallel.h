@@ -20,7 +20,7 @@ void parallel_for(int64_t n, int num_threads, Fn&& fn) {
   }
   const int64_t chunk = (n + threads - 1) / threads;
   const int64_t chunks = (n + chunk - 1) / chunk;
-  cpu::shared_thread_pool(static_cast<int>(threads)).run(chunks, [&](int64_t i, int) {
+  cpu::thread_pool().run(static_cast<int>(threads), chunks, [&](int64_t i, int) {
     fn(i * chunk, std::min(n, (i + 1) * chunk));
   });
 }

@@ -1,0 +1,142 @@
+// Parameters of the layer: owned storage, views, and their shape checks.
+#include <string>
+
+#include "moekit/error.h"
+#include "moekit/layer.h"
+
+namespace moekit {
+
+// ---------------------------------------------------------------------------------------------
+// Parameter tensors and views.
+
+template <typename Real>
+BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
+  c.validate();
+  const int64_t num_experts = c.num_experts(), d = c.d_model, f = c.d_ff, rows = c.gate_up_rows();
+  auto sized = [](int64_t n) { return std::vector<Real>(static_cast<size_t>(n), Real(0)); };
+  BasicMoeTensors<Real> t;
+  t.router_weight = sized(c.router_rows() * d);
+  if (c.router_bias) t.router_bias = sized(c.router_rows());
+  if (c.routing.noisy_gating) t.router_noise_weight = sized(num_experts * d);
+  t.gate_up = sized(num_experts * rows * d);
+  t.down = sized(num_experts * d * f);
+  if (c.expert_bias) {
+    t.gate_up_bias = sized(num_experts * rows);
+    t.down_bias = sized(num_experts * d);
+  }
+  if (c.has_shared()) {
+    t.shared_gate_up = sized(c.shared_gate_up_rows() * d);
+    t.shared_down = sized(d * c.effective_shared_d_ff());
+    if (c.expert_bias) {
+      t.shared_gate_up_bias = sized(c.shared_gate_up_rows());
+      t.shared_down_bias = sized(d);
+    }
+    if (c.shared_expert_gate) t.shared_gate = sized(d);
+  }
+  return t;
+}
+
+template BasicMoeTensors<float> make_moe_tensors<float>(const MoeLayerConfig&);
+template BasicMoeTensors<double> make_moe_tensors<double>(const MoeLayerConfig&);
+
+MoeParams moe_params_view(const MoeLayerConfig& c, const MoeTensors& t) {
+  const int64_t num_experts = c.num_experts(), d = c.d_model;
+  auto weights = [](const std::vector<float>& v, int64_t experts, int64_t rows, int64_t cols) {
+    return v.empty() ? WeightView{} : WeightView{v.data(), DType::kF32, experts, rows, cols};
+  };
+  MoeParams p;
+  p.router_weight = {t.router_weight.data(), c.router_rows(), d};
+  p.router_bias = t.router_bias;
+  if (!t.router_noise_weight.empty()) p.router_noise_weight = {t.router_noise_weight.data(), num_experts, d};
+  p.gate_up = weights(t.gate_up, num_experts, c.gate_up_rows(), d);
+  p.down = weights(t.down, num_experts, d, c.d_ff);
+  p.gate_up_bias = t.gate_up_bias;
+  p.down_bias = t.down_bias;
+  p.shared_gate_up = weights(t.shared_gate_up, 1, c.shared_gate_up_rows(), d);
+  p.shared_down = weights(t.shared_down, 1, d, c.effective_shared_d_ff());
+  p.shared_gate_up_bias = t.shared_gate_up_bias;
+  p.shared_down_bias = t.shared_down_bias;
+  p.shared_gate = t.shared_gate;
+  return p;
+}
+
+namespace {
+
+std::string shape_text(int64_t a, int64_t b) { return detail::concat("[", a, ", ", b, "]"); }
+std::string shape_text(int64_t a, int64_t b, int64_t c) {
+  return detail::concat("[", a, ", ", b, ", ", c, "]");
+}
+
+void check_matrix_param(const char* name, ConstMatrixView<float> m, bool wanted, int64_t rows,
+                        int64_t cols, const char* why) {
+  const bool given = m.data != nullptr;
+  if (given != wanted) {
+    throw_input_error(detail::concat("params.", name),
+                      wanted ? detail::concat("a ", shape_text(rows, cols), " matrix") : detail::concat("none (", why, ")"),
+                      given ? shape_text(m.rows, m.cols) : std::string("none"));
+  }
+  if (given && (m.rows != rows || m.cols != cols)) {
+    throw_input_error(detail::concat("params.", name, " shape"), shape_text(rows, cols), shape_text(m.rows, m.cols));
+  }
+}
+
+void check_vector_param(const char* name, std::span<const float> v, bool wanted, int64_t size,
+                        const char* why) {
+  const int64_t actual = static_cast<int64_t>(v.size());
+  if (wanted && (v.data() == nullptr || actual != size)) {
+    throw_input_error(detail::concat("params.", name, " length"), size, v.data() ? actual : 0);
+  }
+  if (!wanted && actual != 0) {
+    throw_input_error(detail::concat("params.", name), detail::concat("empty (", why, ")"),
+                      detail::concat("length ", actual));
+  }
+}
+
+void check_weight_param(const char* name, const WeightView& w, bool wanted, int64_t experts,
+                        int64_t rows, int64_t cols, const char* why) {
+  if (w.empty() != !wanted) {
+    throw_input_error(detail::concat("params.", name),
+                      wanted ? detail::concat("a ", shape_text(experts, rows, cols), " weight") : detail::concat("none (", why, ")"),
+                      w.empty() ? std::string("none") : shape_text(w.experts, w.rows, w.cols));
+  }
+  if (!wanted) return;
+  if (w.experts != experts || w.rows != rows || w.cols != cols) {
+    throw_input_error(detail::concat("params.", name, " shape"), shape_text(experts, rows, cols),
+                      shape_text(w.experts, w.rows, w.cols));
+  }
+  if (w.dtype != DType::kF32 && w.dtype != DType::kBF16) {
+    throw_input_error(detail::concat("params.", name, " dtype"), "fp32 or bf16", static_cast<int>(w.dtype));
+  }
+  if (w.expert_stride < 0 || w.row_stride < 0 || w.col_stride < 0) {
+    throw_input_error(detail::concat("params.", name, " strides"), "non-negative (0: contiguous)",
+                      shape_text(w.expert_stride, w.row_stride, w.col_stride));
+  }
+}
+
+}  // namespace
+
+void check_moe_params(const MoeLayerConfig& c, const MoeParams& p) {
+  const int64_t num_experts = c.num_experts(), d = c.d_model;
+  check_matrix_param("router_weight", p.router_weight, true, c.router_rows(), d, "");
+  check_vector_param("router_bias", p.router_bias, c.router_bias, c.router_rows(), "router_bias is false");
+  check_matrix_param("router_noise_weight", p.router_noise_weight, c.routing.noisy_gating, num_experts, d,
+                     "noisy_gating is false");
+  check_weight_param("gate_up", p.gate_up, true, num_experts, c.gate_up_rows(), d, "");
+  check_weight_param("down", p.down, true, num_experts, d, c.d_ff, "");
+  check_vector_param("gate_up_bias", p.gate_up_bias, c.expert_bias, num_experts * c.gate_up_rows(),
+                     "expert_bias is false");
+  check_vector_param("down_bias", p.down_bias, c.expert_bias, num_experts * d, "expert_bias is false");
+  const bool shared = c.has_shared();
+  check_weight_param("shared_gate_up", p.shared_gate_up, shared, 1, c.shared_gate_up_rows(), d,
+                     "num_shared_experts is 0");
+  check_weight_param("shared_down", p.shared_down, shared, 1, d, c.effective_shared_d_ff(),
+                     "num_shared_experts is 0");
+  check_vector_param("shared_gate_up_bias", p.shared_gate_up_bias, shared && c.expert_bias,
+                     c.shared_gate_up_rows(), "no shared expert biases");
+  check_vector_param("shared_down_bias", p.shared_down_bias, shared && c.expert_bias, d,
+                     "no shared expert biases");
+  check_vector_param("shared_gate", p.shared_gate, c.shared_expert_gate, d, "shared_expert_gate is false");
+}
+
+
+}  // namespace moekit

@@ -1,0 +1,74 @@
+// The row space: how a routing plan becomes the row segments of the grouped expert GEMMs.
+//
+// Every (token, expert) assignment the experts compute is one row; rows are grouped by expert
+// (the plan's counting sort: expert e owns rows [expert_offsets[e], expert_offsets[e+1]) with
+// tokens ascending), and the shared expert, when present, is one more group owning num_tokens
+// rows. Soft MoE rows are slots, expert-major: row (e, g, s) = e·num_sequences·slots_per_expert
+// + g·slots_per_expert + s, so each expert's slots are contiguous. A group reads its A rows
+// straight from hidden_states through the plan's token list (the GEMM's row gather): no
+// permuted copy is made.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "moekit/backend.h"
+#include "moekit/layer.h"
+#include "moekit/plan.h"
+
+namespace moekit::ops {
+
+// One expert weight as the kernels read it: W [rows, cols] (out × in, Hugging Face layout) with
+// element (r, c) at data + r·row_stride + c·col_stride (in elements of dtype).
+struct ExpertWeight {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t row_stride = 0;
+  int64_t col_stride = 1;
+  bool rows_contiguous() const { return col_stride == 1; }
+};
+
+// One expert's share of the row space, with everything its GEMMs read.
+struct Group {
+  int64_t expert = 0;                 // weight index; num_experts is the shared expert
+  int64_t d_ff = 0;                   // hidden width
+  int64_t gu_cols = 0;                // pre-activation width: 2·d_ff (gated) or d_ff
+  int64_t row_begin = 0;              // first row in the row space
+  int64_t num_rows = 0;
+  const float* a = nullptr;           // A rows: row i is a + src(i)·d_model
+  const float* dy = nullptr;          // backward: d_y row i is dy + src(i)·d_model
+  const int32_t* a_rows = nullptr;    // src(i) = a_rows[i] (token index), or i when null
+  const float* scale = nullptr;       // [num_rows] combine weight / shared gate, or null (1)
+  int64_t h_offset = 0;               // this group's [num_rows, d_ff] block in h-sized buffers
+  int64_t gu_offset = 0;              // its [num_rows, gu_cols] block in the pre-activations
+  ExpertWeight w_gate_up;             // [gu_cols, d_model]
+  ExpertWeight w_down;                // [d_model, d_ff]
+  const float* b_gate_up = nullptr;   // [gu_cols] or null
+  const float* b_down = nullptr;      // [d_model] or null
+  int64_t src(int64_t i) const { return a_rows ? a_rows[i] : i; }
+};
+
+struct RowSpace {
+  std::vector<Group> groups;
+  int64_t total_rows = 0;
+  int64_t routed_rows = 0;  // rows of routed experts; shared rows follow
+  int64_t h_size = 0;       // Σ num_rows · d_ff
+  int64_t gu_size = 0;      // Σ num_rows · gu_cols
+  int64_t max_d_ff = 0;
+};
+
+// The expert weight e of a stack (e = 0 for a shared expert's [1, rows, cols] view).
+ExpertWeight expert_weight(const WeightView& w, int64_t e);
+
+// The groups of the row space from the plan (or the Soft MoE slots).
+RowSpace build_row_space(const MoeLayerConfig& config, const MoeParams& params,
+                         const RoutingPlan& plan, int64_t num_sequences,
+                         const float* hidden_states,  // [num_tokens, d_model]
+                         const float* slot_inputs,    // Soft MoE: [routed rows, d_model]
+                         const float* shared_scale);  // [num_tokens] or null
+
+// The row of each kept selection of the plan (the inverse of plan.expert_selection), −1 for a
+// dropped one: [num_selections].
+std::vector<int64_t> selection_rows(const RoutingPlan& plan);
+
+}  // namespace moekit::ops
