@@ -1,0 +1,174 @@
+// The layer's structure: weight views with strides read in place, the backend seam, the one
+// process-wide thread pool, and results that overflow on finite input.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/thread_pool.h"
+#include "moekit/error.h"
+#include "moekit/layer.h"
+
+namespace moekit {
+namespace {
+
+MoeLayerConfig small_config(int64_t num_experts, int64_t top_k, int64_t d_model, int64_t d_ff) {
+  MoeLayerConfig c;
+  c.routing.num_experts = num_experts;
+  c.routing.num_experts_per_tok = top_k;
+  c.d_model = d_model;
+  c.d_ff = d_ff;
+  return c;
+}
+
+Matrix<float> normal_matrix(int64_t rows, int64_t cols, uint32_t seed, float stddev = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  Matrix<float> m(rows, cols);
+  for (float& v : m.values) v = dist(gen);
+  return m;
+}
+
+// The same weights in other layouts: the down projection stored transposed per expert
+// ([experts, d_ff, d_model], as gpt-oss stores it) and the gate/up stack with a gap between
+// experts (per-expert tensors that do not touch).
+struct OtherLayouts {
+  std::vector<float> down_t;   // [experts, d_ff, d_model]
+  std::vector<float> gate_up;  // experts at a stride of rows·cols + kGap
+  static constexpr int64_t kGap = 24;
+};
+
+OtherLayouts relayout(const MoeLayerConfig& c, const MoeTensors& t) {
+  const int64_t num_experts = c.num_experts(), d = c.d_model, f = c.d_ff, gu = c.gate_up_rows();
+  OtherLayouts o;
+  o.down_t.resize(t.down.size());
+  for (int64_t e = 0; e < num_experts; ++e)
+    for (int64_t r = 0; r < d; ++r)
+      for (int64_t j = 0; j < f; ++j) o.down_t[(e * f + j) * d + r] = t.down[(e * d + r) * f + j];
+  o.gate_up.assign(static_cast<size_t>(num_experts * (gu * d + OtherLayouts::kGap)), NAN);
+  for (int64_t e = 0; e < num_experts; ++e)
+    std::copy_n(t.gate_up.begin() + e * gu * d, gu * d, o.gate_up.begin() + e * (gu * d + OtherLayouts::kGap));
+  return o;
+}
+
+MoeParams strided_view(const MoeLayerConfig& c, const MoeTensors& t, const OtherLayouts& o) {
+  MoeParams p = moe_params_view(c, t);
+  const int64_t d = c.d_model, f = c.d_ff, gu = c.gate_up_rows();
+  p.down.data = o.down_t.data();
+  p.down.expert_stride = f * d;
+  p.down.row_stride = 1;  // element (e, r, j) of W_down [d_model, d_ff] at e·f·d + j·d + r
+  p.down.col_stride = d;
+  p.gate_up.data = o.gate_up.data();
+  p.gate_up.expert_stride = gu * d + OtherLayouts::kGap;
+  return p;
+}
+
+// Weight views with strides give bitwise the output, d_hidden_states and every gradient of the
+// contiguous layout: packing reads through the strides (with enough rows per expert that both
+// layers pack, so the same kernels run).
+TEST(LayerStructure, StridedWeightViewsAreReadInPlace) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    MoeLayerConfig c = small_config(4, 2, 32, 24);
+    c.dtype = dtype;
+    c.expert_bias = true;
+    MoeLayer owned(c, uint64_t{7});
+    const MoeTensors& t = owned.parameters();
+    const OtherLayouts o = relayout(c, t);
+    MoeLayer contiguous(c, moe_params_view(c, t));
+    MoeLayer strided(c, strided_view(c, t, o));
+    const Matrix<float> x = normal_matrix(64, 32, 8);
+    EXPECT_TRUE(contiguous.forward(x.cview()).output.values == strided.forward(x.cview()).output.values)
+        << dtype_name(dtype);
+
+    contiguous.set_training(true);
+    strided.set_training(true);
+    const Matrix<float> d_out = normal_matrix(64, 32, 9);
+    const auto a = contiguous.forward(x.cview());
+    const auto b = strided.forward(x.cview());
+    for (int64_t e = 0; e < c.num_experts(); ++e) ASSERT_GT(a.routing.plan.tokens_for_expert(e), 4);
+    EXPECT_TRUE(a.output.values == b.output.values) << dtype_name(dtype);
+    EXPECT_TRUE(contiguous.backward(d_out.cview()).values == strided.backward(d_out.cview()).values)
+        << dtype_name(dtype);
+    const MoeTensors& ga = contiguous.grads();
+    const MoeTensors& gb = strided.grads();
+    EXPECT_TRUE(ga.gate_up == gb.gate_up);
+    EXPECT_TRUE(ga.down == gb.down);
+    EXPECT_TRUE(ga.down_bias == gb.down_bias);
+    EXPECT_TRUE(ga.router_weight == gb.router_weight);
+  }
+}
+
+TEST(LayerStructure, NegativeStridesAreRejected) {
+  MoeLayerConfig c = small_config(4, 2, 8, 8);
+  MoeLayer owned(c, uint64_t{1});
+  MoeParams p = moe_params_view(c, owned.parameters());
+  p.down.row_stride = -1;
+  try {
+    MoeLayer bad(c, p);
+    FAIL() << "nothing thrown";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("params.down strides"), std::string::npos) << e.what();
+  }
+}
+
+// A backend and weight format this build has no implementation for is a ConfigError naming
+// both, and what the build does have, when the layer is built.
+TEST(LayerStructure, UnsupportedBackendIsAClearError) {
+  MoeLayerConfig c = small_config(4, 2, 8, 8);
+  c.backend = Backend::kCuda;
+  c.dtype = DType::kBF16;
+  try {
+    MoeLayer layer(c, uint64_t{1});
+    FAIL() << "nothing thrown";
+  } catch (const ConfigError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("got cuda/bf16"), std::string::npos) << m;
+    EXPECT_NE(m.find("cpu/fp32"), std::string::npos) << m;
+    EXPECT_NE(m.find("cpu/bf16"), std::string::npos) << m;
+  }
+}
+
+// Layers and the routing core share one pool: running two layers and a router with N threads
+// leaves N − 1 workers in the process, not a pool per layer or per thread count.
+TEST(LayerStructure, OneProcessWidePoolSizedByTheCaller) {
+  const int threads = cpu::thread_pool().num_workers() + 3;  // larger than anything before
+  MoeLayerConfig c = small_config(4, 2, 16, 16);
+  c.num_threads = threads;
+  MoeLayer first(c, uint64_t{1}), second(c, uint64_t{2});
+  const Matrix<float> x = normal_matrix(300, 16, 3);
+  const auto out1 = first.forward(x.cview());
+  second.forward(x.cview());
+  RoutingOptions options;
+  options.num_threads = threads;
+  route_logits(c.routing, normal_matrix(300, 4, 4).cview(), options);
+  EXPECT_EQ(cpu::thread_pool().num_workers(), threads - 1);
+  // Fewer threads per call use part of the pool and give bitwise the same result.
+  c.num_threads = 1;
+  MoeLayer serial(c, uint64_t{1});
+  EXPECT_TRUE(serial.forward(x.cview()).output.values == out1.output.values);
+  EXPECT_EQ(cpu::thread_pool().num_workers(), threads - 1);
+}
+
+// Finite hidden states with expert weights whose products overflow: the forward names the
+// output element and where it arose instead of returning Inf or NaN.
+TEST(LayerStructure, OverflowingExpertsAreAnError) {
+  MoeLayerConfig c = small_config(2, 1, 4, 4);
+  MoeLayer layer(c, uint64_t{1});
+  for (float& w : layer.parameters().gate_up) w = 3e37f;
+  layer.refresh_packed_weights();
+  const Matrix<float> x = normal_matrix(3, 4, 5);
+  try {
+    layer.forward(x.cview());
+    FAIL() << "nothing thrown";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("output["), std::string::npos) << m;
+    EXPECT_NE(m.find("expected a finite number"), std::string::npos) << m;
+    EXPECT_NE(m.find("overflowed"), std::string::npos) << m;
+  }
+}
+
+}  // namespace
+}  // namespace moekit
