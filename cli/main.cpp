@@ -8,7 +8,7 @@
 #include "commands.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
-#include "moekit/route_io.h"
+#include "route_io.h"
 
 namespace {
 
@@ -45,7 +45,7 @@ int route_command(const std::vector<std::string>& args) {
   }
   if (config_path.empty()) throw moekit::InputError("--config: expected a path, got nothing");
   if (input_path.empty()) throw moekit::InputError("--input: expected a path, got nothing");
-  const std::string out = moekit::route_json(read_file(config_path, "--config"),
+  const std::string out = moekit::cli::route_json(read_file(config_path, "--config"),
                                              read_file(input_path, "--input"));
   if (output_path.empty()) {
     std::cout << out << "\n";

@@ -11,7 +11,7 @@
 #include <set>
 #include <sstream>
 
-#include "moekit/route_io.h"
+#include "route_io.h"
 
 namespace moekit {
 namespace {
@@ -64,7 +64,7 @@ TEST_P(PeerFixture, MatchesPeer) {
   json input = fixture.at("input");
   if (fixture.contains("backward"))
     for (const auto& [k, v] : fixture["backward"].items()) input[k] = v;
-  const json out = json::parse(route_json(fixture.at("config").dump(), input.dump()));
+  const json out = json::parse(cli::route_json(fixture.at("config").dump(), input.dump()));
   const json& expected = fixture.at("expected");
   std::vector<int> mask;
   if (input.contains("token_mask")) mask = input["token_mask"].get<std::vector<int>>();

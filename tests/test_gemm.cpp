@@ -36,11 +36,12 @@
 #include <string>
 #include <vector>
 
-#include "../src/cpu/activation.h"
-#include "../src/cpu/gemm.h"
-#include "../src/cpu/gemm_kernels.h"
+#include "cpu/activation.h"
+#include "cpu/gemm.h"
+#include "cpu/gemm_kernels.h"
 #include "moekit/error.h"
 #include "moekit/experts.h"
+#include "oracles/gemm_reference.h"
 
 namespace moekit::cpu {
 namespace {

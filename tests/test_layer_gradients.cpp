@@ -32,6 +32,7 @@
 
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "oracles/reference_moe.h"
 
 namespace moekit {
 namespace {

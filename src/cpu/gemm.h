@@ -166,7 +166,4 @@ void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_
 void transpose_rows(Isa isa, const float* const* rows, const float* scale, int64_t num_rows, int64_t cols,
                     float* dst, int64_t ld_dst);
 
-// Plain triple loop, fp64 accumulation: the oracle the tests compare every path with.
-void gemm_reference(const GemmProblem& p);
-
 }  // namespace moekit::cpu

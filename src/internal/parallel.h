@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../cpu/thread_pool.h"
+#include "cpu/thread_pool.h"
 
 namespace moekit::detail {
 

@@ -20,7 +20,7 @@
 #include <cmath>
 #include <utility>
 
-#include "../internal/random.h"
+#include "internal/random.h"
 #include "router_state.h"
 
 namespace moekit {

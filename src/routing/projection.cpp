@@ -6,7 +6,7 @@
 // Noisy gating (Shazeer et al.): H = l + n·softplus(a), a = x·W_noiseᵀ, so dH/da = n·sigmoid(a).
 #include <cmath>
 
-#include "../internal/parallel.h"
+#include "internal/parallel.h"
 #include "router_state.h"
 
 namespace moekit {

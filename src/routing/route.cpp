@@ -12,7 +12,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../internal/random.h"
+#include "internal/random.h"
 #include "router_state.h"
 
 namespace moekit {

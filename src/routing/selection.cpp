@@ -23,8 +23,8 @@
 #include <cmath>
 #include <limits>
 
-#include "../internal/parallel.h"
-#include "../internal/random.h"
+#include "internal/parallel.h"
+#include "internal/random.h"
 #include "router_state.h"
 
 namespace moekit::routing_detail {

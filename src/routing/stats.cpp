@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../internal/parallel.h"
+#include "internal/parallel.h"
 #include "router_state.h"
 
 namespace moekit::routing_detail {

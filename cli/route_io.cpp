@@ -1,5 +1,5 @@
 // `moekit route` documents: parse INPUT, route, optionally run the backward, write OUT.
-#include "moekit/route_io.h"
+#include "route_io.h"
 
 #include <nlohmann/json.hpp>
 
@@ -10,7 +10,7 @@
 #include "moekit/error.h"
 #include "moekit/routing.h"
 
-namespace moekit {
+namespace moekit::cli {
 namespace {
 
 using nlohmann::json;
@@ -339,4 +339,4 @@ std::string route_json(const std::string& config_json, const std::string& input_
   return text + "\n}";
 }
 
-}  // namespace moekit
+}  // namespace moekit::cli
