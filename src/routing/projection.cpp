@@ -1,12 +1,12 @@
-// Router projection: logits = (x · Wᵀ + b) per token, accumulated in Real (fp32 or fp64), and
-// its backward
+// The routing core's router projection, on the router op (src/ops/router.h): logits = x · Wᵀ + b
+// per token (fp32 on the GEMM kernels, fp64 accumulated in double), and its backward
 //   dx = d_logits · W (+ d_noise · W_noise for noisy gating), × jitter when the input was
 //        jittered (x' = x ⊙ u);
 //   dW = d_logitsᵀ · x', summed over tokens in token order;  db = Σ_t d_logits.
 // Noisy gating (Shazeer et al.): H = l + n·softplus(a), a = x·W_noiseᵀ, so dH/da = n·sigmoid(a).
 #include <cmath>
 
-#include "internal/parallel.h"
+#include "ops/router.h"
 #include "router_state.h"
 
 namespace moekit {
@@ -36,19 +36,8 @@ Matrix<Real> router_logits(const RoutingConfig& config, ConstMatrixView<Real> hi
   for (size_t i = 0; i < params.bias.size(); ++i)
     if (!std::isfinite(double(params.bias[i])))
       throw_input_error("router_bias", "finite values", detail::concat(params.bias[i], " at [", i, "]"));
-  const int64_t n_out = params.weight.rows;
-  Matrix<Real> logits(hidden_states.rows, n_out);
-  detail::parallel_for(hidden_states.rows, num_threads, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const Real* x = hidden_states.row(t);
-      for (int64_t e = 0; e < n_out; ++e) {
-        const Real* w = params.weight.row(e);
-        Real acc = 0;
-        for (int64_t d = 0; d < d_model; ++d) acc += x[d] * w[d];
-        logits(t, e) = acc + (params.bias.empty() ? Real(0) : params.bias[e]);
-      }
-    }
-  });
+  Matrix<Real> logits(hidden_states.rows, params.weight.rows);
+  ops::router_forward<Real>(ops::cpu_context(num_threads), hidden_states, params.weight, params.bias, logits.view());
   return logits;
 }
 
@@ -89,38 +78,26 @@ RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResu
                         sigmoid(result.saved.noise_logits(t, e));
     g.d_noise_weight = Matrix<Real>(n_out, d_model);
   }
-  // dx = d_logits · W (+ d_noise · W_noise), then × jitter.
-  detail::parallel_for(num_tokens, num_threads, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      Real* dx = g.d_hidden_states.row(t);
-      for (int64_t e = 0; e < n_out; ++e) {
-        const Real dl = d_logits(t, e);
-        const Real* w = params.weight.row(e);
-        for (int64_t d = 0; d < d_model; ++d) dx[d] += dl * w[d];
-        if (noisy) {
-          const Real dn = d_noise(t, e);
-          const Real* wn = params.noise_weight.row(e);
-          for (int64_t d = 0; d < d_model; ++d) dx[d] += dn * wn[d];
-        }
-      }
-      if (jittered)
-        for (int64_t d = 0; d < d_model; ++d) dx[d] *= jitter(t, d);
-    }
-  });
-  // dW = d_logitsᵀ · x, summed over tokens in token order (fixed order: deterministic).
-  detail::parallel_for(n_out, num_threads, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      Real* dw = g.d_weight.row(e);
-      Real* dwn = noisy ? g.d_noise_weight.row(e) : nullptr;
-      for (int64_t t = 0; t < num_tokens; ++t) {
-        const Real dl = d_logits(t, e);
-        for (int64_t d = 0; d < d_model; ++d) dw[d] += dl * x_at(t, d);
-        if (noisy)
-          for (int64_t d = 0; d < d_model; ++d) dwn[d] += d_noise(t, e) * x_at(t, d);
-        if (!g.d_bias.empty()) g.d_bias[e] += dl;
-      }
-    }
-  });
+  // The projections' backward on the input the forward projected (x' = x ⊙ u when jittered):
+  //   dx' = d_logits · W (+ d_noise · W_noise),  dW = d_logitsᵀ · x',  dW_noise = d_noiseᵀ · x';
+  // then dx = dx' ⊙ u.
+  Matrix<Real> x_jittered;
+  ConstMatrixView<Real> x_in = hidden_states;
+  if (jittered) {
+    x_jittered = Matrix<Real>(num_tokens, d_model);
+    for (int64_t t = 0; t < num_tokens; ++t)
+      for (int64_t d = 0; d < d_model; ++d) x_jittered(t, d) = x_at(t, d);
+    x_in = x_jittered.cview();
+  }
+  const ops::OpContext ctx = ops::cpu_context(num_threads);
+  ops::router_backward<Real>(ctx, x_in, params.weight, d_logits, g.d_hidden_states.view(), g.d_weight.view(),
+                             std::span<Real>(g.d_bias));
+  if (noisy)
+    ops::router_backward<Real>(ctx, x_in, params.noise_weight, d_noise.cview(), g.d_hidden_states.view(),
+                               g.d_noise_weight.view(), {});
+  if (jittered)
+    for (int64_t t = 0; t < num_tokens; ++t)
+      for (int64_t d = 0; d < d_model; ++d) g.d_hidden_states(t, d) *= jitter(t, d);
   return g;
 }
 
