@@ -267,6 +267,69 @@ TEST(RoutingCapacity, ChoiceMajorPositionKeepsFirstChoicesFirst) {
   EXPECT_DOUBLE_EQ(r.stats.dropped_fraction, 0.5);
 }
 
+// V-MoE vmoe/moe_test.py (DispatcherTest.test_top_experts_per_item_einsum_{vanilla,bpr},
+// GetTopItemsPerExpertTest.test_top_items_per_expert_einsum): a capacity given to the
+// dispatcher is used as is; capacity_multiple and min_capacity apply only to a capacity
+// computed from a capacity factor.
+Matrix<float> vmoe_dispatcher_gates() {
+  Matrix<float> gates(3, 3);
+  gates.values = {0.4f, 0.0f, 0.2f,  //
+                  0.5f, 0.1f, 0.4f,  //
+                  0.3f, 0.2f, 0.6f};
+  return gates;
+}
+
+TEST(RoutingCapacity, ExplicitExpertCapacityIsUsedAsGivenVmoeTopExpertsPerItem) {
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "vmoe", "num_experts": 3, "num_experts_per_tok": 2, "expert_capacity": 2})");
+  EXPECT_EQ(compute_capacity(c, 3), 2);
+  auto r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  expect_consistent_plan(r.plan);
+  EXPECT_EQ(r.plan.capacity, 2);
+  // Vanilla: expected combine weights [[.4, 0, .2], [.5, 0, 0], [0, 0, .6]].
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2}));
+  EXPECT_EQ(kept_weights(r.plan, 0), (std::vector<float>{0.4f, 0.2f}));
+  EXPECT_EQ(r.plan.dropped.size(), 2u);
+  // BPR: expected combine weights [[.4, 0, 0], [.5, 0, .4], [0, 0, .6]].
+  c.batch_prioritized_routing = true;
+  r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2}));
+}
+
+TEST(RoutingCapacity, ExplicitExpertCapacityIsUsedAsGivenVmoeTopItemsPerExpert) {
+  const RoutingConfig c = routing_config_from_json(
+      R"({"preset": "vmoe-experts-choose", "num_experts": 3, "expert_capacity": 2})");
+  EXPECT_EQ(compute_capacity(c, 3), 2);
+  const auto r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  expect_consistent_plan(r.plan);
+  EXPECT_EQ(r.plan.capacity, 2);
+  // Expected dispatch [[[0,1],[0,0],[0,0]], [[1,0],[0,1],[0,1]], [[0,0],[1,0],[1,0]]].
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0, 2, 1}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2, 1}));
+}
+
+TEST(RoutingCapacity, MinimumAndMultipleApplyOnlyToAComputedCapacity) {
+  RoutingConfig c = topk_config(4, 2);
+  c.min_capacity = 8;
+  c.capacity_multiple = 4;
+  c.expert_capacity = 3;
+  EXPECT_EQ(compute_capacity(c, 10), 3);
+  c.expert_capacity.reset();
+  c.capacity_factor = 1.0;  // ceil(10 · 2 / 4) = 5 → at least 8 → multiple of 4: 8
+  EXPECT_EQ(compute_capacity(c, 10), 8);
+  c.min_capacity = 0;  // 5 → 8
+  EXPECT_EQ(compute_capacity(c, 10), 8);
+  // DeepSpeed's minimum of 8 is for its computed capacity only.
+  EXPECT_EQ(compute_capacity(
+                routing_config_from_json(R"({"preset": "deepspeed-top1", "expert_capacity": 2})"), 64),
+            2);
+}
+
 TEST(RoutingCapacity, BatchPrioritisedRoutingOrdersByTopScore) {
   RoutingConfig c = crowded_config();
   c.batch_prioritized_routing = true;

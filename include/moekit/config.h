@@ -121,13 +121,17 @@ struct RoutingConfig {
   // Capacity. No capacity_factor and no expert_capacity: dropless (capacity = the largest load).
   std::optional<double> capacity_factor;       // training
   std::optional<double> eval_capacity_factor;  // evaluation; falls back to capacity_factor
-  std::optional<int64_t> expert_capacity;      // fixed per-expert capacity, overrides factors
+  // Fixed per-expert capacity, used as given: it overrides the factors, and min_capacity and
+  // capacity_multiple do not apply to it (V-MoE's dispatcher `capacity`, HF Switch).
+  std::optional<int64_t> expert_capacity;
   bool drop_tokens = true;                     // false: dropless even if a factor is set
   CapacityFormula capacity_formula = CapacityFormula::kStandard;
   CapacityRounding capacity_rounding = CapacityRounding::kCeil;
   bool capacity_times_k = true;
+  // Applied to a capacity computed from a factor only: C = max(C, min_capacity), then rounded
+  // up to a multiple of capacity_multiple (V-MoE 4, Tutel alignment).
   int64_t min_capacity = 0;
-  int64_t capacity_multiple = 1;  // rounded up to a multiple of this (V-MoE 4, Tutel alignment)
+  int64_t capacity_multiple = 1;
   Scope capacity_scope = Scope::kBatch;
   DropPolicy drop_policy = DropPolicy::kPosition;
   PositionOrder position_order = PositionOrder::kChoiceMajor;
