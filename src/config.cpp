@@ -959,9 +959,11 @@ void RoutingConfig::validate() const {
           std::to_string(topk_group) + " * " + std::to_string(experts_per_group) + " = " +
               std::to_string(kept));
       if (group_score == GroupScore::kSumTopKPerGroup) {
-        require(k % topk_group == 0, "group_score",
+        // Megatron scores a group by the sum of its top-(k // topk_group) keys (floor
+        // division, any k); with k < topk_group that is an empty sum and every group ties.
+        require(k >= topk_group, "group_score",
                 "sum_top2 or max when num_experts_per_tok (" + std::to_string(k) +
-                    ") is not a multiple of topk_group (" + std::to_string(topk_group) + ")",
+                    ") is less than topk_group (" + std::to_string(topk_group) + ")",
                 "sum_topk_per_group");
       }
     }

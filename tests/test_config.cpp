@@ -577,14 +577,20 @@ TEST(ConfigValidate, TooFewExpertsInKeptGroups) {
       {"topk_group", ">= num_experts_per_tok (8)", "got 2 * 2 = 4"});
 }
 
-TEST(ConfigValidate, SumTopKPerGroupNeedsDivisibleTopK) {
-  expect_json_error(
-      R"({"num_experts": 16, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
-          "group_score": "sum_topk_per_group"})",
-      {"group_score", "num_experts_per_tok (3)", "topk_group (2)", "got sum_topk_per_group"});
+TEST(ConfigValidate, SumTopKPerGroupTakesAnyTopKFromTopkGroupOn) {
+  // Megatron's group score sums the top-(k // topk_group) keys: k need not be a multiple of
+  // topk_group, but k < topk_group would sum nothing.
   EXPECT_NO_THROW(routing_config_from_json(
-      R"({"num_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+      R"({"num_experts": 16, "num_experts_per_tok": 7, "n_group": 4, "topk_group": 2,
           "group_score": "sum_topk_per_group"})"));
+  EXPECT_NO_THROW(routing_config_from_json(
+      R"({"num_experts": 16, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+          "group_score": "sum_topk_per_group"})"));
+  expect_json_error(
+      R"({"num_experts": 16, "num_experts_per_tok": 1, "n_group": 4, "topk_group": 2,
+          "group_score": "sum_topk_per_group"})",
+      {"group_score", "num_experts_per_tok (1)", "less than topk_group (2)",
+       "got sum_topk_per_group"});
 }
 
 TEST(ConfigValidate, SumTop2NeedsTwoExpertsPerGroup) {

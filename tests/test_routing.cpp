@@ -191,6 +191,25 @@ TEST(RoutingTopK, MaskedGroupFillDecidesWhenKeptScoresAreNegative) {
   EXPECT_EQ(kept_experts(route_logits<float>(c, logits.cview()).plan, 0), (std::vector<int32_t>{0}));
 }
 
+TEST(RoutingTopK, MegatronGroupScoreSumsTopKFloorDivTopkGroupScores) {
+  // Megatron group_limited_topk: each group scores the sum of its top-(k // topk_group) keys,
+  // for any k; here k = 7, topk_group = 2, so the top-3 of each group of 4. Sums of top-3:
+  // g0 0.90, g1 1.05, g2 0.96, g3 0.30 → groups 1 and 2 (a sum of top-2 would keep g0 and g1).
+  // Top-7 of the kept experts 4..11: 4, 5, 6 (0.35), 8, 9, 10 (0.32), then 7 and 11 tie at 0
+  // and the lower index wins.
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "megatron", "num_experts": 16, "num_experts_per_tok": 7, "n_group": 4,
+          "topk_group": 2, "group_score": "sum_topk_per_group", "renormalize": "none"})");
+  Matrix<float> probs(1, 16);
+  probs.values = {0.50f, 0.40f, 0.00f, 0.00f,  0.35f, 0.35f, 0.35f, 0.00f,
+                  0.32f, 0.32f, 0.32f, 0.00f,  0.10f, 0.10f, 0.10f, 0.10f};
+  const auto r = route_probs<float>(c, probs.cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{4, 5, 6, 8, 9, 10, 7}));
+  // The same selection from logits (softmax after top-k selects on the logits).
+  const auto from_logits = route_logits<float>(c, probs.cview());
+  EXPECT_EQ(kept_experts(from_logits.plan, 0), (std::vector<int32_t>{4, 5, 6, 8, 9, 10, 7}));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Capacity and drops.
 

@@ -35,7 +35,8 @@ enum class SoftmaxOrder { kBeforeTopK, kAfterTopK };
 enum class Renormalize { kNone, kBeforeDrop, kAfterDrop };
 
 // Group score for group-limited selection (DeepSeek): sum of the top-2 scores of the group
-// (DeepSeek-V3, HF), sum of the top-(k / topk_group) scores (Megatron), or the maximum (V2).
+// (DeepSeek-V3, HF), sum of the top-⌊k / topk_group⌋ scores (Megatron group_limited_topk, any
+// k ≥ topk_group), or the maximum (V2).
 enum class GroupScore { kSumTop2, kSumTopKPerGroup, kMax };
 
 // Value given to experts of groups that were not kept, before the final top-k. -inf never lets

@@ -162,7 +162,8 @@ void Router<Real>::limit_groups(std::vector<double>& keys, std::vector<double>& 
                                 std::vector<int32_t>& picked) const {
   // Group-limited selection: score each group, keep the topk_group best groups, mask the
   // experts of the others. Group score: sum of the top-2 keys (DeepSeek-V3), sum of the
-  // top-(k / topk_group) keys (Megatron), or the largest key (DeepSeek-V2).
+  // top-⌊k / topk_group⌋ keys (Megatron, floor division for any k), or the largest key
+  // (DeepSeek-V2).
   const int64_t k = c_.num_experts_per_tok;
   const int64_t group_size = num_experts_ / c_.n_group;
   group_keys.assign(static_cast<size_t>(c_.n_group), 0.0);
