@@ -319,6 +319,7 @@ const std::vector<FieldSpec>& field_specs() {
       enum_field("scoring_func", &C::scoring_func, kScoringFuncNames),
       enum_field("softmax_order", &C::softmax_order, kSoftmaxOrderNames),
       enum_field("renormalize", &C::renormalize, kRenormalizeNames),
+      field("renormalize_sigmoid_top1", &C::renormalize_sigmoid_top1),
       field("routed_scaling_factor", &C::routed_scaling_factor),
       field("temperature", &C::temperature),
       field("e_score_correction_bias", &C::e_score_correction_bias),
@@ -607,7 +608,8 @@ const std::vector<PresetSpec>& preset_table() {
       // (topk_routing_with_score_function, get_capacity, apply_router_token_dropping,
       // switch_load_balancing_loss_func). pre_softmax false: softmax over the k selected logits.
       // With moe_router_pre_softmax true Megatron does not renormalise, so set renormalize none
-      // next to it; renormalize stays before_drop here because sigmoid scores are normalised.
+      // next to it; renormalize stays before_drop here because sigmoid scores are normalised,
+      // but only when k > 1: a sigmoid top-1 weight is the raw sigmoid.
       // Dropless until a capacity factor is given. 'position' drops by token index per expert,
       // hence token-major. Input jitter is applied without a training check.
       {"megatron",
@@ -618,6 +620,7 @@ const std::vector<PresetSpec>& preset_table() {
          c.scoring_func = ScoringFunc::kSoftmax;
          c.softmax_order = SoftmaxOrder::kAfterTopK;
          c.renormalize = Renormalize::kBeforeDrop;
+         c.renormalize_sigmoid_top1 = false;  // probs = s / (Σ s + 1e-20) only if topk > 1
          c.capacity_rounding = CapacityRounding::kCeil;
          c.capacity_times_k = true;
          c.min_capacity = 0;

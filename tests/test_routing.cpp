@@ -169,6 +169,32 @@ TEST(RoutingTopK, SigmoidGroupLimitedWithBiasAndScaling) {
   EXPECT_NEAR(w[0], 2.5 * s5 / (s2 + s5), 1e-6);
 }
 
+TEST(RoutingTopK, MegatronSigmoidTopOneWeightIsTheRawSigmoid) {
+  // Megatron normalises sigmoid weights s / (Σ s + 1e-20) only when k > 1; with top-1 the
+  // weight is the raw sigmoid, times the scaling factor.
+  Matrix<float> logits(2, 4);
+  logits.values = {0.5f, -1.0f, 2.0f, 0.0f,  //
+                   -0.5f, 1.0f, 0.25f, -2.0f};
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "megatron", "num_experts": 4, "num_experts_per_tok": 1,
+          "scoring_func": "sigmoid", "routed_scaling_factor": 2.5})");
+  const auto r = route_logits<float>(c, logits.cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{2}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{1}));
+  EXPECT_EQ(kept_weights(r.plan, 0)[0], 2.5f * (1.0f / (1.0f + std::exp(-2.0f))));
+  EXPECT_EQ(kept_weights(r.plan, 1)[0], 2.5f * (1.0f / (1.0f + std::exp(-1.0f))));
+  // k = 2 is normalised over the two choices.
+  c.num_experts_per_tok = 2;
+  const auto r2 = route_logits<float>(c, logits.cview());
+  const auto w = kept_weights(r2.plan, 0);
+  EXPECT_NEAR(double(w[0]) + double(w[1]), 2.5, 1e-6);
+  // HF DeepSeek-V3 divides by the sum for any k (norm_topk_prob): top-1 weighs the scale.
+  const RoutingConfig hf = routing_config_from_json(
+      R"({"preset": "hf-deepseek-v3", "num_experts": 4, "num_experts_per_tok": 1, "n_group": 0,
+          "topk_group": 0})");
+  EXPECT_EQ(kept_weights(route_logits<float>(hf, logits.cview()).plan, 0)[0], 2.5f);
+}
+
 TEST(RoutingTopK, MaskedGroupFillDecidesWhenKeptScoresAreNegative) {
   // With a strongly negative bias on the kept group's experts, a 0.0 fill lets a masked expert
   // win (the HF snapshot); -inf never does.

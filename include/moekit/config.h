@@ -105,6 +105,9 @@ struct RoutingConfig {
   ScoringFunc scoring_func = ScoringFunc::kSoftmax;
   SoftmaxOrder softmax_order = SoftmaxOrder::kBeforeTopK;
   Renormalize renormalize = Renormalize::kBeforeDrop;  // `norm_topk_prob` true/false maps here
+  // false: with num_experts_per_tok = 1 a sigmoid weight is the raw score, not renormalised
+  // (Megatron divides sigmoid scores by their sum only when k > 1; HF DeepSeek-V3 always does).
+  bool renormalize_sigmoid_top1 = true;
   double routed_scaling_factor = 1.0;                  // final weights ×= this
   double temperature = 1.0;                            // logits /= temperature
 
