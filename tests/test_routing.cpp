@@ -845,6 +845,46 @@ TEST(RoutingBadInput, NanAndInfInLogits) {
   expect_input_error([&] { route_logits<float>(c, logits.cview()); }, {"logits", "inf"});
 }
 
+TEST(RoutingBadInput, LogitsThatOverflowAreRejected) {
+  // Finite hidden states and router weights whose product overflows float: token 3's logit
+  // for expert 1 is 2 · 3e38 + 2 · 3e38 = inf.
+  RoutingConfig c = topk_config(2, 1);
+  Matrix<float> hidden(4, 2), weight(2, 2);
+  hidden.values = {1e-3f, 1e-3f, -1e-3f, 1e-3f, 0.5f, -1e-3f, 2.0f, 2.0f};
+  weight.values = {1.0f, 1.0f, 3e38f, 3e38f};
+  RouterParams<float> params{weight.cview(), {}, {}};
+  try {
+    route_hidden<float>(c, hidden.cview(), params);
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[3][1]: expected a finite number, got inf");
+  }
+  // Finite logits that the temperature pushes past the float range.
+  Matrix<float> logits(2, 2);
+  logits.values = {1.0f, 0.0f, -3e38f, 2.0f};
+  c.temperature = 0.5;
+  try {
+    route_logits<float>(c, logits.cview());
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[1][0]: expected a finite number, got -inf");
+  }
+  // Finite logits plus finite logit noise.
+  c.temperature = 1.0;
+  c.noise_std = 1.0;
+  c.training = true;
+  logits.values = {1.0f, 3e38f, 0.0f, 2.0f};
+  const std::vector<double> noise = {0.0, 3e38, 0.0, 0.0};
+  RoutingOptions o;
+  o.logit_noise = noise;
+  try {
+    route_logits<float>(c, logits.cview(), o);
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[0][1]: expected a finite number, got inf");
+  }
+}
+
 TEST(RoutingBadInput, NanInHiddenStates) {
   RoutingConfig c = topk_config(4, 2);
   Matrix<float> hidden(3, 5), weight(4, 5);

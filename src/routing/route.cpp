@@ -5,7 +5,8 @@
 // Logits entering the routing: l = input / τ (temperature), plus Gaussian logit noise
 // N(0, (noise_std / E)²) (V-MoE, Tutel) or noisy-gating noise N(0,1)·softplus(x·W_noiseᵀ)
 // (Shazeer et al.) when training (or noise_in_eval). Input jitter (Switch, Mixtral) multiplies
-// the hidden states by U(1 − ε, 1 + ε) before the projection.
+// the hidden states by U(1 − ε, 1 + ε) before the projection. Finite inputs whose logits
+// overflow (projection, temperature, noise) are rejected naming the token and the expert.
 //
 // Expert bias update (DeepSeek-V3 aux-loss-free balancing, Megatron expert bias):
 //   b_e += rate · sign(mean_e' load_e' − load_e).
@@ -110,11 +111,13 @@ void Router<Real>::prepare_logits(ConstMatrixView<Real> input, bool scores_given
   for (int64_t i = 0; i < input.size(); ++i) {
     s.clean_logits.values[i] = scores_given ? input.data[i] : input.data[i] * inv_temperature;
   }
+  if (!scores_given) check_finite_logits(s.clean_logits);  // projection and temperature
   s.logits = s.clean_logits;
   if (scores_given || !noise_active(c_)) return;
 
   if (c_.noise_std > 0) add_logit_noise();
   if (c_.noisy_gating && noise_logits != nullptr) add_noisy_gating(*noise_logits);
+  if (c_.noise_std > 0 || (c_.noisy_gating && noise_logits != nullptr)) check_finite_logits(s.logits);
 }
 
 template <typename Real>

@@ -85,6 +85,21 @@ void check_matrix(ConstMatrixView<Real> m,  // [rows ≥ 1, expected_cols]
   check_finite(m, name);
 }
 
+// Logits computed from finite inputs can still overflow: the router projection, the temperature
+// and added noise. Routing them would give NaN weights and losses, so they are rejected with the
+// (token, expert) position, e.g. "logits[3][1]: expected a finite number, got inf".
+template <typename Real>
+void check_finite_logits(const Matrix<Real>& logits) {  // [num_tokens, cols]
+  for (int64_t t = 0; t < logits.rows; ++t) {
+    for (int64_t e = 0; e < logits.cols; ++e) {
+      if (!std::isfinite(static_cast<double>(logits(t, e)))) {
+        throw_input_error(detail::concat("logits[", t, "][", e, "]"), "a finite number",
+                          logits(t, e));
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row-wise score functions.
 
