@@ -634,6 +634,17 @@ TEST(RoutingBias, AuxLossFreeUpdateMovesTowardBalance) {
   EXPECT_THROW(update_expert_bias(bias, short_load, 0.01), InputError);
 }
 
+TEST(RoutingBias, FloatBiasUpdateMovesTowardBalanceInFloat) {
+  std::vector<float> bias = {0.1f, 0.3f, -0.7f, 12.5f};
+  const std::vector<int64_t> load = {10, 2, 4, 4};  // mean 5
+  update_expert_bias(bias, load, 1e-3);
+  const float r = 1e-3f;
+  EXPECT_EQ(bias, (std::vector<float>{0.1f - r, 0.3f + r, -0.7f + r, 12.5f + r}));
+  const std::vector<int64_t> short_load = {1, 2};
+  EXPECT_THROW(update_expert_bias(bias, short_load, 1e-3), InputError);
+  EXPECT_THROW(update_expert_bias(bias, load, -1.0), InputError);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Losses at perfect balance and with padding.
 
@@ -834,6 +845,45 @@ void expect_input_error(Fn&& fn, const std::vector<std::string>& fragments) {
     for (const auto& f : fragments)
       EXPECT_NE(std::string(e.what()).find(f), std::string::npos) << e.what() << " lacks " << f;
   }
+}
+
+TEST(RoutingBias, SelectionBiasTensorGivesTheConfigValuesPlan) {
+  // DeepSeek-V3 style: sigmoid, bias, 4 groups of 4 keep 2 by sum of top-2, top-4, ×2.5. Bias
+  // values are exact in float, so the tensor and the config value give the same keys.
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "hf-deepseek-v3", "num_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
+          "topk_group": 2})");
+  const Matrix<float> logits = random_logits(24, 16, 77);
+  std::vector<float> bias(16);
+  for (int e = 0; e < 16; ++e) bias[e] = 0.0625f * float((e * 7) % 16) - 0.5f;
+  c.e_score_correction_bias.assign(bias.begin(), bias.end());
+  const auto from_config = route_logits<float>(c, logits.cview());
+  RoutingConfig no_bias = c;
+  no_bias.e_score_correction_bias.clear();
+  RoutingOptions o;
+  o.selection_bias = bias;
+  const auto from_tensor = route_logits<float>(no_bias, logits.cview(), o);
+  EXPECT_EQ(from_tensor.plan.token_experts, from_config.plan.token_experts);
+  EXPECT_EQ(from_tensor.plan.token_weights, from_config.plan.token_weights);
+  EXPECT_EQ(from_tensor.plan.expert_tokens, from_config.plan.expert_tokens);
+  // The bias does change the plan (so the comparison above can fail).
+  EXPECT_NE(route_logits<float>(no_bias, logits.cview()).plan.token_experts,
+            from_config.plan.token_experts);
+  // Given both, the tensor wins over the config value.
+  RoutingConfig other = c;
+  for (auto& b : other.e_score_correction_bias) b = -b;
+  EXPECT_EQ(route_logits<float>(other, logits.cview(), o).plan.token_experts,
+            from_config.plan.token_experts);
+  // Shape and finiteness.
+  const std::vector<float> short_bias(15, 0.0f);
+  o.selection_bias = short_bias;
+  expect_input_error([&] { route_logits<float>(no_bias, logits.cview(), o); },
+                     {"selection_bias length", "16 (num_experts)", "got 15"});
+  std::vector<float> nan_bias(16, 0.0f);
+  nan_bias[3] = std::nanf("");
+  o.selection_bias = nan_bias;
+  expect_input_error([&] { route_logits<float>(no_bias, logits.cview(), o); },
+                     {"selection_bias[3]", "a finite number", "nan"});
 }
 
 TEST(RoutingBadInput, NanAndInfInLogits) {
