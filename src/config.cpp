@@ -319,6 +319,7 @@ const std::vector<FieldSpec>& field_specs() {
       enum_field("scoring_func", &C::scoring_func, kScoringFuncNames),
       enum_field("softmax_order", &C::softmax_order, kSoftmaxOrderNames),
       enum_field("renormalize", &C::renormalize, kRenormalizeNames),
+      field("renormalize_sigmoid_top1", &C::renormalize_sigmoid_top1),
       field("routed_scaling_factor", &C::routed_scaling_factor),
       field("temperature", &C::temperature),
       field("e_score_correction_bias", &C::e_score_correction_bias),
@@ -475,9 +476,11 @@ const std::vector<PresetSpec>& preset_table() {
   static const std::vector<PresetSpec> kPresets = {
       // transformers switch_transformers/configuration_switch_transformers.py (defaults) and
       // modeling_switch_transformers.py (SwitchTransformersTop1Router, router_z_loss_func,
-      // load_balancing_loss_func). Capacity is a fixed 64 per batch row; the loss is
-      // E²·mean over rows and experts, i.e. a per-row loss averaged over rows; dropped tokens
-      // count as expert 0 (argmax of an all-zero row).
+      // load_balancing_loss_func). Capacity is a fixed 64 per batch row, earliest tokens first;
+      // the weight is the raw top-1 probability; the loss is E²·mean over rows and experts, i.e.
+      // a per-row loss averaged over rows. A dropped token counts for the expert it chose, as in
+      // transformers 5.x; releases before 5 counted it as expert 0 (the argmax of its all-zero
+      // row): set aux_loss_dropped_to_expert0 for those. Jitter 0.01 in training only.
       {"hf-switch",
        [](RoutingConfig& c) {
          c.num_experts = 8;
@@ -569,9 +572,13 @@ const std::vector<PresetSpec>& preset_table() {
          c.router_aux_loss_coef = 0.01;
        }},
       // transformers deepseek_v3/modeling_deepseek_v3.py (DeepseekV3TopkRouter) and
-      // configuration_deepseek_v3.py. Experts of dropped groups are filled with 0.0, as in that
-      // snapshot (the DeepSeek reference uses -inf: set masked_group_fill to neg_inf for it).
-      // The correction bias is a zero buffer until a checkpoint is loaded, hence empty here.
+      // configuration_deepseek_v3.py: sigmoid scores, groups scored by the sum of their top-2
+      // (score + bias), 4 of 8 groups kept, weights = the unbiased sigmoid divided by the sum
+      // (norm_topk_prob, for any k) × 2.5, no aux loss. Experts of dropped groups are filled
+      // with -inf, as in transformers 5.x and the DeepSeek reference; older HF snapshots filled
+      // 0.0 (masked_group_fill zero reproduces them). The correction bias is a zero buffer until
+      // a checkpoint is loaded, hence empty here (give it as e_score_correction_bias or as the
+      // RoutingOptions::selection_bias tensor).
       {"hf-deepseek-v3",
        [](RoutingConfig& c) {
          c.num_experts = 256;
@@ -583,7 +590,6 @@ const std::vector<PresetSpec>& preset_table() {
          c.n_group = 8;
          c.topk_group = 4;
          c.group_score = GroupScore::kSumTop2;
-         // transformers 5.x masks dropped groups with -inf (earlier snapshots filled 0.0).
          c.masked_group_fill = MaskedGroupFill::kNegInf;
          c.aux_loss_type = AuxLossType::kNone;
        }},
@@ -607,7 +613,8 @@ const std::vector<PresetSpec>& preset_table() {
       // (topk_routing_with_score_function, get_capacity, apply_router_token_dropping,
       // switch_load_balancing_loss_func). pre_softmax false: softmax over the k selected logits.
       // With moe_router_pre_softmax true Megatron does not renormalise, so set renormalize none
-      // next to it; renormalize stays before_drop here because sigmoid scores are normalised.
+      // next to it; renormalize stays before_drop here because sigmoid scores are normalised,
+      // but only when k > 1: a sigmoid top-1 weight is the raw sigmoid.
       // Dropless until a capacity factor is given. 'position' drops by token index per expert,
       // hence token-major. Input jitter is applied without a training check.
       {"megatron",
@@ -618,6 +625,7 @@ const std::vector<PresetSpec>& preset_table() {
          c.scoring_func = ScoringFunc::kSoftmax;
          c.softmax_order = SoftmaxOrder::kAfterTopK;
          c.renormalize = Renormalize::kBeforeDrop;
+         c.renormalize_sigmoid_top1 = false;  // probs = s / (Σ s + 1e-20) only if topk > 1
          c.capacity_rounding = CapacityRounding::kCeil;
          c.capacity_times_k = true;
          c.min_capacity = 0;
@@ -959,9 +967,11 @@ void RoutingConfig::validate() const {
           std::to_string(topk_group) + " * " + std::to_string(experts_per_group) + " = " +
               std::to_string(kept));
       if (group_score == GroupScore::kSumTopKPerGroup) {
-        require(k % topk_group == 0, "group_score",
+        // Megatron scores a group by the sum of its top-(k // topk_group) keys (floor
+        // division, any k); with k < topk_group that is an empty sum and every group ties.
+        require(k >= topk_group, "group_score",
                 "sum_top2 or max when num_experts_per_tok (" + std::to_string(k) +
-                    ") is not a multiple of topk_group (" + std::to_string(topk_group) + ")",
+                    ") is less than topk_group (" + std::to_string(topk_group) + ")",
                 "sum_topk_per_group");
       }
     }

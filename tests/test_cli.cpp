@@ -235,6 +235,17 @@ TEST_F(CliRouteErrors, NullInLogits) {
                  "logits[0][2]");
 }
 
+TEST_F(CliRouteErrors, LogitsThatOverflowExitWithInputError) {
+  // Finite inputs whose projection overflows float: token 3, expert 1 is 2·3e38 + 2·3e38.
+  const RunResult r =
+      route(file("config.json", R"({"num_experts": 2, "top_k": 1})"),
+            file("input.json", R"({"hidden_states": [[0.001, 0.001], [-0.001, 0.001], [0.5, -0.001], [2, 2]],
+                                   "router_weight": [[1, 1], [3e38, 3e38]]})"));
+  EXPECT_EQ(r.exit_code, 2) << "stdout: " << r.out;
+  EXPECT_EQ(r.err, "moekit: input error: logits[3][1]: expected a finite number, got inf\n");
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
 TEST_F(CliRouteErrors, RouterWeightShapeMismatch) {
   // d_model 3 in hidden_states, 2 columns in router_weight.
   expect_failure(kMixtral,

@@ -56,6 +56,7 @@ RoutingConfig non_default_config() {
   config.scoring_func = ScoringFunc::kSigmoid;
   config.softmax_order = SoftmaxOrder::kAfterTopK;
   config.renormalize = Renormalize::kAfterDrop;
+  config.renormalize_sigmoid_top1 = false;
   config.routed_scaling_factor = 2.5;
   config.temperature = 0.7;
   config.e_score_correction_bias.assign(16, 0.0);
@@ -216,6 +217,10 @@ TEST(ConfigPresets, Megatron) {
   EXPECT_EQ(c.drop_score, DropScore::kWeights);
   EXPECT_EQ(c.aux_loss_scale, AuxLossScale::kOne);
   EXPECT_TRUE(c.noise_in_eval);
+  EXPECT_FALSE(c.renormalize_sigmoid_top1);  // sigmoid weights normalised only when k > 1
+  // Every other preset keeps the default (HF DeepSeek-V3 divides by the sum for any k).
+  for (const auto& name : preset_names())
+    if (name != "megatron") EXPECT_TRUE(routing_config_from_preset(name).renormalize_sigmoid_top1) << name;
 
   // Megatron's own flag names work on top of the preset.
   const RoutingConfig pre = routing_config_from_json(R"({"preset": "megatron",
@@ -437,7 +442,7 @@ TEST(ConfigJson, SerialisesEveryKeyInDocumentedSpelling) {
   EXPECT_TRUE(out.at("capacity_factor").is_null());
   EXPECT_EQ(out.at("expert_capacity"), 64);
   EXPECT_EQ(out.begin().key(), "preset");
-  EXPECT_EQ(out.size(), 52u);  // preset + the 51 other RoutingConfig fields
+  EXPECT_EQ(out.size(), 53u);  // preset + the 52 other RoutingConfig fields
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,14 +582,20 @@ TEST(ConfigValidate, TooFewExpertsInKeptGroups) {
       {"topk_group", ">= num_experts_per_tok (8)", "got 2 * 2 = 4"});
 }
 
-TEST(ConfigValidate, SumTopKPerGroupNeedsDivisibleTopK) {
-  expect_json_error(
-      R"({"num_experts": 16, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2,
-          "group_score": "sum_topk_per_group"})",
-      {"group_score", "num_experts_per_tok (3)", "topk_group (2)", "got sum_topk_per_group"});
+TEST(ConfigValidate, SumTopKPerGroupTakesAnyTopKFromTopkGroupOn) {
+  // Megatron's group score sums the top-(k // topk_group) keys: k need not be a multiple of
+  // topk_group, but k < topk_group would sum nothing.
   EXPECT_NO_THROW(routing_config_from_json(
-      R"({"num_experts": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
+      R"({"num_experts": 16, "num_experts_per_tok": 7, "n_group": 4, "topk_group": 2,
           "group_score": "sum_topk_per_group"})"));
+  EXPECT_NO_THROW(routing_config_from_json(
+      R"({"num_experts": 16, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+          "group_score": "sum_topk_per_group"})"));
+  expect_json_error(
+      R"({"num_experts": 16, "num_experts_per_tok": 1, "n_group": 4, "topk_group": 2,
+          "group_score": "sum_topk_per_group"})",
+      {"group_score", "num_experts_per_tok (1)", "less than topk_group (2)",
+       "got sum_topk_per_group"});
 }
 
 TEST(ConfigValidate, SumTop2NeedsTwoExpertsPerGroup) {

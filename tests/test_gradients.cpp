@@ -88,7 +88,7 @@ double min_gap(std::vector<double> keys) {
   return gap;
 }
 
-// The balanced matrix of Megatron's Sinkhorn, recomputed as src/routing.cpp does, each row
+// The balanced matrix of Megatron's Sinkhorn, recomputed as src/routing/selection.cpp does, each row
 // normalised to sum 1 (a per-token scale leaves that token's top-k unchanged and puts the keys
 // on the same scale as probabilities, so the absolute kTieGap means the same thing).
 std::vector<std::vector<double>> sinkhorn_keys(const RoutingConfig& c,

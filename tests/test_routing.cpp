@@ -169,6 +169,32 @@ TEST(RoutingTopK, SigmoidGroupLimitedWithBiasAndScaling) {
   EXPECT_NEAR(w[0], 2.5 * s5 / (s2 + s5), 1e-6);
 }
 
+TEST(RoutingTopK, MegatronSigmoidTopOneWeightIsTheRawSigmoid) {
+  // Megatron normalises sigmoid weights s / (Σ s + 1e-20) only when k > 1; with top-1 the
+  // weight is the raw sigmoid, times the scaling factor.
+  Matrix<float> logits(2, 4);
+  logits.values = {0.5f, -1.0f, 2.0f, 0.0f,  //
+                   -0.5f, 1.0f, 0.25f, -2.0f};
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "megatron", "num_experts": 4, "num_experts_per_tok": 1,
+          "scoring_func": "sigmoid", "routed_scaling_factor": 2.5})");
+  const auto r = route_logits<float>(c, logits.cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{2}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{1}));
+  EXPECT_EQ(kept_weights(r.plan, 0)[0], 2.5f * (1.0f / (1.0f + std::exp(-2.0f))));
+  EXPECT_EQ(kept_weights(r.plan, 1)[0], 2.5f * (1.0f / (1.0f + std::exp(-1.0f))));
+  // k = 2 is normalised over the two choices.
+  c.num_experts_per_tok = 2;
+  const auto r2 = route_logits<float>(c, logits.cview());
+  const auto w = kept_weights(r2.plan, 0);
+  EXPECT_NEAR(double(w[0]) + double(w[1]), 2.5, 1e-6);
+  // HF DeepSeek-V3 divides by the sum for any k (norm_topk_prob): top-1 weighs the scale.
+  const RoutingConfig hf = routing_config_from_json(
+      R"({"preset": "hf-deepseek-v3", "num_experts": 4, "num_experts_per_tok": 1, "n_group": 0,
+          "topk_group": 0})");
+  EXPECT_EQ(kept_weights(route_logits<float>(hf, logits.cview()).plan, 0)[0], 2.5f);
+}
+
 TEST(RoutingTopK, MaskedGroupFillDecidesWhenKeptScoresAreNegative) {
   // With a strongly negative bias on the kept group's experts, a 0.0 fill lets a masked expert
   // win (the HF snapshot); -inf never does.
@@ -189,6 +215,25 @@ TEST(RoutingTopK, MaskedGroupFillDecidesWhenKeptScoresAreNegative) {
   EXPECT_EQ(kept_experts(route_logits<float>(c, logits.cview()).plan, 0), (std::vector<int32_t>{2}));
   c.masked_group_fill = MaskedGroupFill::kNegInf;
   EXPECT_EQ(kept_experts(route_logits<float>(c, logits.cview()).plan, 0), (std::vector<int32_t>{0}));
+}
+
+TEST(RoutingTopK, MegatronGroupScoreSumsTopKFloorDivTopkGroupScores) {
+  // Megatron group_limited_topk: each group scores the sum of its top-(k // topk_group) keys,
+  // for any k; here k = 7, topk_group = 2, so the top-3 of each group of 4. Sums of top-3:
+  // g0 0.90, g1 1.05, g2 0.96, g3 0.30 → groups 1 and 2 (a sum of top-2 would keep g0 and g1).
+  // Top-7 of the kept experts 4..11: 4, 5, 6 (0.35), 8, 9, 10 (0.32), then 7 and 11 tie at 0
+  // and the lower index wins.
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "megatron", "num_experts": 16, "num_experts_per_tok": 7, "n_group": 4,
+          "topk_group": 2, "group_score": "sum_topk_per_group", "renormalize": "none"})");
+  Matrix<float> probs(1, 16);
+  probs.values = {0.50f, 0.40f, 0.00f, 0.00f,  0.35f, 0.35f, 0.35f, 0.00f,
+                  0.32f, 0.32f, 0.32f, 0.00f,  0.10f, 0.10f, 0.10f, 0.10f};
+  const auto r = route_probs<float>(c, probs.cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{4, 5, 6, 8, 9, 10, 7}));
+  // The same selection from logits (softmax after top-k selects on the logits).
+  const auto from_logits = route_logits<float>(c, probs.cview());
+  EXPECT_EQ(kept_experts(from_logits.plan, 0), (std::vector<int32_t>{4, 5, 6, 8, 9, 10, 7}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +310,69 @@ TEST(RoutingCapacity, ChoiceMajorPositionKeepsFirstChoicesFirst) {
   EXPECT_EQ(r.plan.capacity, 2);
   EXPECT_EQ(r.plan.dropped.size(), 4u);
   EXPECT_DOUBLE_EQ(r.stats.dropped_fraction, 0.5);
+}
+
+// V-MoE vmoe/moe_test.py (DispatcherTest.test_top_experts_per_item_einsum_{vanilla,bpr},
+// GetTopItemsPerExpertTest.test_top_items_per_expert_einsum): a capacity given to the
+// dispatcher is used as is; capacity_multiple and min_capacity apply only to a capacity
+// computed from a capacity factor.
+Matrix<float> vmoe_dispatcher_gates() {
+  Matrix<float> gates(3, 3);
+  gates.values = {0.4f, 0.0f, 0.2f,  //
+                  0.5f, 0.1f, 0.4f,  //
+                  0.3f, 0.2f, 0.6f};
+  return gates;
+}
+
+TEST(RoutingCapacity, ExplicitExpertCapacityIsUsedAsGivenVmoeTopExpertsPerItem) {
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "vmoe", "num_experts": 3, "num_experts_per_tok": 2, "expert_capacity": 2})");
+  EXPECT_EQ(compute_capacity(c, 3), 2);
+  auto r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  expect_consistent_plan(r.plan);
+  EXPECT_EQ(r.plan.capacity, 2);
+  // Vanilla: expected combine weights [[.4, 0, .2], [.5, 0, 0], [0, 0, .6]].
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2}));
+  EXPECT_EQ(kept_weights(r.plan, 0), (std::vector<float>{0.4f, 0.2f}));
+  EXPECT_EQ(r.plan.dropped.size(), 2u);
+  // BPR: expected combine weights [[.4, 0, 0], [.5, 0, .4], [0, 0, .6]].
+  c.batch_prioritized_routing = true;
+  r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2}));
+}
+
+TEST(RoutingCapacity, ExplicitExpertCapacityIsUsedAsGivenVmoeTopItemsPerExpert) {
+  const RoutingConfig c = routing_config_from_json(
+      R"({"preset": "vmoe-experts-choose", "num_experts": 3, "expert_capacity": 2})");
+  EXPECT_EQ(compute_capacity(c, 3), 2);
+  const auto r = route_probs<float>(c, vmoe_dispatcher_gates().cview());
+  expect_consistent_plan(r.plan);
+  EXPECT_EQ(r.plan.capacity, 2);
+  // Expected dispatch [[[0,1],[0,0],[0,0]], [[1,0],[0,1],[0,1]], [[0,0],[1,0],[1,0]]].
+  EXPECT_EQ(kept_experts(r.plan, 0), (std::vector<int32_t>{0}));
+  EXPECT_EQ(kept_experts(r.plan, 1), (std::vector<int32_t>{0, 2, 1}));
+  EXPECT_EQ(kept_experts(r.plan, 2), (std::vector<int32_t>{2, 1}));
+}
+
+TEST(RoutingCapacity, MinimumAndMultipleApplyOnlyToAComputedCapacity) {
+  RoutingConfig c = topk_config(4, 2);
+  c.min_capacity = 8;
+  c.capacity_multiple = 4;
+  c.expert_capacity = 3;
+  EXPECT_EQ(compute_capacity(c, 10), 3);
+  c.expert_capacity.reset();
+  c.capacity_factor = 1.0;  // ceil(10 · 2 / 4) = 5 → at least 8 → multiple of 4: 8
+  EXPECT_EQ(compute_capacity(c, 10), 8);
+  c.min_capacity = 0;  // 5 → 8
+  EXPECT_EQ(compute_capacity(c, 10), 8);
+  // DeepSpeed's minimum of 8 is for its computed capacity only.
+  EXPECT_EQ(compute_capacity(
+                routing_config_from_json(R"({"preset": "deepspeed-top1", "expert_capacity": 2})"), 64),
+            2);
 }
 
 TEST(RoutingCapacity, BatchPrioritisedRoutingOrdersByTopScore) {
@@ -526,6 +634,17 @@ TEST(RoutingBias, AuxLossFreeUpdateMovesTowardBalance) {
   EXPECT_THROW(update_expert_bias(bias, short_load, 0.01), InputError);
 }
 
+TEST(RoutingBias, FloatBiasUpdateMovesTowardBalanceInFloat) {
+  std::vector<float> bias = {0.1f, 0.3f, -0.7f, 12.5f};
+  const std::vector<int64_t> load = {10, 2, 4, 4};  // mean 5
+  update_expert_bias(bias, load, 1e-3);
+  const float r = 1e-3f;
+  EXPECT_EQ(bias, (std::vector<float>{0.1f - r, 0.3f + r, -0.7f + r, 12.5f + r}));
+  const std::vector<int64_t> short_load = {1, 2};
+  EXPECT_THROW(update_expert_bias(bias, short_load, 1e-3), InputError);
+  EXPECT_THROW(update_expert_bias(bias, load, -1.0), InputError);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Losses at perfect balance and with padding.
 
@@ -728,6 +847,45 @@ void expect_input_error(Fn&& fn, const std::vector<std::string>& fragments) {
   }
 }
 
+TEST(RoutingBias, SelectionBiasTensorGivesTheConfigValuesPlan) {
+  // DeepSeek-V3 style: sigmoid, bias, 4 groups of 4 keep 2 by sum of top-2, top-4, ×2.5. Bias
+  // values are exact in float, so the tensor and the config value give the same keys.
+  RoutingConfig c = routing_config_from_json(
+      R"({"preset": "hf-deepseek-v3", "num_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
+          "topk_group": 2})");
+  const Matrix<float> logits = random_logits(24, 16, 77);
+  std::vector<float> bias(16);
+  for (int e = 0; e < 16; ++e) bias[e] = 0.0625f * float((e * 7) % 16) - 0.5f;
+  c.e_score_correction_bias.assign(bias.begin(), bias.end());
+  const auto from_config = route_logits<float>(c, logits.cview());
+  RoutingConfig no_bias = c;
+  no_bias.e_score_correction_bias.clear();
+  RoutingOptions o;
+  o.selection_bias = bias;
+  const auto from_tensor = route_logits<float>(no_bias, logits.cview(), o);
+  EXPECT_EQ(from_tensor.plan.token_experts, from_config.plan.token_experts);
+  EXPECT_EQ(from_tensor.plan.token_weights, from_config.plan.token_weights);
+  EXPECT_EQ(from_tensor.plan.expert_tokens, from_config.plan.expert_tokens);
+  // The bias does change the plan (so the comparison above can fail).
+  EXPECT_NE(route_logits<float>(no_bias, logits.cview()).plan.token_experts,
+            from_config.plan.token_experts);
+  // Given both, the tensor wins over the config value.
+  RoutingConfig other = c;
+  for (auto& b : other.e_score_correction_bias) b = -b;
+  EXPECT_EQ(route_logits<float>(other, logits.cview(), o).plan.token_experts,
+            from_config.plan.token_experts);
+  // Shape and finiteness.
+  const std::vector<float> short_bias(15, 0.0f);
+  o.selection_bias = short_bias;
+  expect_input_error([&] { route_logits<float>(no_bias, logits.cview(), o); },
+                     {"selection_bias length", "16 (num_experts)", "got 15"});
+  std::vector<float> nan_bias(16, 0.0f);
+  nan_bias[3] = std::nanf("");
+  o.selection_bias = nan_bias;
+  expect_input_error([&] { route_logits<float>(no_bias, logits.cview(), o); },
+                     {"selection_bias[3]", "a finite number", "nan"});
+}
+
 TEST(RoutingBadInput, NanAndInfInLogits) {
   RoutingConfig c = topk_config(4, 2);
   Matrix<float> logits(2, 4);
@@ -735,6 +893,46 @@ TEST(RoutingBadInput, NanAndInfInLogits) {
   expect_input_error([&] { route_logits<float>(c, logits.cview()); }, {"logits", "finite", "[1][2]"});
   logits(1, 2) = INFINITY;
   expect_input_error([&] { route_logits<float>(c, logits.cview()); }, {"logits", "inf"});
+}
+
+TEST(RoutingBadInput, LogitsThatOverflowAreRejected) {
+  // Finite hidden states and router weights whose product overflows float: token 3's logit
+  // for expert 1 is 2 · 3e38 + 2 · 3e38 = inf.
+  RoutingConfig c = topk_config(2, 1);
+  Matrix<float> hidden(4, 2), weight(2, 2);
+  hidden.values = {1e-3f, 1e-3f, -1e-3f, 1e-3f, 0.5f, -1e-3f, 2.0f, 2.0f};
+  weight.values = {1.0f, 1.0f, 3e38f, 3e38f};
+  RouterParams<float> params{weight.cview(), {}, {}};
+  try {
+    route_hidden<float>(c, hidden.cview(), params);
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[3][1]: expected a finite number, got inf");
+  }
+  // Finite logits that the temperature pushes past the float range.
+  Matrix<float> logits(2, 2);
+  logits.values = {1.0f, 0.0f, -3e38f, 2.0f};
+  c.temperature = 0.5;
+  try {
+    route_logits<float>(c, logits.cview());
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[1][0]: expected a finite number, got -inf");
+  }
+  // Finite logits plus finite logit noise.
+  c.temperature = 1.0;
+  c.noise_std = 1.0;
+  c.training = true;
+  logits.values = {1.0f, 3e38f, 0.0f, 2.0f};
+  const std::vector<double> noise = {0.0, 3e38, 0.0, 0.0};
+  RoutingOptions o;
+  o.logit_noise = noise;
+  try {
+    route_logits<float>(c, logits.cview(), o);
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const InputError& e) {
+    EXPECT_STREQ(e.what(), "logits[0][1]: expected a finite number, got inf");
+  }
 }
 
 TEST(RoutingBadInput, NanInHiddenStates) {

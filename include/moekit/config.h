@@ -35,7 +35,8 @@ enum class SoftmaxOrder { kBeforeTopK, kAfterTopK };
 enum class Renormalize { kNone, kBeforeDrop, kAfterDrop };
 
 // Group score for group-limited selection (DeepSeek): sum of the top-2 scores of the group
-// (DeepSeek-V3, HF), sum of the top-(k / topk_group) scores (Megatron), or the maximum (V2).
+// (DeepSeek-V3, HF), sum of the top-⌊k / topk_group⌋ scores (Megatron group_limited_topk, any
+// k ≥ topk_group), or the maximum (V2).
 enum class GroupScore { kSumTop2, kSumTopKPerGroup, kMax };
 
 // Value given to experts of groups that were not kept, before the final top-k. -inf never lets
@@ -104,6 +105,9 @@ struct RoutingConfig {
   ScoringFunc scoring_func = ScoringFunc::kSoftmax;
   SoftmaxOrder softmax_order = SoftmaxOrder::kBeforeTopK;
   Renormalize renormalize = Renormalize::kBeforeDrop;  // `norm_topk_prob` true/false maps here
+  // false: with num_experts_per_tok = 1 a sigmoid weight is the raw score, not renormalised
+  // (Megatron divides sigmoid scores by their sum only when k > 1; HF DeepSeek-V3 always does).
+  bool renormalize_sigmoid_top1 = true;
   double routed_scaling_factor = 1.0;                  // final weights ×= this
   double temperature = 1.0;                            // logits /= temperature
 
@@ -121,13 +125,17 @@ struct RoutingConfig {
   // Capacity. No capacity_factor and no expert_capacity: dropless (capacity = the largest load).
   std::optional<double> capacity_factor;       // training
   std::optional<double> eval_capacity_factor;  // evaluation; falls back to capacity_factor
-  std::optional<int64_t> expert_capacity;      // fixed per-expert capacity, overrides factors
+  // Fixed per-expert capacity, used as given: it overrides the factors, and min_capacity and
+  // capacity_multiple do not apply to it (V-MoE's dispatcher `capacity`, HF Switch).
+  std::optional<int64_t> expert_capacity;
   bool drop_tokens = true;                     // false: dropless even if a factor is set
   CapacityFormula capacity_formula = CapacityFormula::kStandard;
   CapacityRounding capacity_rounding = CapacityRounding::kCeil;
   bool capacity_times_k = true;
+  // Applied to a capacity computed from a factor only: C = max(C, min_capacity), then rounded
+  // up to a multiple of capacity_multiple (V-MoE 4, Tutel alignment).
   int64_t min_capacity = 0;
-  int64_t capacity_multiple = 1;  // rounded up to a multiple of this (V-MoE 4, Tutel alignment)
+  int64_t capacity_multiple = 1;
   Scope capacity_scope = Scope::kBatch;
   DropPolicy drop_policy = DropPolicy::kPosition;
   PositionOrder position_order = PositionOrder::kChoiceMajor;

@@ -57,6 +57,11 @@ struct RoutingOptions {
   // Gaussian logit noise to add instead of seeded draws (already scaled; used where noise_std
   // noise would be drawn, e.g. to reproduce a peer's noise exactly).
   std::span<const double> logit_noise;  // [num_tokens · num_experts]
+  // Per-expert selection bias as a parameter tensor the caller owns (DeepSeek-V3
+  // e_score_correction_bias, Megatron expert_bias): when non-empty it is used instead of
+  // RoutingConfig::e_score_correction_bias. Added to the selection keys only, never to the
+  // combine weights.
+  std::span<const float> selection_bias;  // [num_experts] or empty
   int num_threads = 1;                    // results are bitwise identical for any value
 };
 
@@ -167,6 +172,12 @@ RoutingRecord record_routing(const BasicRoutingPlan<Real>& plan);
 // Aux-loss-free balancing (DeepSeek-V3, Megatron expert bias):
 //   bias_e += rate · sign(mean_e' load_e' − load_e).
 void update_expert_bias(std::span<double> bias,                     // [num_experts]
+                        std::span<const int64_t> tokens_per_expert,  // [num_experts]
+                        double rate);
+
+// The same update of a float parameter tensor (RoutingOptions::selection_bias), in float
+// arithmetic as Megatron updates its fp32 expert_bias: bias_e += float(rate) · sign(…).
+void update_expert_bias(std::span<float> bias,                      // [num_experts]
                         std::span<const int64_t> tokens_per_expert,  // [num_experts]
                         double rate);
 

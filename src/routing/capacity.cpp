@@ -6,8 +6,10 @@
 //             choice), rounding = ceil (Megatron, DeepSpeed, V-MoE), half-to-even (flaxformer)
 //             or floor (Megablocks);
 //   tutel:    C = k · floor(cf · ceil(T / E)).
-// then C = max(C, min_capacity) and rounded up to a multiple of capacity_multiple. No factor
-// and no expert_capacity means dropless: the plan reports the largest load instead.
+// then C = max(C, min_capacity) and rounded up to a multiple of capacity_multiple. An explicit
+// expert_capacity is used as given, with neither minimum nor multiple (V-MoE's dispatcher and HF
+// Switch take a given capacity as it is). No factor and no expert_capacity means dropless: the
+// plan reports the largest load instead.
 //
 // Drop order when an expert holds more than C assignments:
 //   position, choice-major: every first choice before any second choice, tokens in order
@@ -46,27 +48,27 @@ int64_t compute_capacity(const RoutingConfig& c, int64_t num_tokens) {
   if (c.routing_method == RoutingMethod::kDense || c.routing_method == RoutingMethod::kSoftMoe) {
     return -1;
   }
+  // An explicit capacity is the capacity (V-MoE's dispatcher `capacity=`, HF Switch's
+  // expert_capacity); the minimum and the multiple apply only to a capacity computed from a
+  // factor (DeepSpeed's min_capacity, V-MoE's capacity_multiple_of, Tutel's alignment).
+  if (c.expert_capacity) return *c.expert_capacity;
+  const bool has_factor = c.capacity_factor.has_value() ||
+                          (!c.training && c.eval_capacity_factor.has_value());
+  if (!has_factor || !c.drop_tokens) {
+    if (c.routing_method != RoutingMethod::kExpertChoice) return -1;
+  }
+  const double cf = has_factor ? effective_capacity_factor(c) : 1.0;
+  const int64_t k = c.routing_method == RoutingMethod::kExpertChoice || !c.capacity_times_k
+                        ? 1
+                        : c.num_experts_per_tok;
   int64_t capacity = 0;
-  if (c.expert_capacity) {
-    capacity = *c.expert_capacity;
+  if (c.capacity_formula == CapacityFormula::kTutel) {
+    // Tutel: k · int(cf · ceil(T / E)).
+    const double per_expert = std::ceil(double(num_tokens) / double(c.num_experts));
+    capacity = c.num_experts_per_tok * static_cast<int64_t>(std::floor(cf * per_expert));
   } else {
-    const bool has_factor = c.capacity_factor.has_value() ||
-                            (!c.training && c.eval_capacity_factor.has_value());
-    if (!has_factor || !c.drop_tokens) {
-      if (c.routing_method != RoutingMethod::kExpertChoice) return -1;
-    }
-    const double cf = has_factor ? effective_capacity_factor(c) : 1.0;
-    const int64_t k = c.routing_method == RoutingMethod::kExpertChoice || !c.capacity_times_k
-                          ? 1
-                          : c.num_experts_per_tok;
-    if (c.capacity_formula == CapacityFormula::kTutel) {
-      // Tutel: k · int(cf · ceil(T / E)).
-      const double per_expert = std::ceil(double(num_tokens) / double(c.num_experts));
-      capacity = c.num_experts_per_tok * static_cast<int64_t>(std::floor(cf * per_expert));
-    } else {
-      capacity = round_capacity(double(num_tokens) * double(k) / double(c.num_experts) * cf,
-                                c.capacity_rounding);
-    }
+    capacity = round_capacity(double(num_tokens) * double(k) / double(c.num_experts) * cf,
+                              c.capacity_rounding);
   }
   capacity = std::max(capacity, c.min_capacity);
   if (c.capacity_multiple > 1) {

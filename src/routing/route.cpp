@@ -5,12 +5,14 @@
 // Logits entering the routing: l = input / τ (temperature), plus Gaussian logit noise
 // N(0, (noise_std / E)²) (V-MoE, Tutel) or noisy-gating noise N(0,1)·softplus(x·W_noiseᵀ)
 // (Shazeer et al.) when training (or noise_in_eval). Input jitter (Switch, Mixtral) multiplies
-// the hidden states by U(1 − ε, 1 + ε) before the projection.
+// the hidden states by U(1 − ε, 1 + ε) before the projection. Finite inputs whose logits
+// overflow (projection, temperature, noise) are rejected naming the token and the expert.
 //
 // Expert bias update (DeepSeek-V3 aux-loss-free balancing, Megatron expert bias):
 //   b_e += rate · sign(mean_e' load_e' − load_e).
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "internal/random.h"
 #include "router_state.h"
@@ -85,6 +87,16 @@ void check_options(const RoutingConfig& config, const RoutingOptions& options,
       if (!std::isfinite(options.logit_noise[i]))
         throw_input_error("logit_noise", "finite values", detail::concat(options.logit_noise[i], " at [", i, "]"));
   }
+  if (!options.selection_bias.empty()) {
+    if (static_cast<int64_t>(options.selection_bias.size()) != config.num_experts) {
+      throw_input_error("selection_bias length", detail::concat(config.num_experts, " (num_experts)"),
+                        options.selection_bias.size());
+    }
+    for (size_t e = 0; e < options.selection_bias.size(); ++e)
+      if (!std::isfinite(options.selection_bias[e]))
+        throw_input_error(detail::concat("selection_bias[", e, "]"), "a finite number",
+                          options.selection_bias[e]);
+  }
   if (options.replay != nullptr && config.routing_method == RoutingMethod::kSoftMoe) {
     throw_input_error("replay", "a token-choice, dense or expert-choice method", "soft_moe");
   }
@@ -110,11 +122,13 @@ void Router<Real>::prepare_logits(ConstMatrixView<Real> input, bool scores_given
   for (int64_t i = 0; i < input.size(); ++i) {
     s.clean_logits.values[i] = scores_given ? input.data[i] : input.data[i] * inv_temperature;
   }
+  if (!scores_given) check_finite_logits(s.clean_logits);  // projection and temperature
   s.logits = s.clean_logits;
   if (scores_given || !noise_active(c_)) return;
 
   if (c_.noise_std > 0) add_logit_noise();
   if (c_.noisy_gating && noise_logits != nullptr) add_noisy_gating(*noise_logits);
+  if (c_.noise_std > 0 || (c_.noisy_gating && noise_logits != nullptr)) check_finite_logits(s.logits);
 }
 
 template <typename Real>
@@ -289,20 +303,40 @@ RoutingRecord record_routing(const BasicRoutingPlan<Real>& plan) {
   return record;
 }
 
-void update_expert_bias(std::span<double> bias, std::span<const int64_t> tokens_per_expert,
-                        double rate) {
-  if (bias.size() != tokens_per_expert.size()) {
-    throw_input_error("bias length", tokens_per_expert.size(), bias.size());
+namespace {
+
+// sign(mean_e' n_e' − n_e) per expert, after the shape and rate checks.
+std::vector<int> bias_update_signs(size_t bias_size, std::span<const int64_t> tokens_per_expert,
+                                   double rate) {
+  if (bias_size != tokens_per_expert.size()) {
+    throw_input_error("bias length", tokens_per_expert.size(), bias_size);
   }
   if (!(rate >= 0) || !std::isfinite(rate)) throw_input_error("rate", "a finite value >= 0", rate);
-  if (bias.empty()) return;
+  std::vector<int> signs(bias_size, 0);
+  if (bias_size == 0) return signs;
   double mean = 0;
   for (int64_t n : tokens_per_expert) mean += double(n);
   mean /= double(tokens_per_expert.size());
-  for (size_t e = 0; e < bias.size(); ++e) {
+  for (size_t e = 0; e < bias_size; ++e) {
     const double diff = mean - double(tokens_per_expert[e]);
-    bias[e] += rate * double((diff > 0) - (diff < 0));
+    signs[e] = (diff > 0) - (diff < 0);
   }
+  return signs;
+}
+
+}  // namespace
+
+void update_expert_bias(std::span<double> bias, std::span<const int64_t> tokens_per_expert,
+                        double rate) {
+  const std::vector<int> signs = bias_update_signs(bias.size(), tokens_per_expert, rate);
+  for (size_t e = 0; e < bias.size(); ++e) bias[e] += rate * double(signs[e]);
+}
+
+void update_expert_bias(std::span<float> bias, std::span<const int64_t> tokens_per_expert,
+                        double rate) {
+  const std::vector<int> signs = bias_update_signs(bias.size(), tokens_per_expert, rate);
+  const float rate_f = static_cast<float>(rate);
+  for (size_t e = 0; e < bias.size(); ++e) bias[e] += rate_f * float(signs[e]);
 }
 
 #define MOEKIT_INSTANTIATE(Real)                                                              \

@@ -42,6 +42,18 @@ inline bool uses_sigmoid(const RoutingConfig& c) {
          (c.routing_method == RoutingMethod::kSinkhorn && c.num_experts_per_tok == 1);
 }
 
+// The renormalisation that applies: none for methods other than top-k (Sinkhorn combines with
+// the raw scores of the chosen experts), and none for a single sigmoid choice unless
+// renormalize_sigmoid_top1 (Megatron normalises sigmoid weights only when k > 1).
+inline Renormalize applied_renormalize(const RoutingConfig& c) {
+  if (c.routing_method != RoutingMethod::kTopK) return Renormalize::kNone;
+  if (c.scoring_func == ScoringFunc::kSigmoid && c.num_experts_per_tok == 1 &&
+      !c.renormalize_sigmoid_top1) {
+    return Renormalize::kNone;
+  }
+  return c.renormalize;
+}
+
 // Columns of the logits: num_experts, or num_experts · slots_per_expert for Soft MoE.
 inline int64_t logit_columns(const RoutingConfig& c) {
   return c.routing_method == RoutingMethod::kSoftMoe ? c.num_experts * c.slots_per_expert
@@ -71,6 +83,21 @@ void check_matrix(ConstMatrixView<Real> m,  // [rows ≥ 1, expected_cols]
                       detail::concat(expected_cols, " (", cols_name, ")"), m.cols);
   }
   check_finite(m, name);
+}
+
+// Logits computed from finite inputs can still overflow: the router projection, the temperature
+// and added noise. Routing them would give NaN weights and losses, so they are rejected with the
+// (token, expert) position, e.g. "logits[3][1]: expected a finite number, got inf".
+template <typename Real>
+void check_finite_logits(const Matrix<Real>& logits) {  // [num_tokens, cols]
+  for (int64_t t = 0; t < logits.rows; ++t) {
+    for (int64_t e = 0; e < logits.cols; ++e) {
+      if (!std::isfinite(static_cast<double>(logits(t, e)))) {
+        throw_input_error(detail::concat("logits[", t, "][", e, "]"), "a finite number",
+                          logits(t, e));
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //
 // Token choice (top-k, Switch is k = 1): the k largest selection keys per token, ties to the
 // lower expert. The key is q, or the logit l for softmax after top-k (Megatron, gpt-oss), plus
-// the per-expert selection bias b (DeepSeek-V3 e_score_correction_bias) when given; the bias
+// the per-expert selection bias b (RoutingOptions::selection_bias, else the config's
+// e_score_correction_bias: DeepSeek-V3, Megatron expert_bias) when given; the bias
 // changes the choice only, never the combine weight. Group-limited selection (DeepSeek) scores
 // each of n_group groups, keeps the topk_group best and masks the other groups' experts before
 // the top-k. Gumbel noise gives argmax(l + G), a sample from softmax(l) (DeepSpeed 'RSample'),
@@ -89,9 +90,16 @@ void Router<Real>::selection_keys(int64_t t, std::vector<double>& keys) const {
   // Softmax after top-k selects on the logits (Megatron, gpt-oss); otherwise on the scores.
   const bool on_logits = !s.scores_given && c_.scoring_func == ScoringFunc::kSoftmax &&
                          c_.softmax_order == SoftmaxOrder::kAfterTopK;
+  // The selection bias: the caller's tensor when given, else the config's value.
+  const bool tensor_bias = !opt_.selection_bias.empty();
+  const bool config_bias = !c_.e_score_correction_bias.empty();
   for (int64_t e = 0; e < num_experts_; ++e) {
     keys[e] = on_logits ? double(s.logits(t, e)) : double(s.scores(t, e));
-    if (!c_.e_score_correction_bias.empty()) keys[e] += c_.e_score_correction_bias[e];
+    if (tensor_bias) {
+      keys[e] += double(opt_.selection_bias[e]);
+    } else if (config_bias) {
+      keys[e] += c_.e_score_correction_bias[e];
+    }
   }
   if (c_.gumbel_noise == GumbelNoise::kAll && noise_active(c_) && !s.scores_given) {
     // DeepSpeed 'RSample': argmax(logits + Gumbel), a sample from softmax(logits).
@@ -162,7 +170,8 @@ void Router<Real>::limit_groups(std::vector<double>& keys, std::vector<double>& 
                                 std::vector<int32_t>& picked) const {
   // Group-limited selection: score each group, keep the topk_group best groups, mask the
   // experts of the others. Group score: sum of the top-2 keys (DeepSeek-V3), sum of the
-  // top-(k / topk_group) keys (Megatron), or the largest key (DeepSeek-V2).
+  // top-⌊k / topk_group⌋ keys (Megatron, floor division for any k), or the largest key
+  // (DeepSeek-V2).
   const int64_t k = c_.num_experts_per_tok;
   const int64_t group_size = num_experts_ / c_.n_group;
   group_keys.assign(static_cast<size_t>(c_.n_group), 0.0);

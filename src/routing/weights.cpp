@@ -7,7 +7,8 @@
 // Σ_{kept} q (after_drop), plus 1e-20 for sigmoid scores (DeepSeek-V3, Megatron). Softmax after
 // top-k (Megatron pre_softmax false, gpt-oss) computes the before-drop weight as a softmax over
 // the selected logits, which equals q_e / Σ_selected q but rounds as those peers round it.
-// Sinkhorn combines with the raw scores of the chosen experts (Megatron).
+// Sinkhorn combines with the raw scores of the chosen experts (Megatron). Megatron's sigmoid
+// top-1 weight is the raw sigmoid (renormalize_sigmoid_top1 false in its preset).
 //
 // Soft MoE (Puigcerver et al.), logits [T, E·S] per sequence:
 //   dispatch[:, j] = softmax over the sequence's real tokens of logits[:, j] (each slot is a
@@ -32,7 +33,7 @@ double Router<Real>::pre_drop_weight(int64_t t, int64_t i) const {
   // Sinkhorn combines with raw scores (see finish_weights).
   const bool normalised =
       c_.routing_method == RoutingMethod::kTopK &&
-      (c_.renormalize == Renormalize::kBeforeDrop ||
+      (applied_renormalize(c_) == Renormalize::kBeforeDrop ||
        (c_.softmax_order == SoftmaxOrder::kAfterTopK && c_.scoring_func == ScoringFunc::kSoftmax &&
         !s.scores_given));
   if (normalised) {
@@ -57,8 +58,9 @@ void Router<Real>::finish_weights() {
                           c_.scoring_func == ScoringFunc::kSoftmax &&
                           c_.softmax_order == SoftmaxOrder::kAfterTopK &&
                           c_.routing_method == RoutingMethod::kTopK;
-  // Sinkhorn combines with the raw scores of the chosen experts (Megatron).
-  const Renormalize renorm = c_.routing_method == RoutingMethod::kTopK ? c_.renormalize : Renormalize::kNone;
+  // Sinkhorn combines with the raw scores of the chosen experts (Megatron); see
+  // applied_renormalize for the sigmoid top-1 rule.
+  const Renormalize renorm = applied_renormalize(c_);
   const Real eps = uses_sigmoid(c_) && !s.scores_given
                        ? Real(kSigmoidNormEps)
                        : Real(0);
