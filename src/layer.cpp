@@ -345,6 +345,12 @@ MoeLayer::MoeLayer(const MoeLayerConfig& config, uint64_t seed) : config_(config
 
 MoeLayer::MoeLayer(const MoeLayerConfig& config, const MoeParams& params) : config_(config) {
   config_.validate();
+  if (!config_.routing.e_score_correction_bias.empty()) {
+    throw_config_error("e_score_correction_bias",
+                       "no values for a layer that borrows its parameters (the bias is params.selection_bias; "
+                       "set selection_bias instead)",
+                       detail::concat(config_.routing.e_score_correction_bias.size(), " values"));
+  }
   check_moe_params(config_, params);
   impl_ = std::make_unique<Impl>(config_);
   params_ = params;
@@ -440,6 +446,16 @@ MoeTensors& MoeLayer::grads() {
   return grads_;
 }
 
+void MoeLayer::update_selection_bias(std::span<const int64_t> tokens_per_expert) {
+  if (!config_.has_selection_bias())
+    throw std::logic_error("MoeLayer::update_selection_bias: the layer has no selection bias (selection_bias)");
+  if (!owned_)
+    throw std::logic_error("MoeLayer::update_selection_bias: the layer borrows its selection bias "
+                           "(update it with update_expert_bias)");
+  update_expert_bias(std::span<float>(owned_->selection_bias), tokens_per_expert,
+                     config_.routing.expert_bias_update_rate);
+}
+
 void MoeLayer::refresh_packed_weights() {
   if (owned_) {
     params_ = moe_params_view(config_, *owned_);
@@ -500,6 +516,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
 
   RoutingOptions routing_options = options;
   routing_options.num_threads = c.num_threads;
+  routing_options.selection_bias = params_.selection_bias;  // the parameter, not a config value
   MoeForwardResult result;
   // Input jitter and noisy gating change the router's input or add a second projection: the
   // routing core's route_hidden implements them (on the same router op).

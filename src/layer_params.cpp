@@ -1,4 +1,5 @@
 // Parameters of the layer: owned storage, views, and their shape checks.
+#include <algorithm>
 #include <string>
 
 #include "moekit/error.h"
@@ -33,6 +34,11 @@ BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
     }
     if (c.shared_expert_gate) t.shared_gate = sized(d);
   }
+  if (c.has_selection_bias()) {
+    t.selection_bias = sized(num_experts);
+    std::copy(c.routing.e_score_correction_bias.begin(), c.routing.e_score_correction_bias.end(),
+              t.selection_bias.begin());
+  }
   return t;
 }
 
@@ -57,6 +63,7 @@ MoeParams moe_params_view(const MoeLayerConfig& c, const MoeTensors& t) {
   p.shared_gate_up_bias = t.shared_gate_up_bias;
   p.shared_down_bias = t.shared_down_bias;
   p.shared_gate = t.shared_gate;
+  p.selection_bias = t.selection_bias;
   return p;
 }
 
@@ -136,6 +143,8 @@ void check_moe_params(const MoeLayerConfig& c, const MoeParams& p) {
   check_vector_param("shared_down_bias", p.shared_down_bias, shared && c.expert_bias, d,
                      "no shared expert biases");
   check_vector_param("shared_gate", p.shared_gate, c.shared_expert_gate, d, "shared_expert_gate is false");
+  check_vector_param("selection_bias", p.selection_bias, c.has_selection_bias(), num_experts,
+                     "selection_bias is false and no e_score_correction_bias is given");
 }
 
 

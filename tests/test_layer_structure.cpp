@@ -170,5 +170,51 @@ TEST(LayerStructure, OverflowingExpertsAreAnError) {
   }
 }
 
+// DeepSeek-V3's selection bias is a parameter: an owned layer initialises it from the config's
+// values and routes with it; a borrowed tensor gives the same plan and output; the
+// aux-loss-free update moves the owned tensor by rate · sign(mean load − load_e) with the
+// config's expert_bias_update_rate.
+TEST(LayerStructure, SelectionBiasIsAParameter) {
+  MoeLayerConfig c = small_config(8, 2, 16, 16);
+  c.routing.scoring_func = ScoringFunc::kSigmoid;
+  c.routing.e_score_correction_bias = {0.0, 0.5, 0.0, -0.5, 0.25, 0.0, 0.0, 1.0};
+  c.routing.expert_bias_update_rate = 0.125;
+  MoeLayer owned(c, uint64_t{3});
+  ASSERT_EQ(owned.parameters().selection_bias.size(), 8u);
+  EXPECT_EQ(owned.parameters().selection_bias[7], 1.0f);
+  const Matrix<float> x = normal_matrix(40, 16, 4);
+  const auto a = owned.forward(x.cview());
+
+  // Without the bias the plan differs (the bias is used), and a borrowed tensor gives a's result.
+  MoeLayerConfig unbiased = c;
+  unbiased.routing.e_score_correction_bias.clear();
+  MoeLayer plain(unbiased, uint64_t{3});
+  EXPECT_FALSE(plain.forward(x.cview()).routing.plan.token_experts == a.routing.plan.token_experts);
+  MoeLayerConfig borrowing = unbiased;
+  borrowing.selection_bias = true;
+  const std::vector<float> bias(owned.parameters().selection_bias);
+  MoeParams p = moe_params_view(borrowing, owned.parameters());
+  p.selection_bias = bias;
+  MoeLayer borrowed(borrowing, p);
+  const auto b = borrowed.forward(x.cview());
+  EXPECT_TRUE(a.routing.plan.token_experts == b.routing.plan.token_experts);
+  EXPECT_TRUE(a.output.values == b.output.values);
+
+  // A borrowing layer takes the bias as a parameter only: values in its config contradict it.
+  EXPECT_THROW(MoeLayer(c, p), ConfigError);
+  p.selection_bias = {};
+  EXPECT_THROW(MoeLayer(borrowing, p), InputError);
+
+  // Aux-loss-free update: mean load 40·2/8 = 10.
+  const std::vector<int64_t> load = {10, 30, 0, 10, 5, 5, 10, 10};
+  owned.update_selection_bias(load);
+  const std::vector<float>& updated = owned.parameters().selection_bias;
+  EXPECT_EQ(updated[0], 0.0f);      // at the mean: sign 0
+  EXPECT_EQ(updated[1], 0.375f);    // overloaded: − rate
+  EXPECT_EQ(updated[2], 0.125f);    // underloaded: + rate
+  EXPECT_EQ(updated[4], 0.375f);
+  EXPECT_THROW(plain.update_selection_bias(load), std::logic_error);
+}
+
 }  // namespace
 }  // namespace moekit

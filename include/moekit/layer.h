@@ -77,6 +77,11 @@ struct MoeLayerConfig {
   int64_t num_shared_experts = 0;
   int64_t shared_d_ff = 0;
   bool shared_expert_gate = false;  // Qwen2-MoE: shared output × σ(x · w_shared_gate)
+  // The aux-loss-free selection bias (DeepSeek-V3 e_score_correction_bias, Megatron expert
+  // bias) is a parameter of the layer, [num_experts]: owned (initialised from
+  // routing.e_score_correction_bias, else zeros) or borrowed (MoeParams::selection_bias). It
+  // is there when this is set or routing.e_score_correction_bias is given.
+  bool selection_bias = false;
   DType dtype = DType::kF32;      // weight format of the experts
   Backend backend = Backend::kCpu;
   int num_threads = 1;            // threads of the process-wide pool this layer's calls use
@@ -87,6 +92,7 @@ struct MoeLayerConfig {
   int64_t router_rows() const;
   int64_t gate_up_rows() const { return is_gated(activation) ? 2 * d_ff : d_ff; }
   bool has_shared() const { return num_shared_experts > 0; }
+  bool has_selection_bias() const { return selection_bias || !routing.e_score_correction_bias.empty(); }
   int64_t effective_shared_d_ff() const;
   int64_t shared_gate_up_rows() const {
     return is_gated(activation) ? 2 * effective_shared_d_ff() : effective_shared_d_ff();
@@ -143,6 +149,7 @@ struct MoeParams {
   std::span<const float> shared_gate_up_bias;  // [shared_gate_up_rows] or empty
   std::span<const float> shared_down_bias;     // [d_model] or empty
   std::span<const float> shared_gate;          // [d_model] (the [1, d_model] gate) or empty
+  std::span<const float> selection_bias;       // [num_experts] or empty (has_selection_bias())
 };
 
 // Owning flat storage of every parameter (or gradient), shapes as in MoeParams. Tensors a
@@ -161,6 +168,7 @@ struct BasicMoeTensors {
   std::vector<Real> shared_gate_up_bias;  // [shared_gate_up_rows]
   std::vector<Real> shared_down_bias;     // [d_model]
   std::vector<Real> shared_gate;          // [d_model]
+  std::vector<Real> selection_bias;       // [num_experts] (no gradient: it only selects)
 
   // Calls fn(name, tensor) for every tensor, in declaration order.
   template <typename Fn>
@@ -177,6 +185,7 @@ struct BasicMoeTensors {
     fn("shared_gate_up_bias", shared_gate_up_bias);
     fn("shared_down_bias", shared_down_bias);
     fn("shared_gate", shared_gate);
+    fn("selection_bias", selection_bias);
   }
   template <typename Fn>
   void for_each(Fn&& fn) const {
@@ -263,9 +272,13 @@ class MoeLayer {
   // GEMMs round both (w ⊙ d_y and h; d_pre and x). Gradients are always stored in fp32.
   Matrix<float> backward(ConstMatrixView<float> d_output);  // [num_tokens, d_model]
 
-  // The selection bias of aux-loss-free balancing (RoutingConfig::e_score_correction_bias,
-  // [num_experts] or empty), to update between steps, e.g. with update_expert_bias().
-  std::vector<double>& expert_selection_bias() { return config_.routing.e_score_correction_bias; }
+  // Aux-loss-free balancing of an owned layer's selection bias, between steps:
+  //   bias_e += routing.expert_bias_update_rate · sign(mean load − load_e)
+  // with load_e = tokens_per_expert[e], e.g. the last forward's stats.selected_per_expert (the
+  // load before capacity drops, as DeepSeek-V3 and Megatron count it). A borrowing layer's
+  // caller updates its own tensor (update_expert_bias()). Throws std::logic_error when the
+  // layer has no selection bias or borrows it.
+  void update_selection_bias(std::span<const int64_t> tokens_per_expert);  // [num_experts]
 
   // Gradient buffers are allocated on first use (the first backward or a call of grads() or
   // zero_grad()), so an inference-only layer never holds them.
