@@ -25,7 +25,7 @@
 //   mkl_bf16            cblas_gemm_bf16bf16f32: bf16 A and W, fp32 C
 //   mkl_bf16_packed     cblas_gemm_bf16bf16f32_compute with W packed once
 // In the moe groups every path except the batch calls loops over the experts. Paths ending in
-// _2t run on two threads (moekit: the experts' column halves on a ThreadPool of 2; MKL:
+// _2t run on two threads (moekit: the experts' column halves on 2 threads of the process-wide pool; MKL:
 // mkl_set_num_threads_local(2)); every other MKL path runs on one thread.
 // oneDNN (and MKL's OpenMP layer) run under OpenMP; the program re-executes itself with
 // OMP_NUM_THREADS=1 when unset (dnnl_* rows run on OMP_NUM_THREADS threads).
@@ -219,7 +219,7 @@ bool spot_check(const Batch& b, const std::vector<float>& a, const std::vector<f
 
 // moekit on a batch: one fp32 or bf16 PackedWeight per expert, gemm_packed per expert; with
 // threads > 1 each expert's columns are split into `threads` ranges (multiples of 32) run as
-// tasks on a ThreadPool.
+// tasks on the process-wide pool.
 void bench_moekit_batch(benchmark::State& st, Batch b, mc::Isa isa, mc::DType wdt, int threads) {
   const auto a = random_vec(static_cast<size_t>(b.e * b.m * b.k), 1);
   const auto w = random_vec(static_cast<size_t>(b.e * b.n * b.k), 2);
@@ -236,12 +236,12 @@ void bench_moekit_batch(benchmark::State& st, Batch b, mc::Isa isa, mc::DType wd
   }
   std::vector<int64_t> cols{0};
   for (int h = 1; h <= threads; ++h) cols.push_back(h == threads ? b.n : (b.n * h / threads + 31) / 32 * 32);
-  mc::ThreadPool pool(threads);
+  mc::ThreadPool& pool = mc::thread_pool();
   for (auto _ : st) {
     if (threads == 1) {
       for (int64_t x = 0; x < b.e; ++x) mc::gemm_packed(ps[x], pws[x], 0, b.m, 0, b.n);
     } else {
-      pool.run(b.e * threads, [&](int64_t t, int) {
+      pool.run(threads, b.e * threads, [&](int64_t t, int) {
         const int64_t x = t / threads, h = t % threads;
         mc::gemm_packed(ps[x], pws[x], 0, b.m, cols[h], cols[h + 1]);
       });
