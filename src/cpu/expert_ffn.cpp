@@ -347,6 +347,20 @@ std::vector<PackedWeight> CpuExpertFfn::pack_activations(const OpContext& ctx, c
   return packed;
 }
 
+// A bias gradient: db[k] += Σ_i M[k][i] over a group's transposed block M [cols, num_rows]
+// (rows summed in row order, so the result does not depend on the thread count).
+template <typename BlockOf, typename ColsOf, typename BiasOf>
+void add_row_sums(const OpContext& ctx, const RowSpace& rs, BlockOf block_of, ColsOf cols_of, BiasOf bias_of) {
+  run_tasks(ctx, static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
+    const Group& g = rs.groups[static_cast<size_t>(gi)];
+    float* db = bias_of(static_cast<size_t>(gi));
+    if (!db) return;
+    const float* m = block_of(g);
+    for (int64_t k = 0; k < cols_of(g); ++k)
+      for (int64_t i = 0; i < g.num_rows; ++i) db[k] += m[k * g.num_rows + i];
+  });
+}
+
 // 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per update.
 void CpuExpertFfn::d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_buf) {
   const int64_t d = c_.d_model;
@@ -463,14 +477,8 @@ void CpuExpertFfn::d_w_down(const OpContext& ctx, const RowSpace& rs, const floa
     q.accumulate = grads[static_cast<size_t>(tile.group)].accumulate;
     gemm_packed(q, h_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
   });
-  run_tasks(ctx, static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
-    const Group& g = rs.groups[static_cast<size_t>(gi)];
-    float* db_down = grads[static_cast<size_t>(gi)].d_down_bias;
-    if (!db_down) return;
-    const float* scaled_t = rows_buf + g.row_begin * d;
-    for (int64_t k = 0; k < d; ++k)
-      for (int64_t i = 0; i < g.num_rows; ++i) db_down[k] += scaled_t[k * g.num_rows + i];
-  });
+  add_row_sums(ctx, rs, [&](const Group& g) { return rows_buf + g.row_begin * d; }, [&](const Group&) { return d; },
+               [&](size_t gi) { return grads[gi].d_down_bias; });
   ctx.phase("d_w_down");
 }
 
@@ -519,14 +527,8 @@ void CpuExpertFfn::d_w_gate_up(const OpContext& ctx, const RowSpace& rs, const f
     q.accumulate = grads[static_cast<size_t>(tile.group)].accumulate;
     gemm_packed(q, x_b[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
   });
-  run_tasks(ctx, static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
-    const Group& g = rs.groups[static_cast<size_t>(gi)];
-    float* db_gate_up = grads[static_cast<size_t>(gi)].d_gate_up_bias;
-    if (!db_gate_up) return;
-    const float* t = pre_t + g.gu_offset;
-    for (int64_t k = 0; k < g.gu_cols; ++k)
-      for (int64_t i = 0; i < g.num_rows; ++i) db_gate_up[k] += t[k * g.num_rows + i];
-  });
+  add_row_sums(ctx, rs, [&](const Group& g) { return pre_t + g.gu_offset; }, [&](const Group& g) { return g.gu_cols; },
+               [&](size_t gi) { return grads[gi].d_gate_up_bias; });
   ctx.phase("d_w_gate_up");
 }
 
