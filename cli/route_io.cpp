@@ -3,9 +3,14 @@
 
 #include <nlohmann/json.hpp>
 
-#include <cmath>
-#include <set>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
 
+#include "io/json.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/routing.h"
@@ -15,67 +20,113 @@ namespace {
 
 using nlohmann::json;
 
-json parse_document(const std::string& text, const char* what) {
-  try {
-    return json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw InputError(detail::concat(what, ": expected valid JSON, got a parse error: ", e.what()));
+constexpr int64_t kMaxThreads = 1024;  // as in the layer config: more is a typo, not a machine
+constexpr int64_t kInt32Min = std::numeric_limits<int32_t>::min();
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+enum class Precision { kFloat32, kFloat64 };
+constexpr io::EnumName<Precision> kPrecisionNames[] = {{Precision::kFloat32, "float32"},
+                                                       {Precision::kFloat64, "float64"}};
+
+// The INPUT document, read and type-checked before anything is routed, so that every fault of
+// the document itself (an unknown key included) is reported before shapes are compared.
+struct Input {
+  std::optional<io::NumberMatrix> logits, probs, hidden_states, router_weight, noise_weight;
+  std::optional<std::vector<double>> router_bias;
+  std::optional<std::vector<uint8_t>> token_mask;
+  std::optional<int64_t> sequence_length;
+  std::optional<std::vector<int32_t>> labels;
+  std::optional<RoutingRecord> replay;
+  std::optional<std::vector<double>> global_counts;
+  std::optional<int64_t> global_tokens;
+  std::optional<io::NumberMatrix> logit_noise;
+  std::optional<int64_t> num_threads;
+  Precision precision = Precision::kFloat32;
+  std::optional<io::NumberMatrix> d_weights, d_dispatch, d_combine;
+  std::optional<double> d_aux_loss, d_z_loss;
+
+  bool backward() const { return d_weights || d_aux_loss || d_z_loss || d_dispatch || d_combine; }
+};
+
+std::optional<io::NumberMatrix> take_matrix(io::ObjectReader& in, std::string_view key) {
+  const auto value = in.take(key);
+  if (!value) return std::nullopt;
+  return value->number_matrix();
+}
+
+std::optional<std::vector<double>> take_numbers(io::ObjectReader& in, std::string_view key) {
+  const auto value = in.take(key);
+  if (!value) return std::nullopt;
+  return value->numbers();
+}
+
+std::vector<int32_t> int32_values(const io::Value& value) {
+  std::vector<int32_t> out;
+  for (const int64_t v : value.integers(kInt32Min, kInt32Max)) out.push_back(static_cast<int32_t>(v));
+  return out;
+}
+
+Input read_input(const json& root, const RoutingConfig& config) {
+  io::ObjectReader in(root, io::Document::kInput);
+  Input input;
+  input.logits = take_matrix(in, "logits");
+  input.probs = take_matrix(in, "probs");
+  input.hidden_states = take_matrix(in, "hidden_states");
+  input.router_weight = take_matrix(in, "router_weight");
+  input.router_bias = take_numbers(in, "router_bias");
+  input.noise_weight = take_matrix(in, "noise_weight");
+  if (const auto value = in.take("token_mask")) {
+    std::vector<uint8_t> mask;
+    for (const int64_t v : value->integers(0, 1)) mask.push_back(static_cast<uint8_t>(v));
+    input.token_mask = std::move(mask);
   }
+  input.sequence_length = in.integer("sequence_length", 0);
+  if (const auto value = in.take("labels")) input.labels = int32_values(*value);
+  if (const auto value = in.take("replay")) {
+    RoutingRecord replay;
+    replay.num_experts = config.num_experts;
+    replay.num_tokens = static_cast<int64_t>(value->array_size());
+    replay.token_offsets.push_back(0);
+    for (std::size_t t = 0; t < value->array_size(); ++t) {
+      for (const int32_t e : int32_values(value->element(t))) replay.token_experts.push_back(e);
+      replay.token_offsets.push_back(static_cast<int64_t>(replay.token_experts.size()));
+    }
+    input.replay = std::move(replay);
+  }
+  input.global_counts = take_numbers(in, "global_counts");
+  input.global_tokens = in.integer("global_tokens", 0);
+  input.logit_noise = take_matrix(in, "logit_noise");
+  input.num_threads = in.integer("num_threads", 1, kMaxThreads);
+  if (const auto v = in.enumeration<Precision>("dtype", kPrecisionNames)) input.precision = *v;
+  input.d_weights = take_matrix(in, "d_weights");
+  input.d_aux_loss = in.number("d_aux_loss");
+  input.d_z_loss = in.number("d_z_loss");
+  input.d_dispatch = take_matrix(in, "d_dispatch");
+  input.d_combine = take_matrix(in, "d_combine");
+  in.reject_unknown_keys();
+
+  const int sources = int(input.logits.has_value()) + int(input.probs.has_value()) +
+                      int(input.hidden_states.has_value());
+  if (sources != 1) {
+    throw_input_error("input", "exactly one of logits, probs, hidden_states",
+                      detail::concat(sources, " of them"));
+  }
+  if (input.hidden_states && !input.router_weight)
+    throw_input_error("router_weight", "an [experts][d_model] array with hidden_states", "missing");
+  if (!input.hidden_states && input.router_weight)
+    throw_input_error("router_weight", "only with hidden_states", "given with logits or probs");
+  if (!input.hidden_states && input.router_bias)
+    throw_input_error("router_bias", "only with hidden_states", "given with logits or probs");
+  if (!input.hidden_states && input.noise_weight)
+    throw_input_error("noise_weight", "only with hidden_states", "given with logits or probs");
+  return input;
 }
 
-const char* type_name(const json& j) { return j.type_name(); }
-
-double number_at(const json& j, const std::string& field) {
-  if (!j.is_number()) throw_input_error(field, "a number", type_name(j));
-  return j.get<double>();
-}
-
-int64_t integer_at(const json& j, const std::string& field) {
-  if (!j.is_number_integer()) throw_input_error(field, "an integer", type_name(j));
-  return j.get<int64_t>();
-}
-
-// A [rows][cols] array of numbers; non-finite values cannot appear in JSON numbers, but null
-// (how some writers spell NaN) is rejected with its position.
 template <typename Real>
-Matrix<Real> matrix_at(const json& j, const std::string& field) {
-  if (!j.is_array() || j.empty()) throw_input_error(field, "a non-empty array of rows", type_name(j));
-  const int64_t rows = static_cast<int64_t>(j.size());
-  if (!j[0].is_array() || j[0].empty())
-    throw_input_error(field + "[0]", "a non-empty array of numbers", type_name(j[0]));
-  const int64_t cols = static_cast<int64_t>(j[0].size());
-  Matrix<Real> m(rows, cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    const json& row = j[r];
-    if (!row.is_array()) throw_input_error(detail::concat(field, "[", r, "]"), "an array", type_name(row));
-    if (static_cast<int64_t>(row.size()) != cols)
-      throw_input_error(detail::concat(field, "[", r, "] length"), cols, row.size());
-    for (int64_t c = 0; c < cols; ++c) {
-      if (!row[c].is_number())
-        throw_input_error(detail::concat(field, "[", r, "][", c, "]"), "a finite number",
-                          row[c].dump());
-      m(r, c) = static_cast<Real>(row[c].get<double>());
-    }
-  }
-  return m;
-}
-
-template <typename T>
-std::vector<T> vector_at(const json& j, const std::string& field) {
-  if (!j.is_array()) throw_input_error(field, "an array", type_name(j));
-  std::vector<T> v;
-  for (size_t i = 0; i < j.size(); ++i) {
-    if (!j[i].is_number())
-      throw_input_error(detail::concat(field, "[", i, "]"), "a number", j[i].dump());
-    if constexpr (std::is_integral_v<T>) {
-      if (!j[i].is_number_integer())
-        throw_input_error(detail::concat(field, "[", i, "]"), "an integer", j[i].dump());
-      v.push_back(static_cast<T>(j[i].get<int64_t>()));
-    } else {
-      v.push_back(static_cast<T>(j[i].get<double>()));
-    }
-  }
-  return v;
+Matrix<Real> to_matrix(const io::NumberMatrix& m) {
+  Matrix<Real> out(m.rows, m.cols);
+  for (std::size_t i = 0; i < m.values.size(); ++i) out.values[i] = static_cast<Real>(m.values[i]);
+  return out;
 }
 
 template <typename Real>
@@ -122,98 +173,43 @@ json stats_json(const RoutingStats& s) {
           {"label_expert_mutual_information", s.label_expert_mutual_information}};
 }
 
-const std::set<std::string>& input_keys() {
-  static const std::set<std::string> keys = {
-      "logits", "probs", "hidden_states", "router_weight", "router_bias", "noise_weight",
-      "token_mask", "sequence_length", "labels", "replay", "global_counts", "global_tokens",
-      "num_threads", "dtype", "logit_noise", "d_weights", "d_aux_loss", "d_z_loss", "d_dispatch", "d_combine"};
-  return keys;
-}
-
 template <typename Real>
-json route_typed(const RoutingConfig& config, const json& in) {
+json route_typed(const RoutingConfig& config, const Input& in) {
   RoutingOptions options;
-  std::vector<uint8_t> mask;
-  std::vector<int32_t> labels;
-  std::vector<double> global_counts;
-  RoutingRecord replay;
-  if (in.contains("token_mask")) {
-    for (int64_t v : vector_at<int64_t>(in["token_mask"], "token_mask")) {
-      if (v != 0 && v != 1) throw_input_error("token_mask", "values 0 or 1", v);
-      mask.push_back(static_cast<uint8_t>(v));
-    }
-    options.token_mask = mask;
-  }
-  if (in.contains("sequence_length")) options.sequence_length = integer_at(in["sequence_length"], "sequence_length");
-  if (in.contains("labels")) {
-    labels = vector_at<int32_t>(in["labels"], "labels");
-    options.labels = labels;
-  }
-  if (in.contains("global_counts")) {
-    global_counts = vector_at<double>(in["global_counts"], "global_counts");
-    options.global_counts = global_counts;
-  }
-  std::vector<double> logit_noise;
-  if (in.contains("logit_noise")) {
-    const Matrix<double> m = matrix_at<double>(in["logit_noise"], "logit_noise");
-    logit_noise = m.values;
-    options.logit_noise = logit_noise;
-  }
-  if (in.contains("global_tokens")) options.global_tokens = integer_at(in["global_tokens"], "global_tokens");
-  if (in.contains("num_threads")) {
-    const int64_t threads = integer_at(in["num_threads"], "num_threads");
-    if (threads < 1) throw_input_error("num_threads", ">= 1", threads);
-    options.num_threads = static_cast<int>(threads);
-  }
-
-  const int sources = int(in.contains("logits")) + int(in.contains("probs")) + int(in.contains("hidden_states"));
-  if (sources != 1) {
-    throw_input_error("input", "exactly one of logits, probs, hidden_states",
-                      detail::concat(sources, " of them"));
-  }
-  if (in.contains("replay")) {
-    const json& r = in["replay"];
-    if (!r.is_array()) throw_input_error("replay", "an array of expert lists per token", type_name(r));
-    replay.num_experts = config.num_experts;
-    replay.num_tokens = static_cast<int64_t>(r.size());
-    replay.token_offsets.push_back(0);
-    for (size_t t = 0; t < r.size(); ++t) {
-      for (int32_t e : vector_at<int32_t>(r[t], detail::concat("replay[", t, "]")))
-        replay.token_experts.push_back(e);
-      replay.token_offsets.push_back(static_cast<int64_t>(replay.token_experts.size()));
-    }
-    options.replay = &replay;
-  }
+  if (in.token_mask) options.token_mask = *in.token_mask;
+  if (in.sequence_length) options.sequence_length = *in.sequence_length;
+  if (in.labels) options.labels = *in.labels;
+  if (in.global_counts) options.global_counts = *in.global_counts;
+  if (in.logit_noise) options.logit_noise = in.logit_noise->values;
+  if (in.global_tokens) options.global_tokens = *in.global_tokens;
+  if (in.num_threads) options.num_threads = static_cast<int>(*in.num_threads);
+  if (in.replay) options.replay = &*in.replay;
 
   RoutingResult<Real> result;
   Matrix<Real> hidden, weight, noise_weight;
   std::vector<Real> bias;
   RouterParams<Real> params;
-  const bool from_hidden = in.contains("hidden_states");
-  if (in.contains("logits")) {
-    Matrix<Real> logits = matrix_at<Real>(in["logits"], "logits");
+  const bool from_hidden = in.hidden_states.has_value();
+  if (in.logits) {
+    const Matrix<Real> logits = to_matrix<Real>(*in.logits);
     result = route_logits<Real>(config, logits.cview(), options);
-  } else if (in.contains("probs")) {
-    Matrix<Real> probs = matrix_at<Real>(in["probs"], "probs");
+  } else if (in.probs) {
+    const Matrix<Real> probs = to_matrix<Real>(*in.probs);
     result = route_probs<Real>(config, probs.cview(), options);
   } else {
-    hidden = matrix_at<Real>(in["hidden_states"], "hidden_states");
-    if (!in.contains("router_weight"))
-      throw_input_error("router_weight", "an [experts][d_model] array with hidden_states", "missing");
-    weight = matrix_at<Real>(in["router_weight"], "router_weight");
+    hidden = to_matrix<Real>(*in.hidden_states);
+    weight = to_matrix<Real>(*in.router_weight);
     params.weight = weight.cview();
-    if (in.contains("router_bias")) {
-      bias = vector_at<Real>(in["router_bias"], "router_bias");
+    if (in.router_bias) {
+      bias.assign(in.router_bias->begin(), in.router_bias->end());
       params.bias = bias;
     }
-    if (in.contains("noise_weight")) {
-      noise_weight = matrix_at<Real>(in["noise_weight"], "noise_weight");
+    if (in.noise_weight) {
+      noise_weight = to_matrix<Real>(*in.noise_weight);
       params.noise_weight = noise_weight.cview();
     }
     result = route_hidden<Real>(config, hidden.cview(), params, options);
   }
-  if (!from_hidden && (in.contains("router_weight") || in.contains("router_bias")))
-    throw_input_error("router_weight", "only with hidden_states", "given with logits or probs");
 
   const BasicRoutingPlan<Real>& p = result.plan;
   json out;
@@ -260,14 +256,12 @@ json route_typed(const RoutingConfig& config, const json& in) {
   }
 
   // Backward, when any upstream gradient is given.
-  const bool backward = in.contains("d_weights") || in.contains("d_aux_loss") ||
-                        in.contains("d_z_loss") || in.contains("d_dispatch") || in.contains("d_combine");
-  if (backward) {
+  if (in.backward()) {
     RoutingGradOutput<Real> grad;
-    grad.d_aux_loss = in.contains("d_aux_loss") ? number_at(in["d_aux_loss"], "d_aux_loss") : config.router_aux_loss_coef;
-    grad.d_z_loss = in.contains("d_z_loss") ? number_at(in["d_z_loss"], "d_z_loss") : config.router_z_loss_coef;
-    if (in.contains("d_weights")) {
-      Matrix<Real> dw = matrix_at<Real>(in["d_weights"], "d_weights");
+    grad.d_aux_loss = in.d_aux_loss ? *in.d_aux_loss : config.router_aux_loss_coef;
+    grad.d_z_loss = in.d_z_loss ? *in.d_z_loss : config.router_z_loss_coef;
+    if (in.d_weights) {
+      const Matrix<Real> dw = to_matrix<Real>(*in.d_weights);
       if (dw.rows != p.num_tokens || dw.cols != p.num_experts)
         throw_input_error("d_weights shape", detail::concat("[", p.num_tokens, "][", p.num_experts, "]"),
                           detail::concat("[", dw.rows, "][", dw.cols, "]"));
@@ -276,17 +270,19 @@ json route_typed(const RoutingConfig& config, const json& in) {
         for (int64_t i = p.token_offsets[t]; i < p.token_offsets[t + 1]; ++i)
           grad.d_token_weights[i] = dw(t, p.token_experts[i]);
     }
-    for (const char* key : {"d_dispatch", "d_combine"}) {
-      if (!in.contains(key)) continue;
-      Matrix<Real> m = matrix_at<Real>(in[key], key);
+    const std::tuple<const char*, const std::optional<io::NumberMatrix>*, std::vector<Real>*> slot_grads[] = {
+        {"d_dispatch", &in.d_dispatch, &grad.d_dispatch}, {"d_combine", &in.d_combine, &grad.d_combine}};
+    for (const auto& [key, given, target] : slot_grads) {
+      if (!*given) continue;
+      const Matrix<Real> m = to_matrix<Real>(**given);
       if (m.rows != p.num_tokens || m.cols != p.num_slots)
         throw_input_error(detail::concat(key, " shape"), detail::concat("[", p.num_tokens, "][", p.num_slots, "]"),
                           detail::concat("[", m.rows, "][", m.cols, "]"));
-      (std::string(key) == "d_dispatch" ? grad.d_dispatch : grad.d_combine) = m.values;
+      *target = m.values;
     }
     Matrix<Real> d_noisy;
     Matrix<Real> d_logits = route_backward<Real>(config, result, grad, &d_noisy);
-    out[in.contains("probs") ? "d_probs" : "d_logits"] = matrix_json(d_logits);
+    out[in.probs ? "d_probs" : "d_logits"] = matrix_json(d_logits);
     if (from_hidden) {
       RouterGrads<Real> g = router_backward<Real>(config, result, hidden.cview(), params,
                                                   d_logits.cview(), options.num_threads,
@@ -308,24 +304,9 @@ json route_typed(const RoutingConfig& config, const json& in) {
 
 std::string route_json(const std::string& config_json, const std::string& input_json, int indent) {
   const RoutingConfig config = routing_config_from_json(config_json);
-  const json in = parse_document(input_json, "input");
-  if (!in.is_object()) throw_input_error("input", "a JSON object", type_name(in));
-  for (const auto& [key, value] : in.items()) {
-    if (!input_keys().count(key)) throw_input_error("input key", "one of the documented keys", key);
-  }
-  std::string dtype = "float32";
-  if (in.contains("dtype")) {
-    if (!in["dtype"].is_string()) throw_input_error("dtype", "\"float32\" or \"float64\"", type_name(in["dtype"]));
-    dtype = in["dtype"].get<std::string>();
-  }
-  json out;
-  if (dtype == "float32") {
-    out = route_typed<float>(config, in);
-  } else if (dtype == "float64") {
-    out = route_typed<double>(config, in);
-  } else {
-    throw_input_error("dtype", "\"float32\" or \"float64\"", dtype);
-  }
+  const Input input = read_input(io::parse_object(input_json, io::Document::kInput), config);
+  const json out = input.precision == Precision::kFloat32 ? route_typed<float>(config, input)
+                                                         : route_typed<double>(config, input);
   if (indent <= 0) return out.dump();
   // One top-level key per line with compact values: per-token rows stay readable.
   std::string text = "{";

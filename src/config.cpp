@@ -7,16 +7,19 @@
 
 #include <algorithm>
 #include <array>
-#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <functional>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <span>
 #include <string_view>
 #include <type_traits>
 
+#include "io/json.h"
+#include "io/routing_config.h"
 #include "moekit/error.h"
 
 namespace moekit {
@@ -29,11 +32,7 @@ using OrderedJson = nlohmann::ordered_json;
 // ---------------------------------------------------------------------------------------------
 // Enum spellings (docs/config.md).
 
-template <typename E>
-struct EnumName {
-  E value;
-  std::string_view name;
-};
+using io::EnumName;
 
 constexpr std::array kRoutingMethodNames{
     EnumName<RoutingMethod>{RoutingMethod::kTopK, "topk"},
@@ -123,144 +122,46 @@ std::string_view enum_name(E value, const std::array<EnumName<E>, N>& names) {
   return "<invalid>";
 }
 
-template <typename E, std::size_t N>
-std::string enum_choices(const std::array<EnumName<E>, N>& names) {
-  std::string out = "one of ";
-  for (std::size_t i = 0; i < N; ++i) {
-    if (i > 0) out += ", ";
-    out += names[i].name;
-  }
-  return out;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Message helpers.
 
-// Shortest round-trip form: error.h's 17-digit stream would print 0.1 as 0.10000000000000001.
-std::string format_number(double x) {
-  if (std::isnan(x)) return "nan";
-  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-  char buffer[64];
-  const auto result = std::to_chars(buffer, buffer + sizeof(buffer), x);
-  return std::string(buffer, result.ptr);
-}
+// The JSON layer's wording, so that validation messages read like parsing ones.
+using io::closest_name;
+using io::format_number;
 
-std::string quote_text(std::string_view text) { return "\"" + std::string(text) + "\""; }
-
-// "string \"8\"", "number 8.5", "null": the JSON type first, since that is what was wrong.
-std::string describe_json(const Json& value) {
-  if (value.is_null()) return "null";
-  constexpr std::size_t kMaxShown = 40;
-  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
-  if (text.size() > kMaxShown) text = text.substr(0, kMaxShown - 3) + "...";
-  return std::string(value.type_name()) + " " + text;
-}
-
-std::size_t edit_distance(std::string_view a, std::string_view b) {
-  std::vector<std::size_t> previous(b.size() + 1), current(b.size() + 1);
-  for (std::size_t j = 0; j <= b.size(); ++j) previous[j] = j;
-  for (std::size_t i = 1; i <= a.size(); ++i) {
-    current[0] = i;
-    for (std::size_t j = 1; j <= b.size(); ++j) {
-      const std::size_t substitution = previous[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
-      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, substitution});
-    }
-    std::swap(previous, current);
-  }
-  return previous[b.size()];
-}
-
-// The closest candidate, or "" when none is close enough to be a plausible typo.
-std::string closest_name(std::string_view name, const std::vector<std::string>& candidates) {
-  std::string best;
-  std::size_t best_distance = std::numeric_limits<std::size_t>::max();
-  for (const auto& candidate : candidates) {
-    const std::size_t distance = edit_distance(name, candidate);
-    if (distance < best_distance) {
-      best_distance = distance;
-      best = candidate;
-    }
-  }
-  const std::size_t limit = std::max<std::size_t>(2, name.size() / 3);
-  return best_distance <= limit ? best : std::string();
-}
+std::string quote_text(std::string_view text) { return io::quote(text); }
 
 // ---------------------------------------------------------------------------------------------
-// Typed JSON readers. `field` is the key as the user wrote it (with the canonical name when it
-// was an alias), so the message points at their text.
-
-int64_t read_int(const Json& value, const std::string& field) {
-  if (!value.is_number_integer()) throw_config_error(field, "an integer", describe_json(value));
-  if (value.is_number_unsigned() &&
-      value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-    throw_config_error(field, "an integer in the int64 range", describe_json(value));
-  }
-  return value.get<int64_t>();
-}
-
-// nlohmann stores every non-negative integer literal as unsigned, so anything else is negative,
-// fractional or not a number.
-uint64_t read_uint(const Json& value, const std::string& field) {
-  if (!value.is_number_unsigned())
-    throw_config_error(field, "an integer >= 0", describe_json(value));
-  return value.get<uint64_t>();
-}
-
-double read_number(const Json& value, const std::string& field) {
-  if (!value.is_number()) throw_config_error(field, "a number", describe_json(value));
-  return value.get<double>();
-}
-
-bool read_bool(const Json& value, const std::string& field) {
-  if (!value.is_boolean()) throw_config_error(field, "a boolean", describe_json(value));
-  return value.get<bool>();
-}
-
-std::string read_string(const Json& value, const std::string& field) {
-  if (!value.is_string()) throw_config_error(field, "a string", describe_json(value));
-  return value.get<std::string>();
-}
+// Typed JSON readers over the JSON layer. A value's path is the key as the user wrote it (with
+// the canonical name when it was an alias), so the message points at their text.
 
 template <typename E, std::size_t N>
-E read_enum(const Json& value, const std::string& field, const std::array<EnumName<E>, N>& names) {
-  if (!value.is_string()) {
-    throw_config_error(field, "a string, " + enum_choices(names), describe_json(value));
-  }
-  const auto text = value.get<std::string>();
-  for (const auto& entry : names) {
-    if (entry.name == text) return entry.value;
-  }
-  throw_config_error(field, enum_choices(names), quote_text(text));
+E read_enum(const io::Value& value, const std::array<EnumName<E>, N>& names) {
+  return value.enumeration(std::span<const EnumName<E>>(names));
 }
 
 template <typename T>
-T read_value(const Json& value, const std::string& field) {
+T read_value(const io::Value& value) {
   if constexpr (std::is_same_v<T, int64_t>) {
-    return read_int(value, field);
+    return value.integer();
   } else if constexpr (std::is_same_v<T, uint64_t>) {
-    return read_uint(value, field);
+    return value.unsigned_integer();
   } else if constexpr (std::is_same_v<T, double>) {
-    return read_number(value, field);
+    return value.number();
   } else if constexpr (std::is_same_v<T, bool>) {
-    return read_bool(value, field);
+    return value.boolean();
   } else if constexpr (std::is_same_v<T, std::optional<double>>) {
     if (value.is_null()) return std::nullopt;
-    if (!value.is_number()) throw_config_error(field, "a number or null", describe_json(value));
-    return value.get<double>();
+    if (!value.json().is_number()) value.fail("a finite number or null", io::describe(value.json()));
+    return value.number();
   } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
     if (value.is_null()) return std::nullopt;
-    if (!value.is_number_integer()) {
-      throw_config_error(field, "an integer or null", describe_json(value));
+    if (!value.json().is_number_integer()) {
+      value.fail("an integer or null", io::describe(value.json()));
     }
-    return read_int(value, field);
+    return value.integer();
   } else if constexpr (std::is_same_v<T, std::vector<double>>) {
-    if (!value.is_array()) throw_config_error(field, "an array of numbers", describe_json(value));
-    std::vector<double> out;
-    out.reserve(value.size());
-    for (std::size_t i = 0; i < value.size(); ++i) {
-      out.push_back(read_number(value[i], field + "[" + std::to_string(i) + "]"));
-    }
-    return out;
+    return value.numbers();
   } else {
     static_assert(!sizeof(T), "no JSON reader for this field type");
   }
@@ -279,7 +180,7 @@ OrderedJson write_value(const T& value) {
 // ---------------------------------------------------------------------------------------------
 // Field and alias tables.
 
-using ReadFn = std::function<void(RoutingConfig&, const Json&, const std::string& field)>;
+using ReadFn = std::function<void(RoutingConfig&, const io::Value&)>;
 using WriteFn = std::function<OrderedJson(const RoutingConfig&)>;
 
 struct FieldSpec {
@@ -291,8 +192,8 @@ struct FieldSpec {
 template <typename T>
 FieldSpec field(std::string key, T RoutingConfig::*member) {
   return {std::move(key),
-          [member](RoutingConfig& config, const Json& value, const std::string& name) {
-            config.*member = read_value<T>(value, name);
+          [member](RoutingConfig& config, const io::Value& value) {
+            config.*member = read_value<T>(value);
           },
           [member](const RoutingConfig& config) { return write_value(config.*member); }};
 }
@@ -301,8 +202,8 @@ template <typename E, std::size_t N>
 FieldSpec enum_field(std::string key, E RoutingConfig::*member,
                      const std::array<EnumName<E>, N>& names) {
   return {std::move(key),
-          [member, &names](RoutingConfig& config, const Json& value, const std::string& name) {
-            config.*member = read_enum(value, name, names);
+          [member, &names](RoutingConfig& config, const io::Value& value) {
+            config.*member = read_enum(value, names);
           },
           [member, &names](const RoutingConfig& config) {
             return OrderedJson(std::string(enum_name(config.*member, names)));
@@ -393,15 +294,14 @@ const std::vector<AliasSpec>& alias_specs() {
       {"score_function", "scoring_func", {}},
       // Megatron's flag is a bool; true means softmax over all experts before the top-k.
       {"moe_router_pre_softmax", "softmax_order",
-       [](RoutingConfig& config, const Json& value, const std::string& name) {
+       [](RoutingConfig& config, const io::Value& value) {
          config.softmax_order =
-             read_bool(value, name) ? SoftmaxOrder::kBeforeTopK : SoftmaxOrder::kAfterTopK;
+             value.boolean() ? SoftmaxOrder::kBeforeTopK : SoftmaxOrder::kAfterTopK;
        }},
       // HF's flag is a bool; HF renormalises over the selected experts (there are no drops).
       {"norm_topk_prob", "renormalize",
-       [](RoutingConfig& config, const Json& value, const std::string& name) {
-         config.renormalize =
-             read_bool(value, name) ? Renormalize::kBeforeDrop : Renormalize::kNone;
+       [](RoutingConfig& config, const io::Value& value) {
+         config.renormalize = value.boolean() ? Renormalize::kBeforeDrop : Renormalize::kNone;
        }},
       {"moe_router_topk_scaling_factor", "routed_scaling_factor", {}},
       {"router_temperature", "temperature", {}},
@@ -431,35 +331,34 @@ constexpr std::string_view kPresetKey = "preset";
 // Accepted for compatibility with HF Switch and Megatron configs, then ignored: moekit routes in
 // fp32 or fp64 whatever the model dtype, so the choice has nothing left to select.
 constexpr std::string_view kRouterDtypeKey = "router_dtype";
-constexpr std::array<std::string_view, 4> kRouterDtypes = {"float32", "fp32", "float64", "fp64"};
+constexpr std::array kRouterDtypeNames{
+    EnumName<int>{0, "float32"}, EnumName<int>{0, "fp32"}, EnumName<int>{0, "float64"},
+    EnumName<int>{0, "fp64"}};
 
-// What a key resolves to: the canonical key and the reader to apply.
-struct KeyTarget {
+// One canonical field and every spelling of it: the canonical key first, then its aliases, each
+// with the reader to apply.
+struct FieldSpellings {
   std::string canonical;
-  const ReadFn* read = nullptr;
+  std::vector<std::string> keys;
+  std::vector<const ReadFn*> readers;
 };
 
-const std::map<std::string, KeyTarget, std::less<>>& key_targets() {
-  static const auto kTargets = [] {
-    std::map<std::string, KeyTarget, std::less<>> targets;
-    std::map<std::string, const ReadFn*, std::less<>> canonical_readers;
+const std::vector<FieldSpellings>& field_spellings() {
+  static const auto kSpellings = [] {
+    std::vector<FieldSpellings> fields;
+    std::map<std::string, std::size_t, std::less<>> index;
     for (const auto& spec : field_specs()) {
-      targets[spec.key] = {spec.key, &spec.read};
-      canonical_readers[spec.key] = &spec.read;
+      index[spec.key] = fields.size();
+      fields.push_back({spec.key, {spec.key}, {&spec.read}});
     }
     for (const auto& spec : alias_specs()) {
-      targets[spec.alias] = {spec.canonical,
-                             spec.read ? &spec.read : canonical_readers.at(spec.canonical)};
+      FieldSpellings& field = fields[index.at(spec.canonical)];
+      field.keys.push_back(spec.alias);
+      field.readers.push_back(spec.read ? &spec.read : field.readers.front());
     }
-    return targets;
+    return fields;
   }();
-  return kTargets;
-}
-
-std::vector<std::string> known_keys() {
-  std::vector<std::string> keys{std::string(kPresetKey), std::string(kRouterDtypeKey)};
-  for (const auto& [key, target] : key_targets()) keys.push_back(key);
-  return keys;
+  return kSpellings;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -862,40 +761,6 @@ const std::vector<PresetSpec>& preset_table() {
 // ---------------------------------------------------------------------------------------------
 // Parsing.
 
-// Parses the text as a JSON object. nlohmann keeps only the last of repeated keys, so repeats
-// at the top level are caught while parsing: silently dropping one would hide a mistake.
-Json parse_object(const std::string& text) {
-  std::string repeated_key;
-  std::vector<std::string> seen;
-  const Json::parser_callback_t on_event = [&](int depth, Json::parse_event_t event, Json& parsed) {
-    if (event == Json::parse_event_t::key && depth == 1 && parsed.is_string()) {
-      auto key = parsed.get<std::string>();
-      if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
-        if (repeated_key.empty()) repeated_key = key;
-      } else {
-        seen.push_back(std::move(key));
-      }
-    }
-    return true;
-  };
-  Json root;
-  try {
-    root = Json::parse(text, on_event);
-  } catch (const Json::parse_error& error) {
-    throw_config_error("config", "a JSON object",
-                       std::string("invalid JSON (") + error.what() + ")");
-  }
-  if (!root.is_object()) throw_config_error("config", "a JSON object", describe_json(root));
-  if (!repeated_key.empty()) {
-    throw_config_error(repeated_key, "the key at most once", "it repeated");
-  }
-  return root;
-}
-
-std::string field_label(const std::string& key, const std::string& canonical) {
-  return key == canonical ? key : key + " (alias of " + canonical + ")";
-}
-
 void require(bool ok, const std::string& field, const std::string& expected,
              const std::string& actual) {
   if (!ok) throw_config_error(field, expected, actual);
@@ -1051,42 +916,32 @@ RoutingConfig routing_config_from_preset(const std::string& preset) {
   throw_config_error(std::string(kPresetKey), expected, quote_text(preset));
 }
 
-RoutingConfig routing_config_from_json(const std::string& json_text) {
-  const Json root = parse_object(json_text);
+namespace io {
 
+RoutingConfig read_routing_config(ObjectReader& reader) {
   RoutingConfig config;
-  if (const auto it = root.find(kPresetKey); it != root.end()) {
-    config = routing_config_from_preset(read_string(*it, std::string(kPresetKey)));
+  if (const auto preset = reader.take(kPresetKey)) {
+    config = routing_config_from_preset(preset->string());
   }
-
-  // canonical key -> the key that set it, to reject a key given twice under two spellings.
-  std::map<std::string, std::string, std::less<>> set_by;
-  const auto& targets = key_targets();
-  for (const auto& [key, value] : root.items()) {
-    if (key == kPresetKey) continue;
-    if (key == kRouterDtypeKey) {
-      const auto dtype = read_string(value, key);
-      if (std::find(kRouterDtypes.begin(), kRouterDtypes.end(), dtype) == kRouterDtypes.end()) {
-        throw_config_error(key, "one of float32, fp32, float64, fp64", quote_text(dtype));
-      }
-      continue;
-    }
-    const auto target = targets.find(key);
-    if (target == targets.end()) {
-      std::string expected = "a known configuration key";
-      const std::string suggestion = closest_name(key, known_keys());
-      if (!suggestion.empty()) expected += " (did you mean \"" + suggestion + "\"?)";
-      throw_config_error(key, expected, "unknown key " + quote_text(key));
-    }
-    const std::string& canonical = target->second.canonical;
-    if (const auto previous = set_by.find(canonical); previous != set_by.end()) {
-      throw_config_error(canonical, "one key for this field",
-                         "both " + quote_text(previous->second) + " and " + quote_text(key));
-    }
-    set_by.emplace(canonical, key);
-    (*target->second.read)(config, value, field_label(key, canonical));
+  if (const auto dtype = reader.take(kRouterDtypeKey)) {
+    dtype->enumeration(std::span<const EnumName<int>>(kRouterDtypeNames));
   }
+  for (const FieldSpellings& field : field_spellings()) {
+    std::size_t which = 0;
+    if (const auto value = reader.take_one_of(field.keys, field.canonical, &which)) {
+      (*field.readers[which])(config, *value);
+    }
+  }
+  return config;
+}
 
+}  // namespace io
+
+RoutingConfig routing_config_from_json(const std::string& json_text) {
+  const Json root = io::parse_object(json_text, io::Document::kConfig);
+  io::ObjectReader reader(root, io::Document::kConfig);
+  RoutingConfig config = io::read_routing_config(reader);
+  reader.reject_unknown_keys();
   config.validate();
   return config;
 }

@@ -269,7 +269,7 @@ TEST_F(CliRouteErrors, LogitsColumnsDifferFromNumExperts) {
 
 TEST_F(CliRouteErrors, UnknownInputKey) {
   expect_failure(kMixtral, R"({"logits": [[2.1, -0.5, 3.7, 0.8, -1.2, 0.3, 1.5, -0.9]], "logit": 1})",
-                 "input key");
+                 R"(logit: expected a known input key (did you mean "logits"?), got unknown key "logit")");
 }
 
 TEST_F(CliRouteErrors, InvalidJson) { expect_failure(kMixtral, R"({"logits": )", "input"); }

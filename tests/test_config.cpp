@@ -459,15 +459,15 @@ TEST(ConfigJsonErrors, WrongType) {
   expect_json_error(R"({"num_experts": "8"})", {"num_experts", "an integer", "string \"8\""});
   expect_json_error(R"({"num_experts": 8.5})", {"num_experts", "an integer", "number 8.5"});
   expect_json_error(R"({"training": 1})", {"training", "a boolean", "number 1"});
-  expect_json_error(R"({"temperature": [1]})", {"temperature", "a number", "array [1]"});
+  expect_json_error(R"({"temperature": [1]})", {"temperature", "a finite number", "array [1]"});
   expect_json_error(R"({"capacity_factor": "1.25"})",
-                    {"capacity_factor", "a number or null", "string \"1.25\""});
+                    {"capacity_factor", "a finite number or null", "string \"1.25\""});
   expect_json_error(R"({"expert_capacity": 1.5})",
                     {"expert_capacity", "an integer or null", "number 1.5"});
   expect_json_error(R"({"routing_method": 3})",
                     {"routing_method", "a string", "topk, dense", "number 3"});
   expect_json_error(R"({"e_score_correction_bias": [0.0, "x"]})",
-                    {"e_score_correction_bias[1]", "a number", "string \"x\""});
+                    {"e_score_correction_bias[1]", "a finite number", "string \"x\""});
   expect_json_error(R"({"e_score_correction_bias": 0.5})",
                     {"e_score_correction_bias", "an array of numbers", "number 0.5"});
   expect_json_error(R"({"seed": -1})", {"seed", "an integer >= 0", "number -1"});

@@ -188,7 +188,7 @@ struct RoutingConfig {
 };
 
 // Parses a JSON object (text) into a validated config: `preset` first, then every other key.
-// Unknown keys, wrong types and bad values throw ConfigError.
+// Repeated keys, unknown keys, wrong types and bad values throw ConfigError naming the key.
 RoutingConfig routing_config_from_json(const std::string& json_text);
 
 // The same, starting from a preset name ("" for the library defaults), keys applied on top.
