@@ -10,7 +10,7 @@
 // where q = score (softmax over all experts of the logits, or sigmoid), c the routed scaling
 // factor, and Z_t = 1 (no renormalisation), Σ_{selected} q (renormalised before drops; equal to
 // a softmax over the selected logits) or Σ_{kept} q (after drops), plus 1e-20 for sigmoid scores
-// (DeepSeek-V3, Megatron). Selection (top-k, groups, bias, Gumbel, capacity) is piecewise
+// (DeepSeek-V3, Megatron; Megatron's sigmoid top-1 keeps Z_t = 1). Selection (top-k, groups, bias, Gumbel, capacity) is piecewise
 // constant, so the gradient flows through q and Z only:
 //     dq_te = c·dw_te/Z_t − [e ∈ norm set] · Σ_j c·dw_tj·q_tj/Z_t²
 // then through the softmax (dl = q ⊙ (dq − ⟨q, dq⟩)) or the sigmoid (dl = q(1 − q) dq).

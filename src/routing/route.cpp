@@ -21,6 +21,53 @@ namespace moekit {
 namespace routing_detail {
 namespace {
 
+void check_replay(const RoutingConfig& config, const RoutingRecord& r, int64_t num_tokens) {
+  if (r.num_tokens != num_tokens) {
+    throw_input_error("replay num_tokens", num_tokens, r.num_tokens);
+  }
+  if (r.num_experts != config.num_experts) {
+    throw_input_error("replay num_experts", config.num_experts, r.num_experts);
+  }
+  if (static_cast<int64_t>(r.token_offsets.size()) != num_tokens + 1 ||
+      r.token_offsets.back() != static_cast<int64_t>(r.token_experts.size())) {
+    throw_input_error("replay token_offsets", "num_tokens + 1 offsets ending at the selections",
+                      r.token_offsets.size());
+  }
+  for (int32_t e : r.token_experts) {
+    if (e < 0 || e >= config.num_experts) {
+      throw_input_error("replay expert", detail::concat("in [0, ", config.num_experts, ")"), e);
+    }
+  }
+}
+
+void check_logit_noise(const RoutingConfig& config,
+                       std::span<const double> logit_noise,  // [num_tokens · cols]
+                       int64_t num_tokens) {
+  const int64_t cols = logit_columns(config);
+  if (static_cast<int64_t>(logit_noise.size()) != num_tokens * cols) {
+    throw_input_error("logit_noise size", detail::concat(num_tokens * cols, " (num_tokens · num_experts)"),
+                      logit_noise.size());
+  }
+  if (!(config.noise_std > 0) || !noise_active(config)) {
+    throw_input_error("logit_noise", "noise_std > 0 and training (or noise_in_eval)",
+                      detail::concat("noise_std ", config.noise_std, ", training ", config.training));
+  }
+  for (size_t i = 0; i < logit_noise.size(); ++i)
+    if (!std::isfinite(logit_noise[i]))
+      throw_input_error("logit_noise", "finite values", detail::concat(logit_noise[i], " at [", i, "]"));
+}
+
+void check_selection_bias(const RoutingConfig& config,
+                          std::span<const float> bias) {  // [num_experts]
+  if (static_cast<int64_t>(bias.size()) != config.num_experts) {
+    throw_input_error("selection_bias length", detail::concat(config.num_experts, " (num_experts)"),
+                      bias.size());
+  }
+  for (size_t e = 0; e < bias.size(); ++e)
+    if (!std::isfinite(bias[e]))
+      throw_input_error(detail::concat("selection_bias[", e, "]"), "a finite number", bias[e]);
+}
+
 void check_options(const RoutingConfig& config, const RoutingOptions& options,
                    int64_t num_tokens) {
   if (!options.token_mask.empty()) {
@@ -52,51 +99,9 @@ void check_options(const RoutingConfig& config, const RoutingOptions& options,
     throw_input_error("global_counts length", detail::concat(config.num_experts, " (num_experts)"),
                       options.global_counts.size());
   }
-  if (options.replay != nullptr) {
-    const RoutingRecord& r = *options.replay;
-    if (r.num_tokens != num_tokens) {
-      throw_input_error("replay num_tokens", num_tokens, r.num_tokens);
-    }
-    if (r.num_experts != config.num_experts) {
-      throw_input_error("replay num_experts", config.num_experts, r.num_experts);
-    }
-    if (static_cast<int64_t>(r.token_offsets.size()) != num_tokens + 1 ||
-        r.token_offsets.back() != static_cast<int64_t>(r.token_experts.size())) {
-      throw_input_error("replay token_offsets", "num_tokens + 1 offsets ending at the selections",
-                        r.token_offsets.size());
-    }
-    for (int32_t e : r.token_experts) {
-      if (e < 0 || e >= config.num_experts) {
-        throw_input_error("replay expert", detail::concat("in [0, ", config.num_experts, ")"), e);
-      }
-    }
-  }
-  if (!options.logit_noise.empty()) {
-    const int64_t cols = config.routing_method == RoutingMethod::kSoftMoe
-                             ? config.num_experts * config.slots_per_expert
-                             : config.num_experts;
-    if (static_cast<int64_t>(options.logit_noise.size()) != num_tokens * cols) {
-      throw_input_error("logit_noise size", detail::concat(num_tokens * cols, " (num_tokens · num_experts)"),
-                        options.logit_noise.size());
-    }
-    if (!(config.noise_std > 0) || !noise_active(config)) {
-      throw_input_error("logit_noise", "noise_std > 0 and training (or noise_in_eval)",
-                        detail::concat("noise_std ", config.noise_std, ", training ", config.training));
-    }
-    for (size_t i = 0; i < options.logit_noise.size(); ++i)
-      if (!std::isfinite(options.logit_noise[i]))
-        throw_input_error("logit_noise", "finite values", detail::concat(options.logit_noise[i], " at [", i, "]"));
-  }
-  if (!options.selection_bias.empty()) {
-    if (static_cast<int64_t>(options.selection_bias.size()) != config.num_experts) {
-      throw_input_error("selection_bias length", detail::concat(config.num_experts, " (num_experts)"),
-                        options.selection_bias.size());
-    }
-    for (size_t e = 0; e < options.selection_bias.size(); ++e)
-      if (!std::isfinite(options.selection_bias[e]))
-        throw_input_error(detail::concat("selection_bias[", e, "]"), "a finite number",
-                          options.selection_bias[e]);
-  }
+  if (options.replay != nullptr) check_replay(config, *options.replay, num_tokens);
+  if (!options.logit_noise.empty()) check_logit_noise(config, options.logit_noise, num_tokens);
+  if (!options.selection_bias.empty()) check_selection_bias(config, options.selection_bias);
   if (options.replay != nullptr && config.routing_method == RoutingMethod::kSoftMoe) {
     throw_input_error("replay", "a token-choice, dense or expert-choice method", "soft_moe");
   }
@@ -220,10 +225,7 @@ template <typename Real>
 RoutingResult<Real> route_logits(const RoutingConfig& config, ConstMatrixView<Real> logits,
                                  const RoutingOptions& options) {
   config.validate();
-  const int64_t cols = config.routing_method == RoutingMethod::kSoftMoe
-                           ? config.num_experts * config.slots_per_expert
-                           : config.num_experts;
-  check_matrix(logits, "logits", cols,
+  check_matrix(logits, "logits", routing_detail::logit_columns(config),
                config.routing_method == RoutingMethod::kSoftMoe ? "num_experts · slots_per_expert"
                                                                 : "num_experts");
   check_options(config, options, logits.rows);
@@ -293,6 +295,7 @@ RoutingResult<Real> route_hidden(const RoutingConfig& config, ConstMatrixView<Re
   result.saved.jitter = std::move(jitter);
   return result;
 }
+
 template <typename Real>
 RoutingRecord record_routing(const BasicRoutingPlan<Real>& plan) {
   RoutingRecord record;

@@ -201,23 +201,34 @@ class Router {
   void compute_scores();
   void compute_top1_scores();
   void select_token_choice();
-  void select_sinkhorn(std::vector<std::vector<int32_t>>& chosen) const;
-  void select_top_k(int64_t t, std::vector<double>& keys, std::vector<double>& group_keys,
-                    std::vector<int32_t>& picked, std::vector<int32_t>& chosen) const;
-  void limit_groups(std::vector<double>& keys, std::vector<double>& group_keys,
-                    std::vector<int32_t>& picked) const;
-  void replay_choices(std::vector<std::vector<int32_t>>& chosen) const;
-  void set_token_lists(const std::vector<std::vector<int32_t>>& chosen);
+  void select_sinkhorn(std::vector<std::vector<int32_t>>& chosen) const;  // [num_tokens][k]
+  // Token t's top-k into `chosen`; keys, group_keys and picked are scratch.
+  void select_top_k(int64_t t,
+                    std::vector<double>& keys,        // [num_experts]
+                    std::vector<double>& group_keys,  // [n_group]
+                    std::vector<int32_t>& picked,     // [≤ num_experts]
+                    std::vector<int32_t>& chosen) const;  // [k]
+  // Masks the keys of the experts outside the topk_group best groups.
+  void limit_groups(std::vector<double>& keys,        // [num_experts]
+                    std::vector<double>& group_keys,  // [n_group]
+                    std::vector<int32_t>& picked) const;  // scratch
+  void replay_choices(std::vector<std::vector<int32_t>>& chosen) const;  // [num_tokens][*]
+  void set_token_lists(const std::vector<std::vector<int32_t>>& chosen);  // [num_tokens][*]
   void select_expert_choice();
   void select_dense();
   void apply_random_routing();
 
   // capacity.cpp
   void apply_capacity();
-  void drop_by_position(int64_t first, int64_t last, const std::vector<int64_t>& tokens,
-                        int64_t capacity, std::vector<uint8_t>& keep) const;
-  void drop_by_key(const std::vector<int64_t>& tokens, int64_t capacity,
-                   std::vector<uint8_t>& keep) const;
+  // Marks in `keep` the selections of tokens [first, last) that fit, offered in `tokens` order.
+  void drop_by_position(int64_t first, int64_t last,
+                        const std::vector<int64_t>& tokens,  // [last − first] priority order
+                        int64_t capacity,
+                        std::vector<uint8_t>& keep) const;  // [num_selections]
+  // Marks in `keep` the C best selections per expert by the drop key.
+  void drop_by_key(const std::vector<int64_t>& tokens,  // [group tokens] priority order
+                   int64_t capacity,
+                   std::vector<uint8_t>& keep) const;  // [num_selections]
 
   // weights.cpp
   void finish_weights();

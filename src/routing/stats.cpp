@@ -15,7 +15,8 @@
 namespace moekit::routing_detail {
 namespace {
 
-double entropy_of_counts(const std::vector<int64_t>& counts) {
+// H(n / Σn) = −Σ_e (n_e/N) log(n_e/N), in nats; 0 for no counts.
+double entropy_of_counts(const std::vector<int64_t>& counts) {  // [num_experts]
   double total = 0;
   for (int64_t c : counts) total += double(c);
   if (total <= 0) return 0.0;
