@@ -116,8 +116,7 @@ std::string shape_text(int64_t a, int64_t b) { return detail::concat("[", a, ", 
 void check_finite_matrix(ConstMatrixView<float> m, const char* name) {
   for (int64_t i = 0; i < m.size(); ++i) {
     if (!std::isfinite(m.data[i])) {
-      throw_input_error(name, "finite values",
-                        detail::concat(m.data[i], " at [", i / m.cols, "][", i % m.cols, "]"));
+      throw_input_error(detail::concat(name, "[", i / m.cols, "][", i % m.cols, "]"), "a finite number", m.data[i]);
     }
   }
 }

@@ -35,7 +35,7 @@ Matrix<Real> router_logits(const RoutingConfig& config, ConstMatrixView<Real> hi
   }
   for (size_t i = 0; i < params.bias.size(); ++i)
     if (!std::isfinite(double(params.bias[i])))
-      throw_input_error("router_bias", "finite values", detail::concat(params.bias[i], " at [", i, "]"));
+      throw_input_error(detail::concat("router_bias[", i, "]"), "a finite number", params.bias[i]);
   Matrix<Real> logits(hidden_states.rows, params.weight.rows);
   ops::router_forward<Real>(ops::cpu_context(num_threads), hidden_states, params.weight, params.bias, logits.view());
   return logits;

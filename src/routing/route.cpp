@@ -54,7 +54,7 @@ void check_logit_noise(const RoutingConfig& config,
   }
   for (size_t i = 0; i < logit_noise.size(); ++i)
     if (!std::isfinite(logit_noise[i]))
-      throw_input_error("logit_noise", "finite values", detail::concat(logit_noise[i], " at [", i, "]"));
+      throw_input_error(detail::concat("logit_noise[", i, "]"), "a finite number", logit_noise[i]);
 }
 
 void check_selection_bias(const RoutingConfig& config,

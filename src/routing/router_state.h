@@ -68,8 +68,7 @@ void check_finite(ConstMatrixView<Real> m,  // [rows, cols]
                   const char* name) {
   for (int64_t i = 0; i < m.size(); ++i) {
     if (!std::isfinite(static_cast<double>(m.data[i]))) {
-      throw_input_error(name, "finite values",
-                        detail::concat(m.data[i], " at [", i / m.cols, "][", i % m.cols, "]"));
+      throw_input_error(detail::concat(name, "[", i / m.cols, "][", i % m.cols, "]"), "a finite number", m.data[i]);
     }
   }
 }
