@@ -135,6 +135,34 @@ RouterParams<float> router_params_of(const MoeParams& p) {
   return {p.router_weight, p.router_bias, p.router_noise_weight};
 }
 
+void check_hidden_states(const MoeLayerConfig& c, ConstMatrixView<float> x) {  // [num_tokens, d_model]
+  if (x.data == nullptr || x.rows <= 0) {
+    throw_input_error("hidden_states", "a non-empty [num_tokens, d_model] matrix", shape_text(x.rows, x.cols));
+  }
+  if (x.cols != c.d_model) throw_input_error("hidden_states columns", detail::concat(c.d_model, " (d_model)"), x.cols);
+  if (x.rows > std::numeric_limits<int32_t>::max()) throw_input_error("hidden_states rows", "< 2^31 tokens", x.rows);
+  check_finite_matrix(x, "hidden_states");
+}
+
+// Input jitter and noisy gating change the router's input or add a second projection: the
+// routing core's route_hidden implements them (on the same router op). Otherwise the layer
+// runs the router op itself, on its packed router weight.
+bool router_runs_as_op(const MoeLayerConfig& c) {
+  const bool jitter = c.routing.router_jitter_noise > 0 && (c.routing.training || c.routing.noise_in_eval);
+  return !jitter && !c.routing.noisy_gating;
+}
+
+// The routing core's router gradients (route_hidden's path) added to the layer's.
+void add_router_grads(const RouterGrads<float>& router, Matrix<float>& d_x, MoeTensors& grads) {
+  auto add = [](std::vector<float>& dst, const std::vector<float>& src) {
+    for (size_t i = 0; i < src.size() && i < dst.size(); ++i) dst[i] += src[i];
+  };
+  add(d_x.values, router.d_hidden_states.values);
+  add(grads.router_weight, router.d_weight.values);
+  add(grads.router_bias, router.d_bias);
+  add(grads.router_noise_weight, router.d_noise_weight.values);
+}
+
 }  // namespace
 
 MoeLayer::MoeLayer(const MoeLayerConfig& config, uint64_t seed) : config_(config) {
@@ -313,17 +341,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   Impl& impl = *impl_;
   const ops::OpContext& ctx = impl.ctx;
   const int64_t d = c.d_model;
-  if (hidden_states.data == nullptr || hidden_states.rows <= 0) {
-    throw_input_error("hidden_states", "a non-empty [num_tokens, d_model] matrix",
-                      shape_text(hidden_states.rows, hidden_states.cols));
-  }
-  if (hidden_states.cols != d) {
-    throw_input_error("hidden_states columns", detail::concat(d, " (d_model)"), hidden_states.cols);
-  }
-  if (hidden_states.rows > std::numeric_limits<int32_t>::max()) {
-    throw_input_error("hidden_states rows", "< 2^31 tokens", hidden_states.rows);
-  }
-  check_finite_matrix(hidden_states, "hidden_states");
+  check_hidden_states(c, hidden_states);
   impl.timer.start(&impl.phases);
   const bool training = c.routing.training;
   impl.saved = Impl::ForwardSaved{};
@@ -334,10 +352,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   routing_options.num_threads = c.num_threads;
   routing_options.selection_bias = params_.selection_bias;  // the parameter, not a config value
   MoeForwardResult result;
-  // Input jitter and noisy gating change the router's input or add a second projection: the
-  // routing core's route_hidden implements them (on the same router op).
-  const bool jitter = c.routing.router_jitter_noise > 0 && (c.routing.training || c.routing.noise_in_eval);
-  const bool router_by_op = !jitter && !c.routing.noisy_gating;
+  const bool router_by_op = router_runs_as_op(c);
   if (router_by_op) {
     Matrix<float> logits(hidden_states.rows, c.router_rows());
     ops::router_forward<float>(ctx, hidden_states, params_.router_weight, params_.router_bias, logits.view(),
@@ -507,15 +522,9 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
                                 MatrixView<float>{grads_.router_weight.data(), rows, d},
                                 std::span<float>(grads_.router_bias));
   } else {
-    const RouterGrads<float> router = router_backward(c.routing, s.routing, x, router_params_of(params_),
-                                                      d_logits.cview(), c.num_threads, d_noisy.cview());
-    for (int64_t i = 0; i < int64_t(d_x.values.size()); ++i) d_x.values[i] += router.d_hidden_states.values[i];
-    for (int64_t i = 0; i < int64_t(router.d_weight.values.size()); ++i)
-      grads_.router_weight[i] += router.d_weight.values[i];
-    for (size_t i = 0; i < router.d_bias.size() && i < grads_.router_bias.size(); ++i)
-      grads_.router_bias[i] += router.d_bias[i];
-    for (int64_t i = 0; i < int64_t(router.d_noise_weight.values.size()); ++i)
-      grads_.router_noise_weight[i] += router.d_noise_weight.values[i];
+    add_router_grads(router_backward(c.routing, s.routing, x, router_params_of(params_), d_logits.cview(),
+                                     c.num_threads, d_noisy.cview()),
+                     d_x, grads_);
   }
   ctx.phase("router");
   impl.saved = Impl::ForwardSaved{};
