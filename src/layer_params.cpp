@@ -1,5 +1,6 @@
 // Parameters of the layer: owned storage, views, and their shape checks.
 #include <algorithm>
+#include <utility>
 #include <string>
 
 #include "moekit/error.h"
@@ -143,6 +144,16 @@ void check_moe_params(const MoeLayerConfig& c, const MoeParams& p) {
   check_vector_param("shared_down_bias", p.shared_down_bias, shared && c.expert_bias, d,
                      "no shared expert biases");
   check_vector_param("shared_gate", p.shared_gate, c.shared_expert_gate, d, "shared_expert_gate is false");
+  const bool gated = is_gated(c.activation);
+  for (const auto& [name, w] : {std::pair<const char*, const WeightView*>{"gate_up", &p.gate_up},
+                                {"shared_gate_up", &p.shared_gate_up}, {"down", &p.down},
+                                {"shared_down", &p.shared_down}}) {
+    const bool may_split = gated && std::string(name).find("gate_up") != std::string::npos;
+    if (w->up_data != nullptr && !may_split) {
+      throw_input_error(detail::concat("params.", name, ".up_data"),
+                        "null (only the gate_up weight of a gated activation has an up half)", "a pointer");
+    }
+  }
   check_vector_param("selection_bias", p.selection_bias, c.has_selection_bias(), num_experts,
                      "selection_bias is false and no e_score_correction_bias is given");
 }

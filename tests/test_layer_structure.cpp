@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cpu/gemm.h"
 #include "cpu/thread_pool.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
@@ -37,6 +39,7 @@ Matrix<float> normal_matrix(int64_t rows, int64_t cols, uint32_t seed, float std
 struct OtherLayouts {
   std::vector<float> down_t;   // [experts, d_ff, d_model]
   std::vector<float> gate_up;  // experts at a stride of rows·cols + kGap
+  std::vector<float> gate_up_interleaved;  // gpt-oss: [experts, d_model, 2·d_ff], gate 2j, up 2j+1
   static constexpr int64_t kGap = 24;
 };
 
@@ -50,6 +53,13 @@ OtherLayouts relayout(const MoeLayerConfig& c, const MoeTensors& t) {
   o.gate_up.assign(static_cast<size_t>(num_experts * (gu * d + OtherLayouts::kGap)), NAN);
   for (int64_t e = 0; e < num_experts; ++e)
     std::copy_n(t.gate_up.begin() + e * gu * d, gu * d, o.gate_up.begin() + e * (gu * d + OtherLayouts::kGap));
+  o.gate_up_interleaved.resize(t.gate_up.size());
+  for (int64_t e = 0; e < num_experts; ++e)
+    for (int64_t j = 0; j < f; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        o.gate_up_interleaved[(e * d + k) * 2 * f + 2 * j] = t.gate_up[(e * gu + j) * d + k];
+        o.gate_up_interleaved[(e * d + k) * 2 * f + 2 * j + 1] = t.gate_up[(e * gu + f + j) * d + k];
+      }
   return o;
 }
 
@@ -65,6 +75,19 @@ MoeParams strided_view(const MoeLayerConfig& c, const MoeTensors& t, const Other
   return p;
 }
 
+// gpt-oss's layout: the gate rows at the even columns of [d_model, 2·d_ff], the up rows at the
+// odd ones (a second part one element further), and the transposed down projection.
+MoeParams interleaved_view(const MoeLayerConfig& c, const MoeTensors& t, const OtherLayouts& o) {
+  MoeParams p = strided_view(c, t, o);
+  const int64_t d = c.d_model, f = c.d_ff;
+  p.gate_up.data = o.gate_up_interleaved.data();
+  p.gate_up.up_data = o.gate_up_interleaved.data() + 1;
+  p.gate_up.expert_stride = d * 2 * f;
+  p.gate_up.row_stride = 2;
+  p.gate_up.col_stride = 2 * f;
+  return p;
+}
+
 // Weight views with strides give bitwise the output, d_hidden_states and every gradient of the
 // contiguous layout: packing reads through the strides (with enough rows per expert that both
 // layers pack, so the same kernels run).
@@ -77,7 +100,9 @@ TEST(LayerStructure, StridedWeightViewsAreReadInPlace) {
     const MoeTensors& t = owned.parameters();
     const OtherLayouts o = relayout(c, t);
     MoeLayer contiguous(c, moe_params_view(c, t));
-    MoeLayer strided(c, strided_view(c, t, o));
+    for (int layout = 0; layout < 2; ++layout) {
+    SCOPED_TRACE(layout == 0 ? "strided" : "interleaved gate/up");
+    MoeLayer strided(c, layout == 0 ? strided_view(c, t, o) : interleaved_view(c, t, o));
     const Matrix<float> x = normal_matrix(64, 32, 8);
     EXPECT_TRUE(contiguous.forward(x.cview()).output.values == strided.forward(x.cview()).output.values)
         << dtype_name(dtype);
@@ -97,7 +122,55 @@ TEST(LayerStructure, StridedWeightViewsAreReadInPlace) {
     EXPECT_TRUE(ga.down == gb.down);
     EXPECT_TRUE(ga.down_bias == gb.down_bias);
     EXPECT_TRUE(ga.router_weight == gb.router_weight);
+    contiguous.set_training(false);
+    contiguous.zero_grad();
+    }
   }
+}
+
+// A B in two parts (columns or rows from split_at on elsewhere) packs to the same bytes as the
+// same logical matrix in one part, on every kernel path, fp32 and bf16, plain and paired.
+TEST(LayerStructure, TwoPartOperandsPackAsOnePart) {
+  const int64_t k = 37, n = 70;  // n/2 = 35 gate columns and 35 up columns
+  const Matrix<float> whole = normal_matrix(k, n, 11);  // logical B [k, n]
+  // Columns [35, 70) elsewhere, and rows [20, 37) elsewhere.
+  std::vector<float> left(k * 35), right(k * 35), top(20 * n), bottom(17 * n);
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      (c < 35 ? left[r * 35 + c] : right[r * 35 + c - 35]) = whole(r, c);
+      (r < 20 ? top[r * n + c] : bottom[(r - 20) * n + c]) = whole(r, c);
+    }
+  for (cpu::Isa isa : cpu::supported_isas())
+    for (cpu::DType packed : {cpu::DType::kF32, cpu::DType::kBF16})
+      for (bool paired : {false, true}) {
+        const auto one = cpu::PackedWeight::pack_operand({whole.values.data(), cpu::DType::kF32, n, 1}, k, n, packed,
+                                                         isa, paired);
+        cpu::Operand cols{left.data(), cpu::DType::kF32, 35, 1};
+        cols.split_data = right.data();
+        cols.split_at = 35;
+        cpu::Operand rows{top.data(), cpu::DType::kF32, n, 1};
+        rows.split_data = bottom.data();
+        rows.split_at = 20;
+        rows.split_rows = true;
+        for (const cpu::Operand& b : {cols, rows}) {
+          const auto two = cpu::PackedWeight::pack_operand(b, k, n, packed, isa, paired);
+          ASSERT_EQ(one.bytes(), two.bytes());
+          EXPECT_EQ(std::memcmp(one.data(), two.data(), one.bytes()), 0)
+              << cpu::isa_name(isa) << (packed == cpu::DType::kBF16 ? " bf16" : " fp32") << (paired ? " paired" : "")
+              << (b.split_rows ? " rows" : " columns");
+        }
+      }
+  // gemm() reads B in place and does not take a second part.
+  cpu::GemmProblem q;
+  q.m = 1, q.n = n, q.k = k;
+  std::vector<float> a(k, 1.0f), c(n);
+  q.a = {a.data(), cpu::DType::kF32, k, 1};
+  q.b = {left.data(), cpu::DType::kF32, 35, 1};
+  q.b.split_data = right.data();
+  q.b.split_at = 35;
+  q.c = c.data();
+  q.ldc = n;
+  EXPECT_THROW(cpu::gemm(q, cpu::Isa::kScalar, 0, 1, 0, n), InputError);
 }
 
 TEST(LayerStructure, NegativeStridesAreRejected) {

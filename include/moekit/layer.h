@@ -127,6 +127,12 @@ struct WeightView {
   int64_t expert_stride = 0;
   int64_t row_stride = 0;
   int64_t col_stride = 0;
+  // Gated weights (gate_up of SwiGLU): the up rows [rows/2, rows) at up_data instead, with the
+  // same strides (row rows/2 + i of expert e at up_data + e·expert_stride + i·row_stride), for
+  // layouts whose up half does not follow the gate half: gpt-oss's [experts, d_model, 2·d_ff]
+  // with gate and up interleaved (data = base, up_data = base + 1 element, row_stride 2,
+  // col_stride 2·d_ff), or separate gate and up tensors. Null: the up rows follow.
+  const void* up_data = nullptr;
   bool empty() const { return data == nullptr; }
   int64_t expert_step() const { return expert_stride != 0 ? expert_stride : rows * cols; }
   int64_t row_step() const { return row_stride != 0 ? row_stride : cols; }

@@ -46,10 +46,23 @@ float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
 size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-// W [n, k] (element (r, c) at r·row_stride + c·col_stride) as the logical B [k, n] of C = A·Wᵀ.
-Operand weight_as_b(const ExpertWeight& w) { return Operand{w.data, to_cpu(w.dtype), w.col_stride, w.row_stride}; }
-// W [k, n] used as it is, the logical B of C = A·W (the backward's d_y · W_down, d_pre · W_gate_up).
-Operand weight_as_is(const ExpertWeight& w) { return Operand{w.data, to_cpu(w.dtype), w.row_stride, w.col_stride}; }
+// W [n, k] (element (r, c) at r·row_stride + c·col_stride) as the logical B [k, n] of C = A·Wᵀ:
+// W's rows are B's columns, so an up half elsewhere is a split of B's columns.
+Operand weight_as_b(const ExpertWeight& w) {
+  Operand b{w.data, to_cpu(w.dtype), w.col_stride, w.row_stride};
+  b.split_data = w.up_data;
+  b.split_at = w.up_row;
+  return b;
+}
+// W [k, n] used as it is, the logical B of C = A·W (the backward's d_y · W_down, d_pre · W_gate_up):
+// an up half elsewhere is a split of B's rows.
+Operand weight_as_is(const ExpertWeight& w) {
+  Operand b{w.data, to_cpu(w.dtype), w.row_stride, w.col_stride};
+  b.split_data = w.up_data;
+  b.split_at = w.up_row;
+  b.split_rows = true;
+  return b;
+}
 
 // Packed B operands per group, kept until invalidated (weights) or rebuilt per call.
 struct PackSet {
@@ -296,7 +309,8 @@ const std::vector<PackedWeight>& CpuExpertFfn::pack_weights_cached(const OpConte
   const size_t groups = rs.groups.size();
   cache.resize(groups);
   auto in_place = [&](const Group& g, const Operand& b) {
-    return !bf16() && b.dtype == DType::kF32 && g.num_rows <= detail_gemm::tuning().b_in_place_rows;
+    return !bf16() && b.dtype == DType::kF32 && b.split_data == nullptr &&
+           g.num_rows <= detail_gemm::tuning().b_in_place_rows;
   };
   std::vector<size_t> offset(groups + 1, 0);
   for (size_t gi = 0; gi < groups; ++gi) {

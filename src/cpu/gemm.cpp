@@ -317,7 +317,24 @@ struct BSource {
   const void* data;
   DType dtype;
   int64_t rs, cs;
+  // Optional second part (Operand::split_*): indices from split_at on read from split_data.
+  const void* split_data = nullptr;
+  int64_t split_at = 0;
+  bool split_rows = false;
+  // Element offset (in elements of dtype) of (kk, col) from the base it lies in.
+  template <class T>
+  const T* at(int64_t kk, int64_t col) const {
+    if (split_data != nullptr) {
+      if (split_rows && kk >= split_at) return static_cast<const T*>(split_data) + (kk - split_at) * rs + col * cs;
+      if (!split_rows && col >= split_at) return static_cast<const T*>(split_data) + kk * rs + (col - split_at) * cs;
+    }
+    return static_cast<const T*>(data) + kk * rs + col * cs;
+  }
 };
+
+BSource source_of(const Operand& b) {
+  return BSource{b.data, b.dtype, b.row_stride, b.col_stride, b.split_data, b.split_at, b.split_rows};
+}
 
 // The kBf16Pairs layout, element (kk, t) at (kk/2)·2·nr + 2t + kk%2, for the two common
 // sources, in loops the compiler vectorises: B rows contiguous (a weight used transposed, or
@@ -403,6 +420,7 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
                   int64_t k0, int64_t rows, const BSource& src, uint8_t* dst, bool stream) {
   const int nr = ki.nr, half = nr / 2;
   const T* colp[64];  // column t at colp[t] + kk·rs, or null (zero padding)
+  int64_t col_of[64];  // the logical column of lane t
   int pos[64];        // element of lane t within a K row (kBf16Pairs: within the row pair)
   for (int t = 0; t < nr; ++t) {
     int64_t out, col;
@@ -414,6 +432,7 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
       col = out;
     }
     colp[t] = out < n_out ? static_cast<const T*>(src.data) + col * src.cs : nullptr;
+    col_of[t] = col;
     pos[t] = kLayout == BLayout::kBf16Split ? (t < half ? 2 * t : 2 * (t - half) + 1)
              : kLayout == BLayout::kBf16Pairs ? 2 * t
                                               : t;
@@ -432,6 +451,11 @@ void pack_panel_t(const KernelInfo& ki, bool paired, int64_t n_out, int64_t k, i
     }
   };
   const int64_t valid = std::max<int64_t>(0, std::min(rows, k - k0));
+  if (src.split_data != nullptr) {  // two parts: element by element (a pack at load time)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int t = 0; t < nr; ++t) put(r, t, r < valid && colp[t] ? conv(*src.at<T>(k0 + r, col_of[t])) : 0.0f);
+    return;
+  }
   if constexpr (kLayout == BLayout::kBf16Pairs) {
     if (pack_pairs_fast<T>(ki, colp, src, k0, valid, rows, reinterpret_cast<uint16_t*>(dst), stream)) return;
   }
@@ -767,13 +791,13 @@ bool gemm_fast(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, in
       pack_rows_f32(ki, paired, p.n, p.k, static_cast<const float*>(b.data), b.row_stride, pj, pj_end,
                     buf, panel_bytes);
     } else {
-      const BSource src{b.data, b.dtype, b.row_stride, b.col_stride};
+      const BSource src = source_of(b);
       const int64_t first = ki.layout == BLayout::kBf16Pairs && b.col_stride == 1
                                 ? pack_rows_pairs(ki, paired, p.n, p.k, src, pj, pj_end, buf, panel_bytes)
                                 : pj;
       for (int64_t q = first; q < pj_end; ++q) {
         uint8_t* dst = buf + static_cast<size_t>(q - pj) * panel_bytes;
-        pack_panel(ki, paired, p.n, p.k, q, 0, kpad, BSource{b.data, b.dtype, b.row_stride, b.col_stride}, dst);
+        pack_panel(ki, paired, p.n, p.k, q, 0, kpad, src, dst);
       }
     }
     run_panels(p, ki, paired, round_a, packed_panels(ki, buf, pj, panel_bytes), m_begin, m_end, n_begin,
@@ -795,6 +819,9 @@ void gemm(const GemmProblem& p, Isa isa, int64_t m_begin, int64_t m_end, int64_t
     throw_input_error("gemm: isa", std::string("at most ") + isa_name(detect_isa()), isa_name(isa));
   if (m_begin == m_end || n_begin == n_end) return;
   if (p.k > 0 && p.b.data == nullptr) throw_input_error("gemm: b.data", "non-null", "null");
+  if (p.b.split_data != nullptr)
+    throw_input_error("gemm: b.split_data", "null (pack a two-part B with PackedWeight::pack_operand)",
+                      "a second part");
   if (isa != Isa::kScalar && gemm_fast(p, isa, m_begin, m_end, n_begin, n_end)) return;
   gemm_scalar(p, m_begin, m_end, n_begin, n_end);
 }
@@ -843,11 +870,9 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
   out.dtype_ = packed_dtype;
   out.isa_ = isa;
   out.paired_ = paired;
-  const BSource src{b.data, b.dtype, b.row_stride, b.col_stride};
+  const BSource src = source_of(b);
   auto bv = [&](int64_t kk, int64_t col) {
-    const int64_t off = kk * b.row_stride + col * b.col_stride;
-    return b.dtype == DType::kF32 ? static_cast<const float*>(b.data)[off]
-                                  : bf16_to_float(static_cast<const uint16_t*>(b.data)[off]);
+    return b.dtype == DType::kF32 ? *src.at<float>(kk, col) : bf16_to_float(*src.at<uint16_t>(kk, col));
   };
   const KernelInfo ki = kernel_for(isa, packed_dtype);
   const int64_t n_out = paired ? n / 2 : n;
@@ -882,12 +907,13 @@ PackedWeight PackedWeight::pack_operand(const Operand& b, int64_t k, int64_t n, 
   // caches: its lines need not be fetched before they are written (non-temporal stores; the
   // packing of a large weight ran 1.5× faster).
   const bool large = bytes > (size_t{4} << 20);
-  if (ki.layout == BLayout::kF32 && b.dtype == DType::kF32 && b.col_stride == 1) {
+  const bool one_part = b.split_data == nullptr;
+  if (one_part && ki.layout == BLayout::kF32 && b.dtype == DType::kF32 && b.col_stride == 1) {
     pack_rows_f32(ki, paired, n_out, k, static_cast<const float*>(b.data), b.row_stride, 0, panels, mem,
                   panel_bytes, large);
     return out;
   }
-  const int64_t first = ki.layout == BLayout::kBf16Pairs && b.col_stride == 1
+  const int64_t first = one_part && ki.layout == BLayout::kBf16Pairs && b.col_stride == 1
                             ? pack_rows_pairs(ki, paired, n_out, k, src, 0, panels, mem, panel_bytes, large)
                             : 0;
   for (int64_t q = first; q < panels; ++q)

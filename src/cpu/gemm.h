@@ -53,6 +53,13 @@ struct Operand {
   int64_t row_stride = 0;
   int64_t col_stride = 1;
   const int32_t* rows = nullptr;  // optional gather of rows (A only)
+  // Optional second part, for a B that PackedWeight::pack_operand packs (gemm() rejects it):
+  // logical columns (or rows, with split_rows) from split_at on are read from split_data with
+  // the same strides, as index − split_at. A gated weight whose up half lies elsewhere (gpt-oss
+  // interleaves gate and up columns; per-expert w1 and w3 tensors) is then packed in place.
+  const void* split_data = nullptr;
+  int64_t split_at = 0;
+  bool split_rows = false;
 };
 
 // Elementwise work done on a finished tile of C, before it is stored.

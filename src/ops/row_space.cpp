@@ -14,6 +14,10 @@ ExpertWeight expert_weight(const WeightView& w, int64_t e) {
   x.dtype = w.dtype;
   x.row_stride = w.row_step();
   x.col_stride = w.col_step();
+  if (w.up_data != nullptr) {
+    x.up_data = static_cast<const uint8_t*>(w.up_data) + e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
+    x.up_row = w.rows / 2;
+  }
   return x;
 }
 

@@ -20,12 +20,17 @@ namespace moekit::ops {
 
 // One expert weight as the kernels read it: W [rows, cols] (out × in, Hugging Face layout) with
 // element (r, c) at data + r·row_stride + c·col_stride (in elements of dtype).
+// Rows from up_row on (the up half of a gated weight) may lie at up_data instead, with the same
+// strides (index − up_row).
 struct ExpertWeight {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t row_stride = 0;
   int64_t col_stride = 1;
-  bool rows_contiguous() const { return col_stride == 1; }
+  const void* up_data = nullptr;
+  int64_t up_row = 0;
+  // Rows contiguous and in one part: what a reader of W row by row in place needs.
+  bool rows_contiguous() const { return col_stride == 1 && up_data == nullptr; }
 };
 
 // One expert's share of the row space, with everything its GEMMs read.
