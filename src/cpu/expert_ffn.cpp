@@ -111,6 +111,9 @@ class CpuExpertFfn final : public ops::ExpertFfn {
   template <typename OperandOf>
   std::vector<PackedWeight> pack_activations(const OpContext& ctx, const RowSpace& rs, DType dtype,
                                              OperandOf operand_of);
+  template <typename KOf, typename NOf, typename WeightOf, typename AOf, typename COf>
+  void rows_times_weight(const OpContext& ctx, const RowSpace& rs, PackSet& cache, const char* pack_phase, KOf k_of,
+                         NOf n_of, WeightOf weight_of, AOf a_of, COf c_of);
   void d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_buf);
   void activation_backward_rows(const OpContext& ctx, const RowSpace& rs, float* pre, const float* g_buf,
                                 float* h_buf, float* rows_buf, std::vector<float>& d_scale);
@@ -375,35 +378,47 @@ void add_row_sums(const OpContext& ctx, const RowSpace& rs, BlockOf block_of, Co
   });
 }
 
-// 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]); W_down packed once per update.
-void CpuExpertFfn::d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_buf) {
-  const int64_t d = c_.d_model;
-  const std::vector<PackedWeight>& down_b = pack_weights_cached(ctx, rs, down_t_, [&](const Group& g, int64_t* k, int64_t* n) {
-    *k = d;
-    *n = g.d_ff;
-    return weight_as_is(g.w_down);
+// C = A · W per group, W a weight as it is stored (the logical B [k, n]), packed once per update
+// into `cache` (or read in place, see pack_weights_cached): the backward's products with the
+// weights. a_of(g) is the group's A (rows gathered or not), c_of(g) its C rows [num_rows, n].
+template <typename KOf, typename NOf, typename WeightOf, typename AOf, typename COf>
+void CpuExpertFfn::rows_times_weight(const OpContext& ctx, const RowSpace& rs, PackSet& cache, const char* pack_phase,
+                                     KOf k_of, NOf n_of, WeightOf weight_of, AOf a_of, COf c_of) {
+  const std::vector<PackedWeight>& packs = pack_weights_cached(ctx, rs, cache, [&](const Group& g, int64_t* k, int64_t* n) {
+    *k = k_of(g);
+    *n = n_of(g);
+    return weight_as_is(weight_of(g));
   });
-  ctx.phase("pack_down_t");
+  ctx.phase(pack_phase);
   const auto tiles = make_tiles(
       static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-      [&](int64_t g) { return rs.groups[g].d_ff; }, ctx.num_threads);
+      [&](int64_t g) { return n_of(rs.groups[g]); }, ctx.num_threads);
   run_tiles(ctx, tiles, [&](const Tile& tile, int) {
     const Group& g = rs.groups[tile.group];
     GemmProblem q;
     q.m = g.num_rows;
-    q.n = g.d_ff;
-    q.k = d;
-    q.a = {g.dy, DType::kF32, d, 1, g.a_rows};
-    q.c = g_buf + g.h_offset;
-    q.ldc = g.d_ff;
-    const PackedWeight& b = down_b[static_cast<size_t>(tile.group)];
+    q.n = n_of(g);
+    q.k = k_of(g);
+    q.a = a_of(g);
+    q.c = c_of(g);
+    q.ldc = q.n;
+    const PackedWeight& b = packs[static_cast<size_t>(tile.group)];
     if (b.data() != nullptr) {
       gemm_packed(q, b, tile.m0, tile.m1, tile.n0, tile.n1);
     } else {
-      q.b = weight_as_is(g.w_down);
+      q.b = weight_as_is(weight_of(g));
       gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
     }
   });
+}
+
+// 1. G = d_y · W_down  ([rows, d_model] · [d_model, d_ff]).
+void CpuExpertFfn::d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_buf) {
+  const int64_t d = c_.d_model;
+  rows_times_weight(
+      ctx, rs, down_t_, "pack_down_t", [&](const Group&) { return d; }, [](const Group& g) { return g.d_ff; },
+      [](const Group& g) { return g.w_down; }, [&](const Group& g) { return Operand{g.dy, DType::kF32, d, 1, g.a_rows}; },
+      [&](const Group& g) { return g_buf + g.h_offset; });
   ctx.phase("d_h");
 }
 
@@ -546,36 +561,14 @@ void CpuExpertFfn::d_w_gate_up(const OpContext& ctx, const RowSpace& rs, const f
   ctx.phase("d_w_gate_up");
 }
 
-// 5. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]); W_gate_up packed once
-//    per update.
+// 5. d_X = d_pre · W_gate_up  ([rows, gu_cols] · [gu_cols, d_model]).
 void CpuExpertFfn::d_x_rows(const OpContext& ctx, const RowSpace& rs, const float* pre, float* rows_buf) {
   const int64_t d = c_.d_model;
-  const std::vector<PackedWeight>& gate_up_b = pack_weights_cached(ctx, rs, gate_up_t_, [&](const Group& g, int64_t* k, int64_t* n) {
-    *k = g.gu_cols;
-    *n = d;
-    return weight_as_is(g.w_gate_up);
-  });
-  ctx.phase("pack_gate_up_t");
-  const auto tiles = make_tiles(
-      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-      [&](int64_t) { return d; }, ctx.num_threads);
-  run_tiles(ctx, tiles, [&](const Tile& tile, int) {
-    const Group& g = rs.groups[tile.group];
-    GemmProblem q;
-    q.m = g.num_rows;
-    q.n = d;
-    q.k = g.gu_cols;
-    q.a = {pre + g.gu_offset, DType::kF32, g.gu_cols, 1};
-    q.c = rows_buf + g.row_begin * d;
-    q.ldc = d;
-    const PackedWeight& b = gate_up_b[static_cast<size_t>(tile.group)];
-    if (b.data() != nullptr) {
-      gemm_packed(q, b, tile.m0, tile.m1, tile.n0, tile.n1);
-    } else {
-      q.b = weight_as_is(g.w_gate_up);
-      gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
-    }
-  });
+  rows_times_weight(
+      ctx, rs, gate_up_t_, "pack_gate_up_t", [](const Group& g) { return g.gu_cols; }, [&](const Group&) { return d; },
+      [](const Group& g) { return g.w_gate_up; },
+      [&](const Group& g) { return Operand{pre + g.gu_offset, DType::kF32, g.gu_cols, 1}; },
+      [&](const Group& g) { return rows_buf + g.row_begin * d; });
   ctx.phase("d_x_rows");
 }
 

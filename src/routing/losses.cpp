@@ -16,6 +16,7 @@
 // z-loss (ST-MoE): mean over real tokens of logsumexp(clean logits)².
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "internal/parallel.h"
 #include "router_state.h"
@@ -43,26 +44,26 @@ void balance_probs(const RoutingConfig& c, const RoutingSaved<Real>& s, int64_t 
   }
 }
 
-double cv_squared(const std::vector<double>& v) {
+// Mean and population variance of v, summed in index order.
+std::pair<double, double> mean_and_variance(const std::vector<double>& v) {
   const double n = double(v.size());
   double mean = 0;
   for (double x : v) mean += x;
   mean /= n;
   double var = 0;
   for (double x : v) var += (x - mean) * (x - mean);
-  var /= n;
+  return {mean, var / n};
+}
+
+double cv_squared(const std::vector<double>& v) {
+  const auto [mean, var] = mean_and_variance(v);
   return mean > 0 ? var / (mean * mean) : 0.0;
 }
 
 // d CV²(v) / d v_e = 2(v_e − m)/(n m²) − 2 var/(n m³).
 std::vector<double> cv_squared_grad(const std::vector<double>& v) {
   const double n = double(v.size());
-  double mean = 0;
-  for (double x : v) mean += x;
-  mean /= n;
-  double var = 0;
-  for (double x : v) var += (x - mean) * (x - mean);
-  var /= n;
+  const auto [mean, var] = mean_and_variance(v);
   std::vector<double> g(v.size(), 0.0);
   if (mean <= 0) return g;
   for (size_t e = 0; e < v.size(); ++e)
