@@ -48,6 +48,7 @@
 #include "cpu/gemm.h"
 #include "cpu/thread_pool.h"
 #include "commands.h"
+#include "flags.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
@@ -62,8 +63,8 @@ using Clock = std::chrono::steady_clock;
 
 struct BenchOptions {
   int64_t tokens = 0, d_model = 0, d_ff = 0, experts = 0, top_k = 0;
-  DType dtype = DType::kF32;
-  int threads = 0;
+  std::string dtype = "fp32";
+  int threads = 0;  // 0: all cores
   bool backward = false;
   bool json = false;
   bool memory_read = false;  // force the streaming-read measurement
@@ -73,71 +74,33 @@ struct BenchOptions {
   uint64_t seed = 1234;
 };
 
-constexpr const char* kFlags =
-    "--tokens, --d-model, --d-ff, --experts, --top-k, --dtype, --threads, --backward, --json, "
-    "--repeats, --warmup, --preset, --seed, --memory-read";
-
-int64_t parse_int(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
-  size_t used = 0;
-  long long v = 0;
-  bool ok = !text.empty();
-  if (ok) {
-    try {
-      v = std::stoll(text, &used);
-    } catch (const std::exception&) {
-      ok = false;
-    }
-  }
-  if (!ok || used != text.size() || v < min || v > max) {
-    throw InputError(flag + ": expected an integer in [" + std::to_string(min) + ", " + std::to_string(max) +
-                     "], got '" + text + "'");
-  }
-  return v;
+void declare_options(CLI::App& bench, BenchOptions& o) {
+  const int64_t kMaxDim = int64_t(1) << 20;
+  add_int_option(bench, "--tokens", o.tokens, 1, int64_t(1) << 24, "tokens (rows of the hidden states)")->required();
+  add_int_option(bench, "--d-model", o.d_model, 1, kMaxDim, "hidden size")->required();
+  add_int_option(bench, "--d-ff", o.d_ff, 1, kMaxDim, "expert intermediate size")->required();
+  add_int_option(bench, "--experts", o.experts, 1, 1 << 16, "number of experts")->required();
+  add_int_option(bench, "--top-k", o.top_k, 1, 1 << 16, "experts per token, at most --experts")->required();
+  add_choice_option(bench, "--dtype", o.dtype, {{"fp32", "float32"}, {"bf16", "bfloat16"}},
+                    "weights and GEMM inputs (fp32 accumulation either way)")
+      ->capture_default_str();
+  add_int_option(bench, "--threads", o.threads, 1, 1024, "threads (default: all cores)");
+  add_switch(bench, "--backward", o.backward, "also time training steps (weight update, forward, backward)");
+  add_switch(bench, "--json", o.json, "print one JSON object on one line instead of a table");
+  add_int_option(bench, "--repeats", o.repeats, 1, 100000, "timed runs per figure (medians)")->capture_default_str();
+  add_int_option(bench, "--warmup", o.warmup, 0, 100000, "untimed runs before them")->capture_default_str();
+  add_text_option(bench, "--preset", o.preset, "NAME", "a preset name (moekit presets)",
+                  "routing preset; --experts and --top-k override its counts")
+      ->capture_default_str();
+  add_int_option(bench, "--seed", o.seed, 0, INT64_MAX, "seed of the parameters and hidden states")
+      ->capture_default_str();
+  add_switch(bench, "--memory-read", o.memory_read, "measure the read bandwidth even for a compute-bound shape");
 }
 
-BenchOptions parse_options(const std::vector<std::string>& args) {
-  BenchOptions o;
-  const int64_t kMaxDim = int64_t(1) << 20;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    auto value = [&](const char* expected) -> std::string {
-      if (i + 1 >= args.size()) throw InputError(a + ": expected " + expected + ", got nothing");
-      return args[++i];
-    };
-    if (a == "--tokens") o.tokens = parse_int(a, value("an integer"), 1, int64_t(1) << 24);
-    else if (a == "--d-model") o.d_model = parse_int(a, value("an integer"), 1, kMaxDim);
-    else if (a == "--d-ff") o.d_ff = parse_int(a, value("an integer"), 1, kMaxDim);
-    else if (a == "--experts") o.experts = parse_int(a, value("an integer"), 1, 1 << 16);
-    else if (a == "--top-k") o.top_k = parse_int(a, value("an integer"), 1, 1 << 16);
-    else if (a == "--threads") o.threads = static_cast<int>(parse_int(a, value("an integer"), 1, 1024));
-    else if (a == "--repeats") o.repeats = static_cast<int>(parse_int(a, value("an integer"), 1, 100000));
-    else if (a == "--warmup") o.warmup = static_cast<int>(parse_int(a, value("an integer"), 0, 100000));
-    else if (a == "--seed") o.seed = static_cast<uint64_t>(parse_int(a, value("an integer"), 0, INT64_MAX));
-    else if (a == "--preset") o.preset = value("a preset name (moekit presets)");
-    else if (a == "--dtype") {
-      const std::string d = value("fp32 or bf16");
-      if (d == "fp32" || d == "float32") o.dtype = DType::kF32;
-      else if (d == "bf16" || d == "bfloat16") o.dtype = DType::kBF16;
-      else throw InputError("--dtype: expected fp32 or bf16, got '" + d + "'");
-    } else if (a == "--backward") o.backward = true;
-    else if (a == "--json") o.json = true;
-    else if (a == "--memory-read") o.memory_read = true;
-    else throw InputError(std::string("bench: expected one of ") + kFlags + ", got '" + a + "'");
-  }
-  auto require = [](const char* flag, int64_t v) {
-    if (v == 0) throw InputError(std::string(flag) + ": expected a positive integer, got nothing");
-  };
-  require("--tokens", o.tokens);
-  require("--d-model", o.d_model);
-  require("--d-ff", o.d_ff);
-  require("--experts", o.experts);
-  require("--top-k", o.top_k);
-  if (o.top_k > o.experts) {
-    throw InputError("--top-k: expected at most --experts (" + std::to_string(o.experts) + "), got " +
-                     std::to_string(o.top_k));
-  }
+// What the flags cannot check one at a time.
+void finish_options(BenchOptions& o) {
+  if (o.top_k > o.experts) reject("--top-k", "at most --experts (" + std::to_string(o.experts) + ")", std::to_string(o.top_k));
   if (o.threads == 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return o;
 }
 
 double median(std::vector<double> v) {
@@ -338,10 +301,8 @@ double memory_read_gbps(Pool pool, int repeats) {
   return static_cast<double>(kBytes) / (ms * 1e6);
 }
 
-}  // namespace
-
-int bench_command(const std::vector<std::string>& args) {
-  const BenchOptions o = parse_options(args);
+void run_bench(const BenchOptions& o) {
+  const DType dtype = o.dtype == "bf16" ? DType::kBF16 : DType::kF32;
 
   MoeLayerConfig config;
   config.routing = routing_config_from_preset(o.preset);
@@ -351,7 +312,7 @@ int bench_command(const std::vector<std::string>& args) {
   config.d_model = o.d_model;
   config.d_ff = o.d_ff;
   config.activation = ExpertActivation::kSwiGlu;
-  config.dtype = o.dtype;
+  config.dtype = dtype;
   config.num_threads = o.threads;
   config.validate();
 
@@ -419,7 +380,7 @@ int bench_command(const std::vector<std::string>& args) {
 
   // Which experts received tokens, and the bytes of their weights.
   const RoutingPlan& plan = last.routing.plan;
-  const int64_t elt = o.dtype == DType::kBF16 ? 2 : 4;
+  const int64_t elt = dtype == DType::kBF16 ? 2 : 4;
   const int64_t expert_weight_elems = config.gate_up_rows() * o.d_model + o.d_model * o.d_ff;
   int64_t experts_active = 0;
   for (int64_t e = 0; e < plan.num_experts; ++e) experts_active += plan.tokens_for_expert(e) > 0;
@@ -444,7 +405,7 @@ int bench_command(const std::vector<std::string>& args) {
   };
   // The dense GEMM of equal FLOPs.
   const int64_t dense_m = o.tokens * o.top_k;
-  DenseGemm dense(dense_m, 3 * o.d_ff, o.d_model, o.dtype, isa, pool, o.seed);
+  DenseGemm dense(dense_m, 3 * o.d_ff, o.d_model, dtype, isa, pool, o.seed);
   const double flops = 2.0 * static_cast<double>(dense_m) * 3.0 * static_cast<double>(o.d_model) *
                        static_cast<double>(o.d_ff);
 
@@ -482,7 +443,7 @@ int bench_command(const std::vector<std::string>& args) {
   j["experts"] = o.experts;
   j["top_k"] = o.top_k;
   j["preset"] = o.preset;
-  j["dtype"] = dtype_name(o.dtype);
+  j["dtype"] = dtype_name(dtype);
   j["threads"] = o.threads;
   j["isa"] = mc::isa_name(isa);
   j["layer_isa"] = layer.isa_name();
@@ -520,7 +481,7 @@ int bench_command(const std::vector<std::string>& args) {
 
   if (o.json) {
     std::cout << j.dump() << "\n";
-    return 0;
+    return;
   }
   char line[256];
   auto row = [&](const char* name, const std::string& value) {
@@ -533,7 +494,7 @@ int bench_command(const std::vector<std::string>& args) {
     return std::string(b);
   };
   std::cout << "moekit bench: tokens " << o.tokens << ", d_model " << o.d_model << ", d_ff " << o.d_ff
-            << ", experts " << o.experts << ", top-k " << o.top_k << ", " << dtype_name(o.dtype) << ", "
+            << ", experts " << o.experts << ", top-k " << o.top_k << ", " << dtype_name(dtype) << ", "
             << o.threads << " thread(s), isa " << mc::isa_name(isa) << ", preset " << o.preset << "\n"
             << "  (medians of " << o.repeats << " runs after " << o.warmup << " warm-up runs)\n";
   row("forward", num(forward_ms, "%.3f ms") + num(flops / (forward_ms * 1e6), "  (%.1f GFLOP/s)"));
@@ -553,7 +514,18 @@ int bench_command(const std::vector<std::string>& args) {
     row("memory read (1 GiB)", num(read_gbps, "%.1f GB/s") + num(weight_gbps / read_gbps, "  (weights at %.2f of it)"));
   }
   row("peak RSS", num(rss_mb, "%.1f MB"));
-  return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app) {
+  CLI::App* bench = app.add_subcommand("bench", "Time the MoE layer against a dense GEMM of equal FLOPs");
+  auto o = std::make_shared<BenchOptions>();
+  declare_options(*bench, *o);
+  bench->callback([o] {
+    finish_options(*o);
+    run_bench(*o);
+  });
 }
 
 }  // namespace moekit::cli

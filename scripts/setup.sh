@@ -11,6 +11,7 @@ packages=(
   libgtest-dev      # GoogleTest
   libgmock-dev
   libbenchmark-dev  # Google Benchmark
+  libcli11-dev      # CLI11, header-only: the moekit command's flag parser
   git
   ca-certificates
 )

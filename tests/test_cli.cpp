@@ -1,5 +1,6 @@
-// End-to-end tests of the `moekit` command: the shipped examples route as documented, and bad
-// inputs fail with a non-zero exit status and a message on stderr that names the field.
+// End-to-end tests of the `moekit` command: the shipped examples route as documented, bad
+// inputs fail with a non-zero exit status and a message on stderr that names the field, and
+// every subcommand's flags are parsed, helped and rejected alike.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -114,6 +115,8 @@ class CliTest : public ::testing::Test {
 using CliRoute = CliTest;
 using CliRouteErrors = CliTest;
 using CliPresets = CliTest;
+using CliHelp = CliTest;
+using CliArguments = CliTest;
 
 const std::string kMixtral = R"({"preset": "hf-mixtral", "num_experts": 8, "top_k": 2})";
 const std::string kLogits8 = R"({"logits": [[2.1, -0.5, 3.7, 0.8, -1.2, 0.3, 1.5, -0.9]]})";
@@ -316,6 +319,178 @@ TEST_F(CliPresets, ListsPresetsAndPrintsOne) {
   r = run({"preset", "no-such-preset"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("no-such-preset"), std::string::npos) << r.err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags: one parser for every subcommand, so help, unknown flags, wrong types and ranges read
+// the same everywhere.
+
+// A bench shape small enough to run in a test; not memory-bound (8 · 2 > 2 · 4), so the 1 GiB
+// read is skipped.
+const std::vector<std::string> kSmallBench = {"bench",     "--tokens",  "8", "--d-model", "16",
+                                              "--d-ff",    "16",        "--experts", "4",
+                                              "--top-k",   "2",         "--threads", "1",
+                                              "--repeats", "1",         "--warmup",  "0"};
+
+std::vector<std::string> with(std::vector<std::string> args, const std::vector<std::string>& more) {
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+// An argument error: status 2, nothing on stdout, one line on stderr naming `flag`.
+void expect_argument_error(const RunResult& r, const std::string& flag) {
+  EXPECT_EQ(r.exit_code, 2) << "stderr: " << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line expected: " << r.err;
+  EXPECT_EQ(r.err.rfind("moekit: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find(flag), std::string::npos) << "stderr does not name " << flag << ": " << r.err;
+}
+
+TEST_F(CliHelp, NoArgumentsPrintsUsageAndExits2) {
+  const RunResult r = run({});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_TRUE(r.out.empty()) << r.out;
+  for (const char* command : {"route", "bench", "presets", "preset"})
+    EXPECT_NE(r.err.find(command), std::string::npos) << command << " missing from: " << r.err;
+}
+
+TEST_F(CliHelp, ProgramHelpListsEveryCommand) {
+  for (const char* flag : {"--help", "-h"}) {
+    const RunResult r = run({flag});
+    EXPECT_EQ(r.exit_code, 0) << flag << ": " << r.err;
+    EXPECT_TRUE(r.err.empty()) << r.err;
+    for (const char* command : {"route", "bench", "presets", "preset"})
+      EXPECT_NE(r.out.find(command), std::string::npos) << command << " missing from: " << r.out;
+  }
+}
+
+TEST_F(CliHelp, EachCommandHelpListsItsFlags) {
+  const std::vector<std::pair<std::string, std::vector<std::string>>> commands = {
+      {"route", {"--config", "--input", "--output"}},
+      {"bench",
+       {"--tokens", "--d-model", "--d-ff", "--experts", "--top-k", "--dtype", "--threads", "--backward", "--json",
+        "--repeats", "--warmup", "--preset", "--seed", "--memory-read"}},
+      {"presets", {"--help"}},
+      {"preset", {"NAME"}},
+  };
+  for (const auto& [command, flags] : commands) {
+    // --help wins over everything else on the line, required flags included.
+    const RunResult r = run({command, "--help"});
+    EXPECT_EQ(r.exit_code, 0) << command << ": " << r.err;
+    EXPECT_TRUE(r.err.empty()) << command << ": " << r.err;
+    for (const std::string& flag : flags)
+      EXPECT_NE(r.out.find(flag), std::string::npos) << command << " --help does not list " << flag << ":\n" << r.out;
+  }
+  const RunResult bench = run({"bench", "--help"});
+  EXPECT_NE(bench.out.find("[1, 1024]"), std::string::npos) << "the --threads range:\n" << bench.out;
+}
+
+TEST_F(CliArguments, UnknownFlagIsNamedByEveryCommand) {
+  const std::vector<std::vector<std::string>> lines = {
+      {"route", "--config", example("config.json").string(), "--input", example("input.json").string(), "--bogus"},
+      with(kSmallBench, {"--bogus"}),
+      {"presets", "--bogus"},
+      {"preset", "hf-mixtral", "--bogus"},
+      {"--bogus"},
+  };
+  for (const auto& args : lines) {
+    SCOPED_TRACE(args.front());
+    expect_argument_error(run(args), "'--bogus'");
+  }
+  // The flags it could have been are listed.
+  const RunResult r = run(with(kSmallBench, {"--thread", "2"}));
+  expect_argument_error(r, "'--thread'");
+  EXPECT_NE(r.err.find("--threads"), std::string::npos) << r.err;
+}
+
+TEST_F(CliArguments, UnknownFlagIsNamedBeforeMissingOnes) {
+  expect_argument_error(run({"route", "--confg", example("config.json").string()}), "'--confg'");
+}
+
+TEST_F(CliArguments, UnknownCommand) {
+  const RunResult r = run({"rout"});
+  expect_argument_error(r, "'rout'");
+  EXPECT_NE(r.err.find("route"), std::string::npos) << r.err;
+}
+
+TEST_F(CliArguments, NonIntegerValue) {
+  for (const char* text : {"abc", "8x", "2.5", "0x10", ""}) {
+    std::vector<std::string> args = kSmallBench;
+    args[2] = text;  // the value of --tokens
+    const RunResult r = run(args);
+    expect_argument_error(r, "--tokens");
+    EXPECT_EQ(r.err, "moekit: --tokens: expected an integer in [1, 16777216], got '" + std::string(text) + "'\n");
+  }
+}
+
+TEST_F(CliArguments, ThreadsOutOfRange) {
+  for (const char* text : {"0", "1025", "-1"}) {
+    const RunResult r = run(with(kSmallBench, {"--threads", text}));
+    expect_argument_error(r, "--threads");
+    EXPECT_EQ(r.err, "moekit: --threads: expected an integer in [1, 1024], got '" + std::string(text) + "'\n");
+  }
+}
+
+TEST_F(CliArguments, TopKAboveExperts) {
+  const RunResult r = run(with(kSmallBench, {"--experts", "4", "--top-k", "5"}));
+  expect_argument_error(r, "--top-k");
+  EXPECT_EQ(r.err, "moekit: --top-k: expected at most --experts (4), got 5\n");
+}
+
+TEST_F(CliArguments, MissingValueAndMissingFlag) {
+  RunResult r = run({"bench", "--tokens"});
+  expect_argument_error(r, "--tokens");
+  EXPECT_EQ(r.err, "moekit: --tokens: expected an integer in [1, 16777216], got nothing\n");
+
+  r = run({"route", "--config", example("config.json").string(), "--input"});
+  EXPECT_EQ(r.err, "moekit: --input: expected a path, got nothing\n");
+  EXPECT_EQ(r.exit_code, 2);
+
+  std::vector<std::string> args = kSmallBench;
+  args.erase(args.begin() + 5, args.begin() + 7);  // --d-ff 16
+  r = run(args);
+  expect_argument_error(r, "--d-ff");
+  EXPECT_EQ(r.err, "moekit: --d-ff: expected an integer in [1, 1048576], got nothing\n");
+
+  r = run({"preset"});
+  expect_argument_error(r, "NAME");
+  EXPECT_NE(r.err.find("preset name"), std::string::npos) << r.err;
+}
+
+TEST_F(CliArguments, BadDtype) {
+  const RunResult r = run(with(kSmallBench, {"--dtype", "fp16"}));
+  expect_argument_error(r, "--dtype");
+  EXPECT_EQ(r.err, "moekit: --dtype: expected fp32 or bf16, got 'fp16'\n");
+}
+
+TEST_F(CliArguments, SwitchWithABadValue) {
+  const RunResult r = run(with(kSmallBench, {"--json=maybe"}));
+  expect_argument_error(r, "--json");
+  EXPECT_NE(r.err.find("'maybe'"), std::string::npos) << r.err;
+}
+
+// The parsed values reach the run: the JSON report echoes them.
+TEST_F(CliArguments, BenchRunsWithTheGivenFlags) {
+  const RunResult r = run(with(kSmallBench, {"--dtype", "bfloat16", "--preset", "hf-qwen3-moe", "--json"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json out = json::parse(r.out);
+  EXPECT_EQ(out["tokens"], 8);
+  EXPECT_EQ(out["d_model"], 16);
+  EXPECT_EQ(out["d_ff"], 16);
+  EXPECT_EQ(out["experts"], 4);
+  EXPECT_EQ(out["top_k"], 2);
+  EXPECT_EQ(out["threads"], 1);
+  EXPECT_EQ(out["repeats"], 1);
+  EXPECT_EQ(out["dtype"], "bf16");
+  EXPECT_EQ(out["preset"], "hf-qwen3-moe");
+  EXPECT_FALSE(out.contains("backward_ms")) << "no --backward";
+}
+
+TEST_F(CliArguments, BadPresetIsAConfigError) {
+  const RunResult r = run(with(kSmallBench, {"--preset", "no-such-preset"}));
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("no-such-preset"), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
 }
 
 }  // namespace
