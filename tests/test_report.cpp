@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "report/csv.h"
 #include "report/html.h"
 #include "report/output.h"
 #include "report/svg.h"
@@ -508,6 +509,42 @@ TEST(ReportCharts, BarChartIsWellFormedWithItsReferenceLine) {
   EXPECT_TRUE(label);
 }
 
+TEST(ReportCharts, DegenerateDataStillGivesWellFormedCharts) {
+  const double nan = std::nan("");
+  std::vector<LineChart> lines(4);
+  lines[1].series = {{"one point", {5}, {0.5}}};
+  lines[2].series = {{"all missing", {0, 1}, {nan, nan}}, {"mismatched", {0, 1, 2}, {1}}};
+  lines[3].log_y = true;
+  lines[3].series = {{"non-positive", {0, 1, 2}, {0, -1, 0}}, {"flat", {0, 1}, {3, 3}}};
+  for (const auto& chart : lines) EXPECT_NO_THROW(parse_xml(line_chart_svg(chart)));
+  Heatmap empty;
+  EXPECT_NO_THROW(parse_xml(heatmap_svg(empty)));
+  Heatmap flat;
+  flat.rows = 2;
+  flat.cols = 3;
+  flat.values = {1, 1, nan, 1, 1};  // one value short, one missing
+  flat.show_values = true;
+  EXPECT_NO_THROW(parse_xml(heatmap_svg(flat)));
+  BarChart bars;
+  EXPECT_NO_THROW(parse_xml(bar_chart_svg(bars)));
+  bars.labels = {"a", "b"};
+  bars.values = {-1, nan};
+  EXPECT_NO_THROW(parse_xml(bar_chart_svg(bars)));
+}
+
+TEST(ReportCsv, SeriesJoinOnXAndValuesReadBackExactly) {
+  const double third = 1.0 / 3;
+  const std::vector<Series> series = {{"train", {0, 10, 20}, {third, 2.5e-7, std::nan("")}},
+                                      {"held, \"out\"", {10, 30}, {-1e300, 4}}};
+  EXPECT_EQ(series_csv("step", series),
+            "step,train,\"held, \"\"out\"\"\"\n"
+            "0,0.3333333333333333,\n"
+            "10,2.5e-7,-1e300\n"
+            "20,,\n"
+            "30,,4\n");
+  EXPECT_EQ(parse_number("0.3333333333333333"), third);
+}
+
 TEST(ReportPage, IsWellFormedSelfContainedXhtml) {
   Page page;
   page.title = "Routing report";
@@ -800,9 +837,7 @@ TEST(ReportExample, WritesASyntheticTrainingReport) {
   ASSERT_NO_THROW(root = parse_xml(html));
   EXPECT_EQ(find_all(root, "svg").size(), 10u);
 
-  std::string csv = "step,train,held_out\n";
-  for (std::size_t i = 0; i < train.x.size(); ++i)
-    csv += format_number(train.x[i], 6) + "," + format_number(train.y[i], 6) + "," + format_number(held.y[i], 6) + "\n";
+  const std::string csv = series_csv("step", loss.series);
   const fs::path dir = fs::path(MOEKIT_BINARY_DIR) / "report_example";
   ReportWriter writer(dir, true);
   writer.add("task_loss.csv", csv);
