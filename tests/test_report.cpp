@@ -651,6 +651,19 @@ TEST_F(ReportWriterTest, AnInterruptedReportLeavesNothingUnderTheFinalNames) {
   EXPECT_EQ(listing(), std::vector<std::string>{});
 }
 
+TEST_F(ReportWriterTest, AWriteFailingMidwayLeavesNothingBehind) {
+  {
+    ReportWriter writer(dir_, false);
+    writer.add("loss.csv", "step,loss\n");
+    // Something already holds the second file's temporary name, so that file cannot be written.
+    const fs::path blocker = dir_ / (".index.html.partial-" + std::to_string(::getpid()));
+    fs::create_directories(blocker / "inside");
+    EXPECT_THROW(writer.add("index.html", "<html/>"), OutputError);
+  }
+  // The first file's temporary is gone; the blocking directory, not the writer's, is left alone.
+  EXPECT_EQ(listing(), (std::vector<std::string>{".index.html.partial-" + std::to_string(::getpid())}));
+}
+
 TEST_F(ReportWriterTest, AFailedCommitRemovesWhatItHadRenamed) {
   fs::create_directories(dir_ / "index.html");  // a directory cannot be replaced by a file
   {

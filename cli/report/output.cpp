@@ -64,9 +64,10 @@ void ReportWriter::add(const std::string& name, std::string_view contents) {
   // Hidden and marked partial, with the process id so that two runs into one directory do not
   // write into each other's temporaries.
   const fs::path temporary = dir_ / ("." + name + ".partial-" + std::to_string(::getpid()));
-  entries_.push_back({name, temporary});
   std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
   if (!out) fail(temporary, "a writable file", std::strerror(errno));
+  // Registered only once created, so that a failure never removes a path that was not ours.
+  entries_.push_back({name, temporary});
   out.write(contents.data(), static_cast<std::streamsize>(contents.size()));
   out.close();
   if (!out) fail(temporary, "the whole file written", "a write error");
