@@ -28,6 +28,9 @@ TrainConfig small_config(int64_t steps, double learning_rate) {
   c.learning_rate = learning_rate;
   c.eval_every = steps / 4;
   c.data.eval_tokens = 1024;
+  c.layer.d_model = 32;  // smaller than the default run's layer, one thread
+  c.layer.d_ff = 32;
+  c.layer.num_threads = 1;
   return c;
 }
 
@@ -78,8 +81,8 @@ TEST(Train, BitwiseIdenticalForOneAndTwoThreads) {
 }
 
 // Collapse-prone: one target map shared by every domain (no specialisation pays), top-1 and a
-// high learning rate. Measured max/mean load over the last 20 steps: 6.84 without the balancing
-// loss (of 8 at most), 1.49 with aux 0.1.
+// high learning rate. Measured max/mean load over the last 20 steps: 7.01 without the balancing
+// loss (of 8 at most), 1.68 with aux 0.1.
 TEST(Train, CollapseWithoutBalancingLossAndBalanceWithIt) {
   TrainConfig c = small_config(300, 1e-2);
   c.data.shared_target = true;
@@ -98,19 +101,27 @@ TEST(Train, CollapseWithoutBalancingLossAndBalanceWithIt) {
 }
 
 // Learned routing on the default data (4 domains, 8 experts, top-2): measured normalised entropy
-// 0.933 → 0.784, held-out mutual information 0.089 at step 0, then 0.640, 0.648, 0.615, 0.633;
-// smallest top-expert share 0.47 (top-2: at most 0.5; uniform 0.125).
+// 0.933 → 0.774, held-out mutual information 0.096 at step 0, then 0.513, 0.499, 0.510, 0.536;
+// smallest top-expert share 0.46 (top-2: at most 0.5; uniform 0.125); the centred router row of
+// each domain's top expert has cosine 0.80-0.87 with that domain's centre, its largest.
 TEST(Train, EntropyFallsAndExpertsSpecialiseByDomain) {
   const TrainResult r = train(small_config(300, 1e-2));
   EXPECT_LT(end_mean(r, &StepMetrics::entropy_normalized),
             start_mean(r, &StepMetrics::entropy_normalized) - 0.1);
   for (size_t i = 1; i < r.evals.size(); ++i)  // well above the start at every evaluation
-    EXPECT_GT(r.evals[i].mutual_information, r.evals.front().mutual_information + 0.4) << "eval " << i;
-  for (double share : r.evals.back().top_expert_share) EXPECT_GT(share, 0.4);
+    EXPECT_GT(r.evals[i].mutual_information, r.evals.front().mutual_information + 0.3) << "eval " << i;
+  const EvalMetrics& last = r.evals.back();
+  for (size_t k = 0; k < last.top_expert.size(); ++k) {
+    EXPECT_GT(last.top_expert_share[k], 0.4) << "domain " << k;
+    const int64_t e = last.top_expert[k];
+    EXPECT_GT(r.prototype_cosine(e, int64_t(k)), 0.7) << "domain " << k;
+    for (int64_t other = 0; other < r.prototype_cosine.cols; ++other)
+      if (other != int64_t(k)) EXPECT_LT(r.prototype_cosine(e, other), r.prototype_cosine(e, int64_t(k)));
+  }
   EXPECT_LT(r.evals.back().task_loss, 0.5 * r.evals.front().task_loss);
 }
 
-// Measured max |logit| over the last 20 steps: 6.58 without, 4.93 with z-loss 0.01.
+// Measured max |logit| over the last 20 steps: 8.46 without, 4.90 with z-loss 0.01.
 TEST(Train, ZLossKeepsRouterLogitsSmaller) {
   TrainConfig c = small_config(300, 1e-2);
   c.layer.routing.router_z_loss_coef = 0.0;
@@ -123,9 +134,9 @@ TEST(Train, ZLossKeepsRouterLogitsSmaller) {
 
 // HF Switch with capacity factor 1.0 (capacity 32 of 256 tokens on 8 experts) on 8 domains, so
 // that one domain per expert is also balance (with 4 domains a domain's 64 tokens overflow any
-// single expert and drops rise as routing specialises: measured 0.13 → 0.28). Measured dropped
-// fraction 0.119 over the first 20 steps, 0.072 over the last 20; each domain's top expert then
-// holds ≥ 0.82 of its tokens.
+// single expert and drops rise as routing specialises: measured 0.14 → 0.27). Measured dropped
+// fraction 0.121 over the first 20 steps, 0.074 over the last 20; each domain's top expert then
+// holds ≥ 0.79 of its tokens.
 TEST(Train, SwitchDropsTokensEarlyAndFewerOnceBalanced) {
   TrainConfig c = small_config(300, 3e-3);
   c.layer.routing = routing_config_from_preset("hf-switch");
@@ -142,8 +153,8 @@ TEST(Train, SwitchDropsTokensEarlyAndFewerOnceBalanced) {
   for (double share : r.evals.back().top_expert_share) EXPECT_GT(share, 0.6);
 }
 
-// Measured held-out task loss: dense 0.101, top-1 0.146 (8× fewer expert FLOPs; 2.0 against
-// 4.1 ms per step).
+// Measured held-out task loss: dense 0.099, top-1 0.147 (8× fewer expert FLOPs; 0.71 against
+// 1.31 ms per step).
 TEST(Train, DenseMixtureNoWorseThanTopOne) {
   TrainConfig c = small_config(300, 3e-3);
   c.layer.routing.routing_method = RoutingMethod::kDense;

@@ -67,14 +67,18 @@ class ParameterOptimizer {
         for (size_t j = 0; j < theta.size(); ++j) theta[j] -= float(lr * grad[j]);
         continue;
       }
-      std::vector<float>& m = m_[i];
-      std::vector<float>& v = v_[i];
+      // m̂/(√v̂ + ε) = (m/c1) / (√v/√c2 + ε), with the step's constants hoisted.
+      float* __restrict m = m_[i].data();
+      float* __restrict v = v_[i].data();
+      float* __restrict w = theta.data();
+      const float* __restrict dw = grad.data();
       const float b1 = float(config_.adam_beta1), b2 = float(config_.adam_beta2);
+      const float step_size = float(lr / c1), inv_sqrt_c2 = float(1.0 / std::sqrt(c2));
+      const float eps = float(config_.adam_eps);
       for (size_t j = 0; j < theta.size(); ++j) {
-        m[j] = b1 * m[j] + (1.0f - b1) * grad[j];
-        v[j] = b2 * v[j] + (1.0f - b2) * grad[j] * grad[j];
-        const double m_hat = m[j] / c1, v_hat = v[j] / c2;
-        theta[j] -= float(lr * m_hat / (std::sqrt(v_hat) + config_.adam_eps));
+        m[j] = b1 * m[j] + (1.0f - b1) * dw[j];
+        v[j] = b2 * v[j] + (1.0f - b2) * dw[j] * dw[j];
+        w[j] -= step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_c2 + eps);
       }
     }
   }
@@ -181,16 +185,22 @@ EvalMetrics evaluate(MoeLayer& layer, const TrainConfig& config, const HeldOut& 
   return m;
 }
 
-// cos(w_e, c_k) = ⟨w_e, c_k⟩ / (‖w_e‖·‖c_k‖) for every router row e and domain centre k.
+// cos(w_e − w̄, c_k) for every router row e and domain centre k, with w̄ the mean row: adding
+// one vector to every row leaves the softmax unchanged, so only the centred rows are the
+// prototypes that tell experts apart (the raw rows share a common part along −mean centre).
 Matrix<double> prototype_cosine(const Matrix<float>& rows,      // [R, d]
                                 const Matrix<float>& centres) {  // [D, d]
+  std::vector<double> mean(size_t(rows.cols), 0.0);
+  for (int64_t e = 0; e < rows.rows; ++e)
+    for (int64_t j = 0; j < rows.cols; ++j) mean[size_t(j)] += double(rows(e, j)) / double(rows.rows);
   Matrix<double> out(rows.rows, centres.rows);
   for (int64_t e = 0; e < rows.rows; ++e) {
     for (int64_t k = 0; k < centres.rows; ++k) {
       double dot = 0, nw = 0, nc = 0;
       for (int64_t j = 0; j < rows.cols; ++j) {
-        dot += double(rows(e, j)) * centres(k, j);
-        nw += double(rows(e, j)) * rows(e, j);
+        const double w = double(rows(e, j)) - mean[size_t(j)];
+        dot += w * centres(k, j);
+        nw += w * w;
         nc += double(centres(k, j)) * centres(k, j);
       }
       out(e, k) = (nw > 0 && nc > 0) ? dot / std::sqrt(nw * nc) : 0.0;
@@ -248,9 +258,10 @@ MoeLayerConfig default_train_layer() {
   c.routing.num_experts_per_tok = 2;
   c.routing.router_aux_loss_coef = 0.01;
   c.routing.router_z_loss_coef = 0.001;
-  c.d_model = 32;
-  c.d_ff = 32;
+  c.d_model = 64;
+  c.d_ff = 128;
   c.activation = ExpertActivation::kSwiGlu;
+  c.num_threads = 2;
   return c;
 }
 
