@@ -119,13 +119,18 @@ class SyntheticDomains {
  public:
   SyntheticDomains(const SyntheticDataConfig& config, int64_t d_model, uint64_t seed);
   // Tokens [count, d_model], targets [count, d_model] and domain labels [count] of tokens
-  // first, …, first + count − 1 of a stream (0: training, 1: held-out).
+  // first, …, first + count − 1 of a stream (0: training, 1: held-out), on num_threads threads
+  // (the values do not depend on it).
   void draw(int stream, int64_t first, int64_t count, Matrix<float>* tokens,  // [count, d_model]
             Matrix<float>* targets,                                          // [count, d_model]
-            std::vector<int32_t>* labels) const;                             // [count]
+            std::vector<int32_t>* labels,                                    // [count]
+            int num_threads = 1) const;
   const Matrix<float>& centres() const { return centres_; }  // [num_domains, d_model]
 
  private:
+  // One token: writes x [d_model] and y [d_model] (given zeroed), returns its domain.
+  int32_t draw_token(int stream, uint64_t index, float* x, float* y) const;
+
   SyntheticDataConfig config_;
   int64_t d_model_;
   uint64_t seed_;

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "internal/parallel.h"
 #include "internal/random.h"
 #include "moekit/error.h"
 #include "moekit/train.h"
@@ -73,38 +74,44 @@ float fast_tanh(float a) { return 1.0f - 2.0f / (std::exp(2.0f * a) + 1.0f); }
 void SyntheticDomains::draw(int stream, int64_t first, int64_t count,
                             Matrix<float>* tokens,  // [count, d_model]
                             Matrix<float>* targets,  // [count, d_model]
-                            std::vector<int32_t>* labels) const {  // [count]
-  const int64_t d = d_model_;
-  *tokens = Matrix<float>(count, d);
-  *targets = Matrix<float>(count, d);
+                            std::vector<int32_t>* labels,  // [count]
+                            int num_threads) const {
+  *tokens = Matrix<float>(count, d_model_);
+  *targets = Matrix<float>(count, d_model_);
   labels->assign(size_t(count), 0);
+  // Each token is a pure function of its index: any split over threads gives the same values.
+  detail::parallel_for(count, num_threads, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      (*labels)[size_t(t)] = draw_token(stream, uint64_t(first + t), tokens->row(t), targets->row(t));
+    }
+  });
+}
+
+int32_t SyntheticDomains::draw_token(int stream, uint64_t index, float* x,  // [d_model]
+                                     float* y) const {                       // [d_model], zeros
+  const int64_t d = d_model_;
   const detail::RandomStream s = stream_id(kTokenStreamBase + uint64_t(stream));
-  for (int64_t t = 0; t < count; ++t) {
-    const uint64_t index = uint64_t(first + t);
-    // Counter 0 picks the domain (uniform); counters 1, 2, … give the noise two coordinates each.
-    const int32_t k = int32_t(detail::random_bits(seed_, s, index, 0) % uint64_t(config_.num_domains));
-    (*labels)[size_t(t)] = k;
-    float* x = tokens->row(t);
-    const uint64_t token_hash =
-        detail::splitmix64(detail::splitmix64(seed_ ^ detail::splitmix64(uint64_t(s))) ^ index);
-    const float sigma = float(config_.noise_std);
-    for (int64_t j = 0; j < d; j += 2) {
-      float z0, z1;
-      normal_pair(token_hash, uint64_t(j / 2 + 1), &z0, &z1);
-      x[j] = centres_(k, j) + sigma * z0;
-      if (j + 1 < d) x[j + 1] = centres_(k, j + 1) + sigma * z1;
-    }
-    // y = tanh(A_k·x) as y = Σ_j x_j·(A_k)ᵀ_j: the sum runs over j ascending for every output
-    // (a fixed order) and the inner loop over outputs vectorises.
-    const Matrix<float>& a_t = maps_[config_.shared_target ? 0 : size_t(k)];
-    float* y = targets->row(t);
-    for (int64_t j = 0; j < d; ++j) {
-      const float xj = x[j];
-      const float* a_col = a_t.row(j);
-      for (int64_t i = 0; i < d; ++i) y[i] += xj * a_col[i];
-    }
-    for (int64_t i = 0; i < d; ++i) y[i] = fast_tanh(y[i]);
+  // Counter 0 picks the domain (uniform); counters 1, 2, … give the noise two coordinates each.
+  const int32_t k = int32_t(detail::random_bits(seed_, s, index, 0) % uint64_t(config_.num_domains));
+  const uint64_t token_hash =
+      detail::splitmix64(detail::splitmix64(seed_ ^ detail::splitmix64(uint64_t(s))) ^ index);
+  const float sigma = float(config_.noise_std);
+  for (int64_t j = 0; j < d; j += 2) {
+    float z0, z1;
+    normal_pair(token_hash, uint64_t(j / 2 + 1), &z0, &z1);
+    x[j] = centres_(k, j) + sigma * z0;
+    if (j + 1 < d) x[j + 1] = centres_(k, j + 1) + sigma * z1;
   }
+  // y = tanh(A_k·x) as y = Σ_j x_j·(A_k)ᵀ_j: the sum runs over j ascending for every output
+  // (a fixed order) and the inner loop over outputs vectorises.
+  const Matrix<float>& a_t = maps_[config_.shared_target ? 0 : size_t(k)];
+  for (int64_t j = 0; j < d; ++j) {
+    const float xj = x[j];
+    const float* a_col = a_t.row(j);
+    for (int64_t i = 0; i < d; ++i) y[i] += xj * a_col[i];
+  }
+  for (int64_t i = 0; i < d; ++i) y[i] = fast_tanh(y[i]);
+  return k;
 }
 
 }  // namespace moekit

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "internal/parallel.h"
 #include "internal/random.h"
 #include "moekit/error.h"
 #include "moekit/train.h"
@@ -44,7 +45,8 @@ std::vector<const std::vector<float>*> trainable(const MoeTensors& t) {
 // Element-wise in a fixed order: bitwise reproducible for any thread count.
 class ParameterOptimizer {
  public:
-  explicit ParameterOptimizer(const TrainConfig& config) : config_(config) {}
+  ParameterOptimizer(const TrainConfig& config, int num_threads)
+      : config_(config), num_threads_(num_threads) {}
 
   void step(MoeTensors& params, const MoeTensors& grads) {
     ++t_;
@@ -75,16 +77,20 @@ class ParameterOptimizer {
       const float b1 = float(config_.adam_beta1), b2 = float(config_.adam_beta2);
       const float step_size = float(lr / c1), inv_sqrt_c2 = float(1.0 / std::sqrt(c2));
       const float eps = float(config_.adam_eps);
-      for (size_t j = 0; j < theta.size(); ++j) {
-        m[j] = b1 * m[j] + (1.0f - b1) * dw[j];
-        v[j] = b2 * v[j] + (1.0f - b2) * dw[j] * dw[j];
-        w[j] -= step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_c2 + eps);
-      }
+      // Element-wise, so any split over threads gives the same values.
+      detail::parallel_for(int64_t(theta.size()), num_threads_, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          m[j] = b1 * m[j] + (1.0f - b1) * dw[j];
+          v[j] = b2 * v[j] + (1.0f - b2) * dw[j] * dw[j];
+          w[j] -= step_size * m[j] / (std::sqrt(v[j]) * inv_sqrt_c2 + eps);
+        }
+      });
     }
   }
 
  private:
   TrainConfig config_;
+  int num_threads_ = 1;
   int64_t t_ = 0;
   std::vector<std::vector<float>> m_, v_;
 };
@@ -214,7 +220,8 @@ StepMetrics train_step(MoeLayer& layer, ParameterOptimizer& optimizer, const Tra
                        const SyntheticDomains& data, int64_t step) {
   Matrix<float> x, y;
   std::vector<int32_t> labels;
-  data.draw(kTrainStream, step * config.batch_size, config.batch_size, &x, &y, &labels);
+  data.draw(kTrainStream, step * config.batch_size, config.batch_size, &x, &y, &labels,
+            layer.config().num_threads);
   RoutingOptions options = routing_options(config, labels);
   std::vector<double> noise;
   if (loop_supplies_noise(layer.config())) {
@@ -289,7 +296,7 @@ TrainResult train(const TrainConfig& config, const ProgressFn& progress) {
   MoeLayerConfig layer_config = config.layer;
   layer_config.routing.training = true;
   MoeLayer layer(layer_config, config.seed);
-  ParameterOptimizer optimizer(config);
+  ParameterOptimizer optimizer(config, layer_config.num_threads);
   const SyntheticDomains data(config.data, layer_config.d_model, config.seed);
   HeldOut held_out;
   data.draw(kEvalStream, 0, config.data.eval_tokens, &held_out.tokens, &held_out.targets, &held_out.labels);
