@@ -189,7 +189,12 @@ TEST(Train, EveryPresetAndMethodTrains) {
   sgd.optimizer = Optimizer::kSgd;
   TrainConfig noisy = base;
   noisy.layer.routing.noisy_gating = true;
-  configs.insert(configs.end(), {ec, soft, sinkhorn, sigmoid, sgd, noisy});
+  TrainConfig bf16 = base;
+  bf16.layer.dtype = DType::kBF16;
+  TrainConfig shared = base;
+  shared.layer.num_shared_experts = 1;
+  shared.layer.shared_expert_gate = true;
+  configs.insert(configs.end(), {ec, soft, sinkhorn, sigmoid, sgd, noisy, bf16, shared});
   for (TrainConfig& c : configs) {
     c.batch_size = 64;
     c.data.eval_tokens = 64;
