@@ -1,5 +1,7 @@
 #include "flags.h"
 
+#include <cmath>
+#include <cstdio>
 #include <iostream>
 #include <map>
 #include <stdexcept>
@@ -136,6 +138,37 @@ CLI::Option* add_int_option(CLI::App& app, const std::string& name, int64_t& val
 CLI::Option* add_int_option(CLI::App& app, const std::string& name, uint64_t& value, int64_t min, int64_t max,
                             const std::string& help) {
   return add_int(app, name, value, min, max, help);
+}
+
+CLI::Option* add_number_option(CLI::App& app, const std::string& name, double& value, double min, double max,
+                               bool min_open, const std::string& help) {
+  auto text_of = [](double x) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", x);
+    return std::string(buf);
+  };
+  const std::string lo = text_of(min), hi = text_of(max);
+  const std::string range = std::string(min_open ? "(" : "[") + lo + ", " + hi + "]";
+  const std::string expected = "a number in " + range;
+  CLI::Validator in_range(
+      [min, max, min_open, expected](std::string& text) -> std::string {
+        size_t used = 0;
+        double v = 0;
+        bool ok = !text.empty();
+        if (ok) {
+          try {
+            v = std::stod(text, &used);
+          } catch (const std::exception&) {
+            ok = false;
+          }
+        }
+        ok = ok && used == text.size() && std::isfinite(v) && (min_open ? v > min : v >= min) && v <= max;
+        if (!ok) return "expected " + expected + ", got '" + text + "'";
+        return {};
+      },
+      "", "number_in_range");
+  CLI::Option* option = app.add_option(name, value, help)->type_name("NUM in " + range)->transform(in_range);
+  return remember(option, expected);
 }
 
 CLI::Option* add_text_option(CLI::App& app, const std::string& name, std::string& value,

@@ -22,6 +22,10 @@ CLI::Option* add_int_option(CLI::App& app, const std::string& name, int64_t& val
 CLI::Option* add_int_option(CLI::App& app, const std::string& name, uint64_t& value, int64_t min, int64_t max,
                             const std::string& help);
 
+// `--name X`: a finite number in [min, max] (or (min, max] with min_open), into `value`.
+CLI::Option* add_number_option(CLI::App& app, const std::string& name, double& value, double min, double max,
+                               bool min_open, const std::string& help);
+
 // `--name TEXT` (or a positional NAME): any text; `expected` words it for the error line
 // ("a path", "a preset name (moekit presets)").
 CLI::Option* add_text_option(CLI::App& app, const std::string& name, std::string& value,

@@ -10,6 +10,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"moekit: Mixture-of-Experts routing and layers", "moekit"};
   app.require_subcommand(0, 1);  // one command per run; none is handled below
+  moekit::cli::add_train_command(app);
   moekit::cli::add_route_command(app);
   moekit::cli::add_bench_command(app);
   moekit::cli::add_preset_commands(app);

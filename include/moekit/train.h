@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moekit/layer.h"
@@ -142,6 +143,9 @@ TrainResult train(const TrainConfig& config, const ProgressFn& progress = {});
 
 // metrics.json: the configuration (layer and routing keys), every curve and the final tables.
 void write_metrics_json(const TrainResult& result, const std::string& path);
+std::string metrics_json_text(const TrainResult& result);  // the same text
+// The CSV files of write_metrics_csv as (file name, text).
+std::vector<std::pair<std::string, std::string>> metrics_csv_files(const TrainResult& result);
 // One CSV per curve in `directory`: steps.csv, load.csv, eval.csv, specialisation.csv,
 // prototypes.csv. Throws std::runtime_error when a file cannot be written.
 void write_metrics_csv(const TrainResult& result, const std::string& directory);

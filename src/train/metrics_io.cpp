@@ -178,7 +178,7 @@ std::string prototypes_csv(const Matrix<double>& cosine) {
 
 }  // namespace
 
-void write_metrics_json(const TrainResult& result, const std::string& path) {
+std::string metrics_json_text(const TrainResult& result) {
   const json j{{"config", config_json(result.config)},
                {"steps", steps_json(result.steps)},
                {"evals", evals_json(result.evals)},
@@ -188,16 +188,27 @@ void write_metrics_json(const TrainResult& result, const std::string& path) {
                {"final_load", result.final_load},
                {"seconds", result.seconds},
                {"ms_per_step", result.ms_per_step}};
-  write_file(path, j.dump(1) + "\n");
+  return j.dump(1) + "\n";
+}
+
+std::vector<std::pair<std::string, std::string>> metrics_csv_files(const TrainResult& result) {
+  std::vector<std::pair<std::string, std::string>> files = {
+      {"steps.csv", steps_csv(result.steps)},
+      {"load.csv", load_csv(result.steps)},
+      {"eval.csv", eval_csv(result.evals)},
+  };
+  if (!result.evals.empty()) files.emplace_back("specialisation.csv", specialisation_csv(result.evals.back()));
+  files.emplace_back("prototypes.csv", prototypes_csv(result.prototype_cosine));
+  return files;
+}
+
+void write_metrics_json(const TrainResult& result, const std::string& path) {
+  write_file(path, metrics_json_text(result));
 }
 
 void write_metrics_csv(const TrainResult& result, const std::string& directory) {
   const std::filesystem::path dir(directory);
-  write_file(dir / "steps.csv", steps_csv(result.steps));
-  write_file(dir / "load.csv", load_csv(result.steps));
-  write_file(dir / "eval.csv", eval_csv(result.evals));
-  if (!result.evals.empty()) write_file(dir / "specialisation.csv", specialisation_csv(result.evals.back()));
-  write_file(dir / "prototypes.csv", prototypes_csv(result.prototype_cosine));
+  for (const auto& [name, text] : metrics_csv_files(result)) write_file(dir / name, text);
 }
 
 }  // namespace moekit
