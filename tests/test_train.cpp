@@ -132,13 +132,17 @@ TEST(Train, ZLossKeepsRouterLogitsSmaller) {
   EXPECT_LT(end_mean(on, &StepMetrics::z_loss), end_mean(off, &StepMetrics::z_loss));
 }
 
-// HF Switch with capacity factor 1.0 (capacity 32 of 256 tokens on 8 experts) on 8 domains, so
-// that one domain per expert is also balance (with 4 domains a domain's 64 tokens overflow any
-// single expert and drops rise as routing specialises: measured 0.14 → 0.27). Measured dropped
-// fraction 0.121 over the first 20 steps, 0.074 over the last 20; each domain's top expert then
-// holds ≥ 0.79 of its tokens.
+// HF Switch with capacity factor 1.0 (capacity 128 of 1024 tokens on 8 experts) on 8 domains,
+// so that one domain per expert is also balance (with 4 domains a domain's tokens overflow any
+// single expert and drops rise as routing specialises: measured 0.14 → 0.27 at batch 256). Once
+// each domain has its own expert, what is left is the batch's binomial spread of domain counts
+// (≈ 0.033 expected at batch 1024, 0.066 at 256), hence the large batch. Measured dropped
+// fraction 0.111 over the first 20 steps, 0.036 over the last 20; each domain's top expert then
+// holds ≥ 0.82 of its tokens. (Seeds 3, 4, 5 behave alike; seed 1 starts lower, 0.078 → 0.048;
+// seed 2 merges two domains onto one expert and its drops rise, 0.106 → 0.129.)
 TEST(Train, SwitchDropsTokensEarlyAndFewerOnceBalanced) {
   TrainConfig c = small_config(300, 3e-3);
+  c.batch_size = 1024;
   c.layer.routing = routing_config_from_preset("hf-switch");
   c.layer.routing.expert_capacity.reset();
   c.layer.routing.capacity_factor = 1.0;
@@ -148,9 +152,9 @@ TEST(Train, SwitchDropsTokensEarlyAndFewerOnceBalanced) {
   const TrainResult r = train(c);
   const double early = start_mean(r, &StepMetrics::dropped_fraction);
   const double late = end_mean(r, &StepMetrics::dropped_fraction);
-  EXPECT_GT(early, 0.1);
-  EXPECT_LT(late, 0.7 * early);
-  for (double share : r.evals.back().top_expert_share) EXPECT_GT(share, 0.6);
+  EXPECT_GT(early, 0.08);
+  EXPECT_LT(late, 0.6 * early);
+  for (double share : r.evals.back().top_expert_share) EXPECT_GT(share, 0.7);
 }
 
 // Measured held-out task loss: dense 0.099, top-1 0.147 (8× fewer expert FLOPs; 0.71 against
