@@ -246,7 +246,7 @@ report::Heatmap load_heatmap(const TrainResult& r) {
   h.row_labels = numbered("e", num_experts);
   h.row_title = "expert";
   h.col_title = "training step";
-  h.value_title = "share of kept assignments";
+  h.value_title = "share of assignments";
   h.value_min = 0.0;
   std::vector<std::vector<double>> cols;
   for (size_t i = 0; i < n; i += per) {
@@ -278,7 +278,7 @@ report::Heatmap specialisation_heatmap(const TrainResult& r, const EvalMetrics& 
   h.col_labels = numbered("e", static_cast<int64_t>(h.cols));
   h.row_title = "domain";
   h.col_title = "expert";
-  h.value_title = "share of the domain's assignments";
+  h.value_title = "share of domain";
   h.value_min = 0.0;
   h.value_max = 1.0;
   h.show_values = true;
@@ -353,7 +353,10 @@ std::string page_of(const TrainResult& r, const nlohmann::json& metrics) {
       {"Dropped fraction", "training step", "fraction of selections", {bucketed("train", s, [](const StepMetrics& m) { return m.dropped_fraction; }), eval_series("held-out", ev, [](const EvalMetrics& m) { return m.dropped_fraction; })}, false}));
   page.sections.push_back(chart(
       "Largest router logit", "The largest |logit| in each batch: the z-loss keeps it moderate.",
-      {"Max |router logit|", "training step", "|logit|", {bucketed("max |logit|", s, [](const StepMetrics& m) { return m.max_abs_logit; }), bucketed("max / mean load", s, [](const StepMetrics& m) { return m.max_over_mean_load; })}, false}));
+      {"Max |router logit|", "training step", "|logit|", {bucketed("max |logit|", s, [](const StepMetrics& m) { return m.max_abs_logit; })}, false}));
+  page.sections.push_back(chart(
+      "Load imbalance", "The busiest expert's load over the mean load: 1 is perfect balance; a collapsed router gives several times that.",
+      {"Max / mean load", "training step", "max load / mean load", {bucketed("train", s, [](const StepMetrics& m) { return m.max_over_mean_load; }), eval_series("held-out", ev, [](const EvalMetrics& m) { return m.max_over_mean_load; })}, false}));
   if (!ev.empty()) {
     page.sections.push_back({"Specialisation at the start", "Held-out tokens before training: which experts each domain's tokens reach.", report::Svg{report::heatmap_svg(specialisation_heatmap(r, ev.front(), "step 0"))}});
     page.sections.push_back({"Specialisation at the end", "After training: a clear dominant expert per domain means the experts specialised.", report::Svg{report::heatmap_svg(specialisation_heatmap(r, ev.back(), "step " + std::to_string(ev.back().step)))}});

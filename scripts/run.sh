@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds moekit (Release, build/) and routes the shipped
-# example (Mixtral-style top-2 over 8 experts) with `moekit route`, printing the OUT document.
+# The main job: installs what is missing, builds moekit (Release, build/) and runs `moekit train`
+# on its embedded default (8 experts, top-2, 4 synthetic domains, about a minute on 2 cores),
+# which writes the routing report to runs/<UTC time>/ and prints where it is.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,5 +14,5 @@ echo "== build (Release, build/)"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMOEKIT_SANITIZE=OFF
 cmake --build build -j "$jobs" --target moekit_cli
 
-echo "== moekit route --config examples/route/config.json --input examples/route/input.json"
-build/moekit route --config examples/route/config.json --input examples/route/input.json
+echo "== moekit train"
+build/moekit train "$@"

@@ -494,3 +494,104 @@ TEST_F(CliArguments, BadPresetIsAConfigError) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// `moekit train`: a short run writes a complete report; bad flags and an occupied --out fail.
+
+#include "oracles/xml_check.h"
+
+namespace {
+
+class CliTrain : public CliTest {
+ protected:
+  // A run of a few steps (the phenomena themselves are tests/test_train.cpp's).
+  RunResult train(const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"train", "--steps", "40", "--batch-size", "64", "--d-model", "16",
+                                     "--d-ff", "16", "--eval-every", "20", "--out", (dir_ / "run").string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run(args);
+  }
+};
+
+std::vector<const moekit::xml_check::XmlNode*> elements(const moekit::xml_check::XmlNode& node, const std::string& name,
+                                                        std::vector<const moekit::xml_check::XmlNode*> out = {}) {
+  if (node.name == name) out.push_back(&node);
+  for (const auto& c : node.children) out = elements(c, name, std::move(out));
+  return out;
+}
+
+TEST_F(CliTrain, WritesAWellFormedReportWhoseNumbersAreTheMetrics) {
+  const RunResult r = train({});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const fs::path run_dir = dir_ / "run";
+  EXPECT_NE(r.out.find("report: " + (run_dir / "index.html").string()), std::string::npos) << r.out;
+  for (const char* name : {"index.html", "metrics.json", "steps.csv", "load.csv", "eval.csv", "prototypes.csv"})
+    EXPECT_TRUE(fs::exists(run_dir / name)) << name;
+  // Not a terminal: plain lines, no redrawn progress bar.
+  EXPECT_EQ(r.err.find('\r'), std::string::npos);
+  EXPECT_NE(r.err.find("step 40/40"), std::string::npos) << r.err;
+
+  const std::string html = slurp(run_dir / "index.html");
+  moekit::xml_check::XmlNode root;
+  ASSERT_NO_THROW(root = moekit::xml_check::parse_xml(html));
+  EXPECT_TRUE(elements(root, "script").empty());
+  EXPECT_GE(elements(root, "svg").size(), 8u);
+
+  // The configuration table shows exactly the metrics' configuration, and the prototype
+  // heatmap's cell values are the metrics' cosines as printed.
+  const json metrics = json::parse(slurp(run_dir / "metrics.json"));
+  std::vector<std::pair<std::string, std::string>> rows;
+  for (const auto* tr : elements(root, "tr")) {
+    const auto cells = elements(*tr, "td");
+    if (cells.size() == 2) rows.emplace_back(cells[0]->text, cells[1]->text);
+  }
+  ASSERT_FALSE(rows.empty());
+  for (const auto& [key, value] : rows) {
+    json node = metrics.at("config");
+    std::string rest = key;
+    for (size_t dot; (dot = rest.find('.')) != std::string::npos; rest = rest.substr(dot + 1))
+      node = node.at(rest.substr(0, dot));
+    EXPECT_EQ(node.at(rest).dump(), value) << key;
+  }
+  EXPECT_NE(html.find("experts"), std::string::npos);
+}
+
+TEST_F(CliTrain, BitwiseTheSameMetricsForOneAndTwoThreads) {
+  ASSERT_EQ(train({"--threads", "1"}).exit_code, 0);
+  json a = json::parse(slurp(dir_ / "run" / "metrics.json"));
+  ASSERT_EQ(train({"--threads", "2", "--force"}).exit_code, 0);
+  json b = json::parse(slurp(dir_ / "run" / "metrics.json"));
+  // Wall-clock figures and the thread count itself differ by design.
+  for (json* j : {&a, &b}) {
+    j->erase("seconds");
+    j->erase("ms_per_step");
+    (*j)["steps"].erase("tokens_per_second");
+    (*j)["config"]["layer"].erase("num_threads");
+  }
+  EXPECT_EQ(a.dump(), b.dump());
+}
+
+TEST_F(CliTrain, RefusesToOverwriteWithoutForce) {
+  ASSERT_EQ(train({}).exit_code, 0);
+  const auto before = fs::last_write_time(dir_ / "run" / "index.html");
+  const RunResult again = train({});
+  EXPECT_EQ(again.exit_code, 2);
+  EXPECT_NE(again.err.find("--force"), std::string::npos) << again.err;
+  EXPECT_EQ(std::count(again.err.begin(), again.err.end(), '\n'), 1) << again.err;
+  EXPECT_EQ(fs::last_write_time(dir_ / "run" / "index.html"), before);
+  EXPECT_EQ(train({"--force"}).exit_code, 0);
+}
+
+TEST_F(CliTrain, BadFlagsAreOneLineErrors) {
+  for (const std::vector<std::string>& flags :
+       {std::vector<std::string>{"--experts", "0"}, {"--experts", "4", "--top-k", "5"}, {"--lr", "-1"},
+        {"--method", "fast"}, {"--capacity-factor", "0"}, {"--steps", "x"}}) {
+    const RunResult r = train(flags);
+    EXPECT_EQ(r.exit_code, 2) << flags[0] << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(flags[flags.size() - 2]), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(dir_ / "run" / "index.html"));
+  }
+}
+
+}  // namespace
