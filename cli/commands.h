@@ -20,7 +20,7 @@ void add_bench_command(CLI::App& app);
 void add_preset_commands(CLI::App& app);
 
 // `moekit train`: trains a small model around one MoE layer on synthetic domains and writes the
-// routing report (cli/train.cpp).
+// routing report; `moekit compare`: several routing methods on the same data (cli/train.cpp).
 void add_train_command(CLI::App& app);
 
 }  // namespace moekit::cli

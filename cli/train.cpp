@@ -58,15 +58,15 @@ struct TrainOptions {
   bool force = false;
 };
 
+const std::vector<std::string> kMethods = {"topk",     "switch",   "dense",       "expert_choice",
+                                           "soft_moe", "sinkhorn", "sigmoid_bias"};
+
+// The flags `train` and `compare` share: the model, the data, the loop and the report.
 void declare_options(CLI::App& cmd, TrainOptions& o) {
   add_text_option(cmd, "--config", o.config_path, "FILE", "a path",
                   "layer config JSON to start from (layer and routing keys, docs/config.md)");
   add_text_option(cmd, "--preset", o.preset, "NAME", "a preset name (moekit presets)",
                   "routing preset; --experts and --top-k override its counts");
-  add_choice_option(cmd, "--method", o.method,
-                    {{"topk"}, {"switch"}, {"dense"}, {"expert_choice"}, {"soft_moe"}, {"sinkhorn"}, {"sigmoid_bias"}},
-                    "routing method (switch: top-1 with capacity factor 1.0 unless --capacity-factor; sigmoid_bias: "
-                    "sigmoid scores with the aux-loss-free selection bias)");
   add_int_option(cmd, "--experts", o.experts, 1, 1024, "number of experts")->capture_default_str();
   add_int_option(cmd, "--top-k", o.top_k, 1, 1024, "experts per token, at most --experts")->capture_default_str();
   add_number_option(cmd, "--capacity-factor", o.capacity_factor, 0, 1e6, true,
@@ -431,6 +431,131 @@ void print_summary(const TrainResult& result, const std::string& out) {
   std::cout << "\nreport: " << (std::filesystem::path(out) / "index.html").string() << "\n";
 }
 
+// ---------------------------------------------------------------------------------------------
+// `moekit compare`: several routing methods on the same data, model and seed.
+
+struct MethodSummary {
+  std::string method;
+  TrainResult result;
+  double expert_flops_per_token = 0;  // forward FLOPs of the routed experts per token
+};
+
+// Forward FLOPs of the routed experts per token: every computed row costs one expert MLP,
+// 2·d·gu + 2·d_ff·d (gu = 2·d_ff gated, d_ff otherwise). Rows per token: kept assignments per
+// token, or Soft MoE's slots per token (E · slots_per_expert per sequence).
+double expert_flops_per_token(const TrainResult& r) {
+  const MoeLayerConfig& c = r.config.layer;
+  const double per_row = 2.0 * double(c.d_model) * double(c.gate_up_rows()) + 2.0 * double(c.d_ff) * double(c.d_model);
+  double rows_per_token = 0;
+  if (c.routing.routing_method == RoutingMethod::kSoftMoe) {
+    const double seq = r.config.sequence_length > 0 ? double(r.config.sequence_length) : double(r.config.batch_size);
+    rows_per_token = double(c.num_experts() * c.routing.slots_per_expert) / seq;
+  } else if (!r.evals.empty()) {
+    double kept = 0, tokens = 0;
+    for (const auto& row : r.evals.back().domain_expert)
+      for (int64_t v : row) kept += double(v);
+    tokens = double(r.config.data.eval_tokens);
+    rows_per_token = tokens > 0 ? kept / tokens : 0.0;
+  }
+  return per_row * rows_per_token;
+}
+
+std::string compare_page(const std::vector<MethodSummary>& runs, const report::Table& table) {
+  report::Page page;
+  page.title = "moekit compare: routing methods on the same data";
+  const TrainConfig& c = runs.front().result.config;
+  page.subtitle = std::to_string(c.layer.num_experts()) + " experts, " + std::to_string(c.data.num_domains) +
+                  " domains, " + std::to_string(c.steps) + " steps of " + std::to_string(c.batch_size) +
+                  " tokens, seed " + std::to_string(c.seed);
+  page.sections.push_back({"Summary", "Held-out figures at the end of training, the routed experts' forward FLOPs per token and the wall time per training step (the only figure that is not reproducible).", table});
+  report::LineChart loss{"Held-out task loss", "training step", "MSE per coordinate", {}, true};
+  report::LineChart mi{"Domain–expert mutual information (held-out)", "training step", "I(domain; expert) / H(domain)", {}, false};
+  for (const MethodSummary& m : runs) {
+    loss.series.push_back(eval_series(m.method, m.result.evals, [](const EvalMetrics& e) { return e.task_loss; }));
+    mi.series.push_back(eval_series(m.method, m.result.evals, [](const EvalMetrics& e) { return e.mutual_information; }));
+  }
+  page.sections.push_back(chart("Held-out task loss", "The dense mixture is fully differentiable but runs every expert on every token; sparse hard routing computes a few.", loss));
+  page.sections.push_back(chart("Specialisation", "How much the expert a token reaches tells about its domain.", mi));
+  return report::html_page(page);
+}
+
+struct CompareOptions {
+  TrainOptions base;
+  std::string methods = "switch,topk,expert_choice,dense,soft_moe,sigmoid_bias";
+};
+
+std::vector<std::string> split_methods(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  for (std::string m; std::getline(in, m, ',');) {
+    if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end()) {
+      std::string all;
+      for (const std::string& k : kMethods) all += (all.empty() ? "" : ", ") + k;
+      reject("--methods", "a comma-separated list of " + all, "'" + m + "'");
+    }
+    out.push_back(m);
+  }
+  if (out.empty()) reject("--methods", "at least one method", "'" + text + "'");
+  return out;
+}
+
+void run_compare(const CompareOptions& co) {
+  const std::vector<std::string> methods = split_methods(co.methods);
+  TrainOptions base = co.base;
+  if (base.steps == 0) base.steps = 2000;
+  std::vector<TrainConfig> configs;
+  for (const std::string& m : methods) {
+    TrainOptions o = base;
+    o.method = m;
+    configs.push_back(train_config(o));  // every flag checked before the first run
+  }
+  const std::string out = base.out.empty() ? default_out_dir() : base.out;
+  try {
+    {
+      report::ReportWriter probe(out, base.force);
+      probe.add("index.html", "");
+      probe.add("compare.json", "");
+    }
+    std::vector<MethodSummary> runs;
+    for (size_t i = 0; i < methods.size(); ++i) {
+      std::cerr << "== " << methods[i] << " (" << i + 1 << "/" << methods.size() << ")\n";
+      Progress progress;
+      MethodSummary m{methods[i], train(configs[i], [&](const TrainProgress& p) { progress(p); }), 0};
+      m.expert_flops_per_token = expert_flops_per_token(m.result);
+      runs.push_back(std::move(m));
+    }
+    report::Table table{{"method", "held-out loss", "max / mean load", "entropy (nats)", "dropped", "I(domain; expert)/H(domain)",
+                         "expert MFLOP / token", "ms / step"},
+                        {}};
+    nlohmann::ordered_json summary = nlohmann::ordered_json::array();
+    for (const MethodSummary& m : runs) {
+      const EvalMetrics& e = m.result.evals.back();
+      table.rows.push_back({m.method, report::format_number(e.task_loss), report::format_number(e.max_over_mean_load),
+                            report::format_number(e.entropy), report::format_number(e.dropped_fraction),
+                            report::format_number(e.mutual_information),
+                            report::format_number(m.expert_flops_per_token / 1e6), report::format_number(m.result.ms_per_step)});
+      summary.push_back({{"method", m.method}, {"held_out_task_loss", e.task_loss}, {"max_over_mean_load", e.max_over_mean_load},
+                         {"entropy", e.entropy}, {"dropped_fraction", e.dropped_fraction},
+                         {"mutual_information", e.mutual_information}, {"expert_flops_per_token", m.expert_flops_per_token},
+                         {"ms_per_step", m.result.ms_per_step}});
+    }
+    report::ReportWriter report(out, base.force);
+    report.add("compare.json", summary.dump(1) + "\n");
+    for (const MethodSummary& m : runs) report.add("metrics_" + m.method + ".json", metrics_json_text(m.result));
+    report.add("index.html", compare_page(runs, table));
+    report.commit("index.html");
+    for (size_t c = 0; c < table.header.size(); ++c) std::cout << (c ? " | " : "| ") << table.header[c];
+    std::cout << " |\n";
+    for (const auto& row : table.rows) {
+      for (size_t c = 0; c < row.size(); ++c) std::cout << (c ? " | " : "| ") << row[c];
+      std::cout << " |\n";
+    }
+    std::cout << "report: " << (std::filesystem::path(out) / "index.html").string() << "\n";
+  } catch (const report::OutputError& e) {
+    throw InputError(e.what());
+  }
+}
+
 }  // namespace
 
 void add_train_command(CLI::App& app) {
@@ -438,7 +563,20 @@ void add_train_command(CLI::App& app) {
       "train", "Train a small MoE model on synthetic domains and write the routing report (all flags optional)");
   auto o = std::make_shared<TrainOptions>();
   declare_options(*cmd, *o);
+  add_choice_option(*cmd, "--method", o->method,
+                    {{"topk"}, {"switch"}, {"dense"}, {"expert_choice"}, {"soft_moe"}, {"sinkhorn"}, {"sigmoid_bias"}},
+                    "routing method (switch: top-1 with capacity factor 1.0 unless --capacity-factor; sigmoid_bias: "
+                    "sigmoid scores with the aux-loss-free selection bias)");
   cmd->callback([o] { run_train(*o); });
+
+  CLI::App* cmp = app.add_subcommand(
+      "compare", "Train several routing methods on the same data and seed; one table and one report");
+  auto c = std::make_shared<CompareOptions>();
+  declare_options(*cmp, c->base);
+  add_text_option(*cmp, "--methods", c->methods, "LIST", "a comma-separated list of methods",
+                  "methods to compare (default switch,topk,expert_choice,dense,soft_moe,sigmoid_bias)")
+      ->capture_default_str();
+  cmp->callback([c] { run_compare(*c); });
 }
 
 }  // namespace moekit::cli

@@ -595,3 +595,37 @@ TEST_F(CliTrain, BadFlagsAreOneLineErrors) {
 }
 
 }  // namespace
+
+namespace {
+
+class CliCompare : public CliTest {};
+
+TEST_F(CliCompare, OneTableAndOneReportForSeveralMethods) {
+  const RunResult r = run({"compare", "--methods", "topk,dense,switch", "--steps", "30", "--batch-size", "64",
+                           "--d-model", "16", "--d-ff", "16", "--eval-every", "15", "--out", (dir_ / "cmp").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json summary = json::parse(slurp(dir_ / "cmp" / "compare.json"));
+  ASSERT_EQ(summary.size(), 3u);
+  EXPECT_EQ(summary[0]["method"], "topk");
+  EXPECT_EQ(summary[1]["method"], "dense");
+  // The dense mixture runs every expert on every token: E / k times top-2's expert FLOPs, and
+  // Switch top-1 (capacity factor 1.0) at most half of top-2's.
+  const double topk = summary[0]["expert_flops_per_token"], dense = summary[1]["expert_flops_per_token"],
+               top1 = summary[2]["expert_flops_per_token"];
+  EXPECT_NEAR(dense / topk, 8.0 / 2.0, 1e-9);
+  EXPECT_LE(top1, topk / 2 + 1e-9);
+  EXPECT_EQ(summary[1]["dropped_fraction"], 0.0);
+  for (const char* m : {"| topk |", "| dense |", "| switch |"}) EXPECT_NE(r.out.find(m), std::string::npos) << r.out;
+  EXPECT_NO_THROW(moekit::xml_check::parse_xml(slurp(dir_ / "cmp" / "index.html")));
+}
+
+TEST_F(CliCompare, UnknownMethodIsAOneLineError) {
+  const RunResult r = run({"compare", "--methods", "topk,fastest", "--out", (dir_ / "cmp").string()});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--methods"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("fastest"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "cmp" / "index.html"));
+}
+
+}  // namespace
