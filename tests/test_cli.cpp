@@ -498,7 +498,10 @@ TEST_F(CliArguments, BadPresetIsAConfigError) {
 // ---------------------------------------------------------------------------------------------
 // `moekit train`: a short run writes a complete report; bad flags and an occupied --out fail.
 
+#include <set>
+
 #include "oracles/xml_check.h"
+#include "report/svg.h"
 
 namespace {
 
@@ -554,6 +557,26 @@ TEST_F(CliTrain, WritesAWellFormedReportWhoseNumbersAreTheMetrics) {
     EXPECT_EQ(node.at(rest).dump(), value) << key;
   }
   EXPECT_NE(html.find("experts"), std::string::npos);
+
+  // The prototype heatmap prints each cosine of metrics.json (at its two significant digits).
+  const moekit::xml_check::XmlNode* prototypes = nullptr;
+  for (const auto* svg : elements(root, "svg"))
+    for (const auto* t : elements(*svg, "text"))
+      if (t->text.find("Router rows") != std::string::npos) prototypes = svg;
+  ASSERT_NE(prototypes, nullptr);
+  std::multiset<std::string> shown;
+  for (const auto* t : elements(*prototypes, "text")) shown.insert(t->text);
+  const json& cosine = metrics.at("prototype_cosine");
+  size_t checked = 0;
+  for (const auto& row : cosine)
+    for (const auto& v : row) {
+      const std::string text = moekit::report::format_number(v.get<double>(), 2);
+      const auto it = shown.find(text);
+      EXPECT_NE(it, shown.end()) << text;
+      if (it != shown.end()) shown.erase(it);
+      ++checked;
+    }
+  EXPECT_EQ(checked, 8u * 4u);
 }
 
 TEST_F(CliTrain, BitwiseTheSameMetricsForOneAndTwoThreads) {
