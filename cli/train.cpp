@@ -269,7 +269,7 @@ report::Heatmap load_heatmap(const TrainResult& r) {
 }
 
 // Domain × expert: the share of each domain's kept assignments that each expert received.
-report::Heatmap specialisation_heatmap(const TrainResult& r, const EvalMetrics& e, const std::string& when) {
+report::Heatmap specialisation_heatmap(const EvalMetrics& e, const std::string& when) {
   report::Heatmap h;
   h.title = "Domain × expert, " + when + " (I(domain; expert)/H(domain) = " + report::format_number(e.mutual_information) + ")";
   h.rows = e.domain_expert.size();
@@ -287,7 +287,6 @@ report::Heatmap specialisation_heatmap(const TrainResult& r, const EvalMetrics& 
     for (int64_t v : row) total += double(v);
     for (int64_t v : row) h.values.push_back(total > 0 ? double(v) / total : 0.0);
   }
-  (void)r;
   return h;
 }
 
@@ -358,8 +357,8 @@ std::string page_of(const TrainResult& r, const nlohmann::json& metrics) {
       "Load imbalance", "The busiest expert's load over the mean load: 1 is perfect balance; a collapsed router gives several times that.",
       {"Max / mean load", "training step", "max load / mean load", {bucketed("train", s, [](const StepMetrics& m) { return m.max_over_mean_load; }), eval_series("held-out", ev, [](const EvalMetrics& m) { return m.max_over_mean_load; })}, false}));
   if (!ev.empty()) {
-    page.sections.push_back({"Specialisation at the start", "Held-out tokens before training: which experts each domain's tokens reach.", report::Svg{report::heatmap_svg(specialisation_heatmap(r, ev.front(), "step 0"))}});
-    page.sections.push_back({"Specialisation at the end", "After training: a clear dominant expert per domain means the experts specialised.", report::Svg{report::heatmap_svg(specialisation_heatmap(r, ev.back(), "step " + std::to_string(ev.back().step)))}});
+    page.sections.push_back({"Specialisation at the start", "Held-out tokens before training: which experts each domain's tokens reach.", report::Svg{report::heatmap_svg(specialisation_heatmap(ev.front(), "step 0"))}});
+    page.sections.push_back({"Specialisation at the end", "After training: a clear dominant expert per domain means the experts specialised.", report::Svg{report::heatmap_svg(specialisation_heatmap(ev.back(), "step " + std::to_string(ev.back().step)))}});
     page.sections.push_back(chart(
         "Mutual information", "I(domain; expert) / H(domain) on the held-out split: 0 when routing ignores the domain, 1 when the expert determines it.",
         {"Domain–expert mutual information", "training step", "I(domain; expert) / H(domain)", {eval_series("held-out", ev, [](const EvalMetrics& m) { return m.mutual_information; })}, false}));

@@ -345,14 +345,14 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   impl.timer.start(&impl.phases);
   const bool training = c.routing.training;
   impl.saved = Impl::ForwardSaved{};
-  ops::router_prepare(ctx, params_.router_weight, impl.router);
+  const bool router_by_op = router_runs_as_op(c);
+  if (router_by_op) ops::router_prepare(ctx, params_.router_weight, impl.router);  // route_hidden reads W as it is
   ctx.phase("pack_router");
 
   RoutingOptions routing_options = options;
   routing_options.num_threads = c.num_threads;
   routing_options.selection_bias = params_.selection_bias;  // the parameter, not a config value
   MoeForwardResult result;
-  const bool router_by_op = router_runs_as_op(c);
   if (router_by_op) {
     Matrix<float> logits(hidden_states.rows, c.router_rows());
     ops::router_forward<float>(ctx, hidden_states, params_.router_weight, params_.router_bias, logits.view(),

@@ -46,6 +46,14 @@ float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
 size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
+// Row blocks of every group, one column each: for the per-row passes (activation backward,
+// transposes) that touch all of a row's columns at once.
+std::vector<Tile> row_tiles(const OpContext& ctx, const RowSpace& rs) {
+  return make_tiles(
+      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
+      [](int64_t) { return int64_t{1}; }, ctx.num_threads);
+}
+
 // W [n, k] (element (r, c) at r·row_stride + c·col_stride) as the logical B [k, n] of C = A·Wᵀ:
 // W's rows are B's columns, so an up half elsewhere is a split of B's columns.
 Operand weight_as_b(const ExpertWeight& w) {
@@ -428,9 +436,7 @@ void CpuExpertFfn::d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_b
 void CpuExpertFfn::activation_backward_rows(const OpContext& ctx, const RowSpace& rs, float* pre, const float* g_buf,
                                             float* h_buf, float* rows_buf, std::vector<float>& d_scale) {
   const int64_t d = c_.d_model;
-  const auto tiles = make_tiles(
-      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-      [](int64_t) { return int64_t{1}; }, ctx.num_threads);
+  const auto tiles = row_tiles(ctx, rs);
   run_tiles(ctx, tiles, [&](const Tile& tile, int) {
     const Group& g = rs.groups[tile.group];
     const int64_t f = g.d_ff;
@@ -518,9 +524,7 @@ void CpuExpertFfn::d_w_gate_up(const OpContext& ctx, const RowSpace& rs, const f
                                float* rows_buf, std::span<const ExpertGrads> grads) {
   const int64_t d = c_.d_model;
   {
-    const auto tiles = make_tiles(
-        static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-        [](int64_t) { return int64_t{1}; }, ctx.num_threads);
+    const auto tiles = row_tiles(ctx, rs);
     run_tiles(ctx, tiles, [&](const Tile& tile, int) {
       const Group& g = rs.groups[tile.group];
       std::vector<const float*> pre_rows(static_cast<size_t>(tile.m1 - tile.m0));
