@@ -28,6 +28,23 @@ namespace moekit {
 // ---------------------------------------------------------------------------------------------
 // The layer: parameters, caches and the sequence of op calls.
 
+// What a training forward keeps for backward.
+struct MoeSavedForward {
+  bool valid = false;
+  Matrix<float> hidden_states;  // [num_tokens, d_model]
+  RoutingResult<float> routing;
+  bool router_by_op = false;    // logits came from the router op (see forward)
+  ops::ExpertFfnSaved experts;  // the pre-activations
+  Matrix<float> slot_inputs;    // Soft MoE: [routed rows, d_model]
+  Matrix<float> slot_outputs;   // Soft MoE: [routed rows, d_model] (unscaled E(X̃))
+};
+
+MoeForwardState::MoeForwardState() = default;
+MoeForwardState::~MoeForwardState() = default;
+MoeForwardState::MoeForwardState(MoeForwardState&&) noexcept = default;
+MoeForwardState& MoeForwardState::operator=(MoeForwardState&&) noexcept = default;
+bool MoeForwardState::empty() const { return saved_ == nullptr || !saved_->valid; }
+
 struct MoeLayer::Impl {
   explicit Impl(const MoeLayerConfig& c) {
     ctx.backend = c.backend;
@@ -65,16 +82,7 @@ struct MoeLayer::Impl {
   // but not yet filled (zero_grad() is lazy; see there).
   std::vector<uint8_t> grad_pending_zero;
 
-  // What a training forward keeps for backward.
-  struct ForwardSaved {
-    bool valid = false;
-    Matrix<float> hidden_states;  // [num_tokens, d_model]
-    RoutingResult<float> routing;
-    bool router_by_op = false;    // logits came from the router op (see forward)
-    ops::ExpertFfnSaved experts;  // the pre-activations
-    Matrix<float> slot_inputs;    // Soft MoE: [routed rows, d_model]
-    Matrix<float> slot_outputs;   // Soft MoE: [routed rows, d_model] (unscaled E(X̃))
-  } saved;
+  MoeSavedForward saved;  // of the last training forward, until taken or consumed
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -153,11 +161,11 @@ bool router_runs_as_op(const MoeLayerConfig& c) {
 }
 
 // The routing core's router gradients (route_hidden's path) added to the layer's.
-void add_router_grads(const RouterGrads<float>& router, Matrix<float>& d_x, MoeTensors& grads) {
-  auto add = [](std::vector<float>& dst, const std::vector<float>& src) {
+void add_router_grads(const RouterGrads<float>& router, Matrix<float>& d_x, const MoeGradBuffers& grads) {
+  auto add = [](std::span<float> dst, std::span<const float> src) {
     for (size_t i = 0; i < src.size() && i < dst.size(); ++i) dst[i] += src[i];
   };
-  add(d_x.values, router.d_hidden_states.values);
+  add(std::span<float>(d_x.values), router.d_hidden_states.values);
   add(grads.router_weight, router.d_weight.values);
   add(grads.router_bias, router.d_bias);
   add(grads.router_noise_weight, router.d_noise_weight.values);
@@ -204,9 +212,15 @@ MoeLayer::~MoeLayer() = default;
 MoeLayer::MoeLayer(MoeLayer&&) noexcept = default;
 MoeLayer& MoeLayer::operator=(MoeLayer&&) noexcept = default;
 
+void MoeLayer::set_num_threads(int num_threads) {
+  if (num_threads < 1 || num_threads > 1024) throw_input_error("num_threads", "in [1, 1024]", num_threads);
+  config_.num_threads = num_threads;
+  impl_->ctx.num_threads = num_threads;
+}
+
 void MoeLayer::set_training(bool training) {
   config_.routing.training = training;
-  if (!training) impl_->saved = Impl::ForwardSaved{};
+  if (!training) impl_->saved = MoeSavedForward{};
 }
 
 MoeTensors& MoeLayer::parameters() {
@@ -324,7 +338,7 @@ void MoeLayer::refresh_packed_weights() {
   }
   impl_->router.invalidate();
   impl_->experts->invalidate();
-  impl_->saved = Impl::ForwardSaved{};
+  impl_->saved = MoeSavedForward{};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,7 +358,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   check_hidden_states(c, hidden_states);
   impl.timer.start(&impl.phases);
   const bool training = c.routing.training;
-  impl.saved = Impl::ForwardSaved{};
+  impl.saved = MoeSavedForward{};
   const bool router_by_op = router_runs_as_op(c);
   if (router_by_op) ops::router_prepare(ctx, params_.router_weight, impl.router);  // route_hidden reads W as it is
   ctx.phase("pack_router");
@@ -395,7 +409,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   check_computed_finite(result.output.cview(), "output", "the expert FFNs overflowed on finite hidden_states");
 
   if (training) {
-    Impl::ForwardSaved& s = impl.saved;
+    MoeSavedForward& s = impl.saved;
     s.hidden_states = Matrix<float>(num_tokens, d);
     std::copy(hidden_states.data, hidden_states.data + hidden_states.size(), s.hidden_states.values.begin());
     s.routing = result.routing;
@@ -422,7 +436,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
 namespace {
 
 // Where the expert FFN writes each group's weight gradients (pending zero: written, not added).
-std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::RowSpace& rs, MoeTensors& g,
+std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::RowSpace& rs, const MoeGradBuffers& g,
                                            const std::vector<uint8_t>& pending_zero) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   std::vector<ops::ExpertGrads> out(rs.groups.size());
@@ -441,18 +455,98 @@ std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::R
   return out;
 }
 
+MoeGradBuffers grad_buffers_of(MoeTensors& t) {
+  MoeGradBuffers b;
+  b.router_weight = t.router_weight;
+  b.router_bias = t.router_bias;
+  b.router_noise_weight = t.router_noise_weight;
+  b.gate_up = t.gate_up;
+  b.down = t.down;
+  b.gate_up_bias = t.gate_up_bias;
+  b.down_bias = t.down_bias;
+  b.shared_gate_up = t.shared_gate_up;
+  b.shared_down = t.shared_down;
+  b.shared_gate_up_bias = t.shared_gate_up_bias;
+  b.shared_down_bias = t.shared_down_bias;
+  b.shared_gate = t.shared_gate;
+  return b;
+}
+
 }  // namespace
 
+MoeForwardState MoeLayer::take_forward_state() {
+  MoeForwardState state;
+  if (impl_->saved.valid) state.saved_ = std::make_unique<MoeSavedForward>(std::move(impl_->saved));
+  impl_->saved = MoeSavedForward{};
+  return state;
+}
+
 Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
-  const MoeLayerConfig& c = config_;
-  Impl& impl = *impl_;
-  const ops::OpContext& ctx = impl.ctx;
-  Impl::ForwardSaved& s = impl.saved;
-  if (!s.valid) {
+  if (!impl_->saved.valid) {
     throw_input_error("backward", "a preceding forward with routing.training = true (set_training)",
                       "no saved forward");
   }
   ensure_grads();
+  Matrix<float> d_x = run_backward(d_output, impl_->saved, grad_buffers_of(grads_), impl_->grad_pending_zero,
+                                   config_.routing.router_aux_loss_coef, config_.routing.router_z_loss_coef);
+  impl_->saved = MoeSavedForward{};
+  return d_x;
+}
+
+Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output, MoeForwardState& state,
+                                 const MoeBackwardOptions& options) {
+  if (state.empty()) {
+    throw_input_error("backward state", "the saved state of a training forward (take_forward_state)",
+                      "an empty or consumed state");
+  }
+  MoeSavedForward& saved = *state.saved_;
+  const double d_aux = options.d_aux_loss.value_or(config_.routing.router_aux_loss_coef);
+  const double d_z = options.d_z_loss.value_or(config_.routing.router_z_loss_coef);
+  if (!std::isfinite(d_aux)) throw_input_error("d_aux_loss", "a finite number", d_aux);
+  if (!std::isfinite(d_z)) throw_input_error("d_z_loss", "a finite number", d_z);
+  const MoeGradBuffers* into = options.into;
+  Matrix<float> d_x;
+  if (into == nullptr) {
+    ensure_grads();
+    d_x = run_backward(d_output, saved, grad_buffers_of(grads_), impl_->grad_pending_zero, d_aux, d_z);
+  } else {
+    // Written, not accumulated: every buffer starts at zero except the expert weight gradients,
+    // which the backward writes for the experts it touches; the others are zeroed after.
+    const auto sizes = moe_tensor_sizes(config_);
+    size_t i = 0;
+    into->for_each([&](const char* name, std::span<float> v) {
+      const int64_t want = sizes[i++].second;
+      if (static_cast<int64_t>(v.size()) != want || (want > 0 && v.data() == nullptr)) {
+        throw_input_error(detail::concat("gradient buffer ", name, " length"), want, v.size());
+      }
+      const std::string n = name;
+      if (n != "gate_up" && n != "down" && n != "shared_gate_up" && n != "shared_down")
+        std::fill(v.begin(), v.end(), 0.0f);
+    });
+    std::vector<uint8_t> pending(static_cast<size_t>(config_.num_experts() + 1), 1);
+    d_x = run_backward(d_output, saved, *into, pending, d_aux, d_z);
+    const int64_t num_experts = config_.num_experts();
+    const int64_t gu = config_.gate_up_rows() * config_.d_model, dn = config_.d_model * config_.d_ff;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (!pending[static_cast<size_t>(e)]) continue;
+      std::fill_n(into->gate_up.begin() + e * gu, gu, 0.0f);
+      std::fill_n(into->down.begin() + e * dn, dn, 0.0f);
+    }
+    if (pending[static_cast<size_t>(num_experts)]) {
+      std::fill(into->shared_gate_up.begin(), into->shared_gate_up.end(), 0.0f);
+      std::fill(into->shared_down.begin(), into->shared_down.end(), 0.0f);
+    }
+  }
+  state.saved_.reset();
+  return d_x;
+}
+
+Matrix<float> MoeLayer::run_backward(ConstMatrixView<float> d_output, MoeSavedForward& s,
+                                     const MoeGradBuffers& grad_out, std::vector<uint8_t>& pending_zero,
+                                     double d_aux_loss, double d_z_loss) {
+  const MoeLayerConfig& c = config_;
+  Impl& impl = *impl_;
+  const ops::OpContext& ctx = impl.ctx;
   const int64_t num_tokens = s.hidden_states.rows, d = c.d_model;
   if (d_output.data == nullptr || d_output.rows != num_tokens || d_output.cols != d) {
     throw_input_error("d_output shape", shape_text(num_tokens, d), shape_text(d_output.rows, d_output.cols));
@@ -473,8 +567,8 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
                                           s.slot_inputs.values.data(), gate.empty() ? nullptr : gate.data());
 
   RoutingGradOutput<float> routing_grad;
-  routing_grad.d_aux_loss = c.routing.router_aux_loss_coef;
-  routing_grad.d_z_loss = c.routing.router_z_loss_coef;
+  routing_grad.d_aux_loss = d_aux_loss;
+  routing_grad.d_z_loss = d_z_loss;
 
   // Where each group reads d_y: the gathered d_output, or (Soft MoE) the slot gradients.
   Matrix<float> d_slots;
@@ -491,10 +585,10 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   }
   ctx.phase("setup");
 
-  const std::vector<ops::ExpertGrads> grads = expert_grads(c, rs, grads_, impl.grad_pending_zero);
+  const std::vector<ops::ExpertGrads> grads = expert_grads(c, rs, grad_out, pending_zero);
   const ops::ExpertFfnBackwardResult experts = impl.experts->backward(ctx, rs, s.experts, grads);
   for (const ops::Group& g : rs.groups)
-    if (g.num_rows > 0) impl.grad_pending_zero[static_cast<size_t>(std::min(g.expert, c.num_experts()))] = 0;
+    if (g.num_rows > 0) pending_zero[static_cast<size_t>(std::min(g.expert, c.num_experts()))] = 0;
 
   Matrix<float> d_x(num_tokens, d);
   const ConstMatrixView<float> shared_rows =
@@ -509,7 +603,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   }
   if (c.shared_expert_gate) {
     const std::span<const float> d_gate(experts.d_scale.data() + rs.routed_rows, static_cast<size_t>(num_tokens));
-    ops::shared_gate_backward(ctx, x, params_.shared_gate, gate, d_gate, d_x.view(), grads_.shared_gate);
+    ops::shared_gate_backward(ctx, x, params_.shared_gate, gate, d_gate, d_x.view(), grad_out.shared_gate);
   }
   ctx.phase("d_x");
 
@@ -519,15 +613,14 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   if (s.router_by_op) {
     const int64_t rows = c.router_rows();
     ops::router_backward<float>(ctx, x, params_.router_weight, d_logits.cview(), d_x.view(),
-                                MatrixView<float>{grads_.router_weight.data(), rows, d},
-                                std::span<float>(grads_.router_bias));
+                                MatrixView<float>{grad_out.router_weight.data(), rows, d}, grad_out.router_bias);
   } else {
     add_router_grads(router_backward(c.routing, s.routing, x, router_params_of(params_), d_logits.cview(),
                                      c.num_threads, d_noisy.cview()),
-                     d_x, grads_);
+                     d_x, grad_out);
   }
   ctx.phase("router");
-  impl.saved = Impl::ForwardSaved{};
+  s = MoeSavedForward{};
   check_computed_finite(d_x.cview(), "d_hidden_states", "the backward overflowed on finite d_output");
   return d_x;
 }

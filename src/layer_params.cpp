@@ -11,35 +11,35 @@ namespace moekit {
 // ---------------------------------------------------------------------------------------------
 // Parameter tensors and views.
 
-template <typename Real>
-BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
+std::vector<std::pair<const char*, int64_t>> moe_tensor_sizes(const MoeLayerConfig& c) {
   c.validate();
   const int64_t num_experts = c.num_experts(), d = c.d_model, f = c.d_ff, rows = c.gate_up_rows();
-  auto sized = [](int64_t n) { return std::vector<Real>(static_cast<size_t>(n), Real(0)); };
+  const bool shared = c.has_shared();
+  return {
+      {"router_weight", c.router_rows() * d},
+      {"router_bias", c.router_bias ? c.router_rows() : 0},
+      {"router_noise_weight", c.routing.noisy_gating ? num_experts * d : 0},
+      {"gate_up", num_experts * rows * d},
+      {"down", num_experts * d * f},
+      {"gate_up_bias", c.expert_bias ? num_experts * rows : 0},
+      {"down_bias", c.expert_bias ? num_experts * d : 0},
+      {"shared_gate_up", shared ? c.shared_gate_up_rows() * d : 0},
+      {"shared_down", shared ? d * c.effective_shared_d_ff() : 0},
+      {"shared_gate_up_bias", shared && c.expert_bias ? c.shared_gate_up_rows() : 0},
+      {"shared_down_bias", shared && c.expert_bias ? d : 0},
+      {"shared_gate", shared && c.shared_expert_gate ? d : 0},
+      {"selection_bias", c.has_selection_bias() ? num_experts : 0},
+  };
+}
+
+template <typename Real>
+BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
+  const auto sizes = moe_tensor_sizes(c);
   BasicMoeTensors<Real> t;
-  t.router_weight = sized(c.router_rows() * d);
-  if (c.router_bias) t.router_bias = sized(c.router_rows());
-  if (c.routing.noisy_gating) t.router_noise_weight = sized(num_experts * d);
-  t.gate_up = sized(num_experts * rows * d);
-  t.down = sized(num_experts * d * f);
-  if (c.expert_bias) {
-    t.gate_up_bias = sized(num_experts * rows);
-    t.down_bias = sized(num_experts * d);
-  }
-  if (c.has_shared()) {
-    t.shared_gate_up = sized(c.shared_gate_up_rows() * d);
-    t.shared_down = sized(d * c.effective_shared_d_ff());
-    if (c.expert_bias) {
-      t.shared_gate_up_bias = sized(c.shared_gate_up_rows());
-      t.shared_down_bias = sized(d);
-    }
-    if (c.shared_expert_gate) t.shared_gate = sized(d);
-  }
-  if (c.has_selection_bias()) {
-    t.selection_bias = sized(num_experts);
-    std::copy(c.routing.e_score_correction_bias.begin(), c.routing.e_score_correction_bias.end(),
-              t.selection_bias.begin());
-  }
+  size_t i = 0;
+  t.for_each([&](const char*, std::vector<Real>& v) { v.assign(static_cast<size_t>(sizes[i++].second), Real(0)); });
+  std::copy(c.routing.e_score_correction_bias.begin(), c.routing.e_score_correction_bias.end(),
+            t.selection_bias.begin());
   return t;
 }
 

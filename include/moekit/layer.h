@@ -50,6 +50,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -206,6 +207,74 @@ using MoeTensors = BasicMoeTensors<float>;
 template <typename Real>
 BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& config);
 
+// (name, element count) of every tensor of MoeTensors in declaration order; 0 for a tensor the
+// config does not use.
+std::vector<std::pair<const char*, int64_t>> moe_tensor_sizes(const MoeLayerConfig& config);
+
+// Gradient memory the caller owns (fresh PyTorch .grad tensors, say), fp32, shapes as in
+// MoeTensors; empty spans where the config has no such tensor. backward(…, into) writes the
+// gradients of that one backward there (assigns, never accumulates), so the caller need not
+// clear them first and the layer keeps no gradient memory of its own for that call.
+struct MoeGradBuffers {
+  std::span<float> router_weight;        // [router_rows, d_model]
+  std::span<float> router_bias;          // [router_rows]
+  std::span<float> router_noise_weight;  // [num_experts, d_model]
+  std::span<float> gate_up;              // [num_experts, gate_up_rows, d_model]
+  std::span<float> down;                 // [num_experts, d_model, d_ff]
+  std::span<float> gate_up_bias;         // [num_experts, gate_up_rows]
+  std::span<float> down_bias;            // [num_experts, d_model]
+  std::span<float> shared_gate_up;       // [shared_gate_up_rows, d_model]
+  std::span<float> shared_down;          // [d_model, shared_d_ff]
+  std::span<float> shared_gate_up_bias;  // [shared_gate_up_rows]
+  std::span<float> shared_down_bias;     // [d_model]
+  std::span<float> shared_gate;          // [d_model]
+
+  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there).
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    fn("router_weight", router_weight);
+    fn("router_bias", router_bias);
+    fn("router_noise_weight", router_noise_weight);
+    fn("gate_up", gate_up);
+    fn("down", down);
+    fn("gate_up_bias", gate_up_bias);
+    fn("down_bias", down_bias);
+    fn("shared_gate_up", shared_gate_up);
+    fn("shared_down", shared_down);
+    fn("shared_gate_up_bias", shared_gate_up_bias);
+    fn("shared_down_bias", shared_down_bias);
+    fn("shared_gate", shared_gate);
+  }
+};
+
+struct MoeBackwardOptions {
+  // Where the parameter gradients go: written (assigned) there; null: accumulated into grads().
+  const MoeGradBuffers* into = nullptr;
+  // dL/d aux_loss and dL/d z_loss; unset: routing.router_aux_loss_coef and router_z_loss_coef
+  // (the losses as the config weights them). A front end whose losses are graph outputs passes
+  // the gradients they received.
+  std::optional<double> d_aux_loss;
+  std::optional<double> d_z_loss;
+};
+
+// What one training forward keeps for its backward (a copy of hidden_states, the routing
+// result, the pre-activations; see the memory note at the top), taken out of the layer by
+// MoeLayer::take_forward_state() so that several forwards may precede their backwards, in any
+// order (PyTorch autograd, activation checkpointing). Move-only; empty when default-made.
+struct MoeSavedForward;
+class MoeForwardState {
+ public:
+  MoeForwardState();
+  ~MoeForwardState();
+  MoeForwardState(MoeForwardState&&) noexcept;
+  MoeForwardState& operator=(MoeForwardState&&) noexcept;
+  bool empty() const;
+
+ private:
+  friend class MoeLayer;
+  std::unique_ptr<MoeSavedForward> saved_;
+};
+
 // fp32 views of owned tensors (the layout MoeParams expects).
 MoeParams moe_params_view(const MoeLayerConfig& config, const MoeTensors& tensors);
 
@@ -278,6 +347,20 @@ class MoeLayer {
   // GEMMs round both (w ⊙ d_y and h; d_pre and x). Gradients are always stored in fp32.
   Matrix<float> backward(ConstMatrixView<float> d_output);  // [num_tokens, d_model]
 
+  // The state the last training forward saved, moved out of the layer (the layer then holds
+  // none). Empty when the last forward was not a training forward or was already consumed.
+  MoeForwardState take_forward_state();
+
+  // The backward of the forward that saved `state` (consumed: empty afterwards). Without `into`
+  // the parameter gradients accumulate into grads() as above; with `into` they are written
+  // (assigned) there and grads() is left untouched. The packed weights must be those of that
+  // forward: do not change the parameters in between (PyTorch's version counters guard this).
+  Matrix<float> backward(ConstMatrixView<float> d_output,  // [num_tokens, d_model]
+                         MoeForwardState& state, const MoeBackwardOptions& options = {});
+
+  // Threads of the process-wide pool the next calls use (results do not depend on it).
+  void set_num_threads(int num_threads);
+
   // Aux-loss-free balancing of an owned layer's selection bias, between steps:
   //   bias_e += routing.expert_bias_update_rate · sign(mean load − load_e)
   // with load_e = tokens_per_expert[e], e.g. the last forward's stats.selected_per_expert (the
@@ -308,6 +391,9 @@ class MoeLayer {
   struct Impl;
 
  private:
+  Matrix<float> run_backward(ConstMatrixView<float> d_output, MoeSavedForward& saved,
+                             const MoeGradBuffers& grads, std::vector<uint8_t>& pending_zero, double d_aux_loss,
+                             double d_z_loss);
   void ensure_grads();
   void materialize_zero_grads();
   const MoeParams& compute_params() const;  // params_, or an owned bf16 layer's fp32 masters

@@ -1,0 +1,449 @@
+// moekit._moekit: the Python extension. A thin layer over the public C++ API (routing.h,
+// layer.h): arrays are checked and read where they lie, results are handed to NumPy without a
+// copy, errors are the library's one-line messages (ConfigError, InputError → ValueError; a
+// wrong dtype → TypeError). The Python package (python/moekit/) builds the friendly API on it.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "array.h"
+#include "moekit/config.h"
+#include "moekit/error.h"
+#include "moekit/layer.h"
+#include "moekit/routing.h"
+
+namespace moekit::python {
+namespace {
+
+using nb::literals::operator""_a;
+
+// ---------------------------------------------------------------------------------------------
+// Routing results as Python objects (the vectors are moved into NumPy arrays).
+
+nb::dict stats_dict(RoutingStats&& s) {
+  nb::dict d;
+  d["num_tokens"] = s.num_tokens;
+  d["num_selections"] = s.num_selections;
+  d["num_kept"] = s.num_kept;
+  d["num_dropped"] = s.num_dropped;
+  d["dropped_fraction"] = s.dropped_fraction;
+  const size_t num_experts = s.tokens_per_expert.size();
+  d["tokens_per_expert"] = to_numpy(std::move(s.tokens_per_expert), {num_experts});
+  d["selected_per_expert"] = to_numpy(std::move(s.selected_per_expert), {num_experts});
+  d["mean_entropy"] = s.mean_entropy;
+  d["mean_entropy_normalized"] = s.mean_entropy_normalized;
+  d["max_load"] = s.max_load;
+  d["mean_load"] = s.mean_load;
+  d["max_over_mean_load"] = s.max_over_mean_load;
+  d["load_cv"] = s.load_cv;
+  d["router_confidence"] = s.router_confidence;
+  d["mean_combine_weight"] = s.mean_combine_weight;
+  d["dead_experts"] = s.dead_experts;
+  d["effective_experts"] = s.effective_experts;
+  d["collapsed"] = s.collapsed;
+  nb::list by_label;
+  for (LabelStats& l : s.by_label) {
+    nb::dict ld;
+    ld["label"] = l.label;
+    ld["num_tokens"] = l.num_tokens;
+    const size_t n = l.tokens_per_expert.size();
+    ld["tokens_per_expert"] = to_numpy(std::move(l.tokens_per_expert), {n});
+    ld["mean_entropy"] = l.mean_entropy;
+    ld["load_entropy_normalized"] = l.load_entropy_normalized;
+    ld["top_expert"] = l.top_expert;
+    ld["top_expert_share"] = l.top_expert_share;
+    by_label.append(ld);
+  }
+  d["by_label"] = by_label;
+  d["label_expert_mutual_information"] = s.label_expert_mutual_information;
+  return d;
+}
+
+nb::dict losses_dict(const RoutingLosses& l) {
+  nb::dict d;
+  d["aux_loss"] = l.aux_loss;
+  d["z_loss"] = l.z_loss;
+  d["load_balancing"] = l.load_balancing;
+  d["importance_cv2"] = l.importance_cv2;
+  d["load_cv2"] = l.load_cv2;
+  d["total"] = l.total;
+  return d;
+}
+
+nb::dict plan_dict(RoutingPlan&& p) {
+  nb::dict d;
+  const size_t sel = p.token_experts.size(), kept = p.expert_tokens.size();
+  d["num_tokens"] = p.num_tokens;
+  d["num_experts"] = p.num_experts;
+  d["capacity"] = p.capacity;
+  d["token_offsets"] = to_numpy(std::move(p.token_offsets), {static_cast<size_t>(p.num_tokens + 1)});
+  d["token_experts"] = to_numpy(std::move(p.token_experts), {sel});
+  d["token_weights"] = to_numpy(std::move(p.token_weights), {sel});
+  d["token_kept"] = to_numpy(std::move(p.token_kept), {sel});
+  d["expert_offsets"] = to_numpy(std::move(p.expert_offsets), {static_cast<size_t>(p.num_experts + 1)});
+  d["expert_tokens"] = to_numpy(std::move(p.expert_tokens), {kept});
+  d["expert_weights"] = to_numpy(std::move(p.expert_weights), {kept});
+  d["expert_selection"] = to_numpy(std::move(p.expert_selection), {kept});
+  std::vector<int64_t> dropped;
+  std::vector<uint8_t> reasons;
+  dropped.reserve(2 * p.dropped.size());
+  for (const DroppedAssignment& a : p.dropped) {
+    dropped.push_back(a.token);
+    dropped.push_back(a.expert);
+    reasons.push_back(a.reason == DropReason::kCapacity ? 0 : 1);
+  }
+  const size_t num_dropped = reasons.size();
+  d["dropped"] = to_numpy(std::move(dropped), {num_dropped, 2});
+  d["dropped_reason"] = to_numpy(std::move(reasons), {num_dropped});
+  if (p.num_slots > 0) {
+    const size_t t = static_cast<size_t>(p.num_tokens), s = static_cast<size_t>(p.num_slots);
+    d["num_slots"] = p.num_slots;
+    d["dispatch"] = to_numpy(std::move(p.dispatch), {t, s});
+    d["combine"] = to_numpy(std::move(p.combine), {t, s});
+  }
+  return d;
+}
+
+nb::dict routing_dict(RoutingResult<float>&& r, bool with_scores) {
+  nb::dict d;
+  d["losses"] = losses_dict(r.losses);
+  d["stats"] = stats_dict(std::move(r.stats));
+  if (with_scores) {
+    const size_t t = static_cast<size_t>(r.saved.logits.rows);
+    d["logits"] = to_numpy(std::move(r.saved.logits.values), {t, static_cast<size_t>(r.saved.logits.cols)});
+    d["scores"] = to_numpy(std::move(r.saved.scores.values), {t, static_cast<size_t>(r.saved.scores.cols)});
+  }
+  d["plan"] = plan_dict(std::move(r.plan));
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optional per-token inputs shared by route() and Layer.forward().
+
+struct TokenInputs {
+  RoutingOptions options;
+};
+
+TokenInputs token_inputs(int64_t num_tokens, const std::optional<InArray>& token_mask, int64_t sequence_length,
+                         const std::optional<InArray>& labels) {
+  TokenInputs in;
+  if (token_mask) {
+    const Elem e = token_mask->dtype() == nb::dtype<bool>() ? Elem::kBool : Elem::kU8;
+    check_array(*token_mask, "token_mask", e, {num_tokens});
+    in.options.token_mask = {static_cast<const uint8_t*>(token_mask->data()), static_cast<size_t>(num_tokens)};
+  }
+  if (labels) {
+    check_array(*labels, "labels", Elem::kI32, {num_tokens});
+    in.options.labels = {data_as<int32_t>(*labels), static_cast<size_t>(num_tokens)};
+  }
+  if (sequence_length < 0) throw_input_error("sequence_length", ">= 0 (0: one sequence)", sequence_length);
+  in.options.sequence_length = sequence_length;
+  return in;
+}
+
+ConstMatrixView<float> matrix_of(const InArray& a, const char* name, int64_t cols) {
+  check_array(a, name, Elem::kF32, {-1, cols});
+  return {data_as<float>(a), static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))};
+}
+
+nb::dict route(const std::string& config_json, const InArray& input, const std::string& kind,
+               const std::optional<InArray>& router_weight, const std::optional<InArray>& router_bias,
+               const std::optional<InArray>& noise_weight, const std::optional<InArray>& token_mask,
+               int64_t sequence_length, const std::optional<InArray>& labels,
+               const std::optional<InArray>& selection_bias, int num_threads) {
+  const RoutingConfig config = routing_config_from_json(config_json);
+  if (input.ndim() != 2) {
+    throw nb::value_error(("scores: expected a 2-D [num_tokens, *] array, got shape " + shape_text(shape_of(input))).c_str());
+  }
+  const int64_t num_tokens = static_cast<int64_t>(input.shape(0));
+  TokenInputs in = token_inputs(num_tokens, token_mask, sequence_length, labels);
+  if (num_threads < 1 || num_threads > 1024) throw_input_error("num_threads", "in [1, 1024]", num_threads);
+  in.options.num_threads = num_threads;
+  if (selection_bias) {
+    check_array(*selection_bias, "selection_bias", Elem::kF32, {config.num_experts});
+    in.options.selection_bias = {data_as<float>(*selection_bias), static_cast<size_t>(config.num_experts)};
+  }
+  RoutingResult<float> result;
+  if (kind == "hidden_states") {
+    if (!router_weight) throw nb::value_error("router_weight: expected a [router_rows, d_model] array with hidden_states, got None");
+    const int64_t d_model = static_cast<int64_t>(input.shape(1));
+    const ConstMatrixView<float> x = matrix_of(input, "hidden_states", d_model);
+    RouterParams<float> params;
+    params.weight = matrix_of(*router_weight, "router_weight", d_model);
+    if (router_bias) {
+      check_array(*router_bias, "router_bias", Elem::kF32, {params.weight.rows});
+      params.bias = {data_as<float>(*router_bias), static_cast<size_t>(params.weight.rows)};
+    }
+    if (noise_weight) params.noise_weight = matrix_of(*noise_weight, "noise_weight", d_model);
+    nb::gil_scoped_release release;
+    result = route_hidden(config, x, params, in.options);
+  } else if (kind == "logits" || kind == "probs") {
+    const ConstMatrixView<float> s = matrix_of(input, kind.c_str(), static_cast<int64_t>(input.shape(1)));
+    nb::gil_scoped_release release;
+    result = kind == "logits" ? route_logits(config, s, in.options) : route_probs(config, s, in.options);
+  } else {
+    throw nb::value_error(("kind: expected 'logits', 'probs' or 'hidden_states', got '" + kind + "'").c_str());
+  }
+  return routing_dict(std::move(result), true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer.
+
+struct ForwardState {
+  MoeForwardState state;
+  bool empty() const { return state.empty(); }
+};
+
+class Layer {
+ public:
+  // Owns its parameters, initialised from `seed` (nn.Linear's rule, see layer.h).
+  Layer(const std::string& config_json, uint64_t seed)
+      : layer_(std::make_unique<MoeLayer>(moe_layer_config_from_json(config_json), seed)) {}
+
+  // Borrows the arrays of `params` (kept alive by this object).
+  Layer(const std::string& config_json, const nb::dict& params) {
+    const MoeLayerConfig c = moe_layer_config_from_json(config_json);
+    MoeParams p;
+    std::vector<std::string> known = {"router_weight", "router_bias",   "router_noise_weight", "gate_up",
+                                      "up",            "down",          "gate_up_bias",        "down_bias",
+                                      "shared_gate_up", "shared_up",    "shared_down",         "shared_gate_up_bias",
+                                      "shared_down_bias", "shared_gate", "selection_bias"};
+    for (auto [key, value] : params) {
+      const std::string name = nb::cast<std::string>(key);
+      if (std::find(known.begin(), known.end(), name) == known.end()) {
+        throw nb::value_error(("params: unknown parameter '" + name + "'").c_str());
+      }
+      (void)value;
+    }
+    auto get = [&](const char* name) -> std::optional<InArray> {
+      if (!params.contains(name) || params[name].is_none()) return std::nullopt;
+      nb::object obj = params[name];
+      InArray a;
+      if (!nb::try_cast(obj, a)) {
+        throw nb::type_error((std::string("params['") + name + "']: expected an array (NumPy, PyTorch), got " +
+                              nb::cast<std::string>(nb::str(obj.type())))
+                                 .c_str());
+      }
+      keep_.push_back(obj);
+      return a;
+    };
+    const int64_t d = c.d_model, num_experts = c.num_experts();
+    auto vec = [&](const char* name, std::vector<int64_t> shape) -> std::span<const float> {
+      auto a = get(name);
+      if (!a) return {};
+      check_array(*a, (std::string("params['") + name + "']").c_str(), Elem::kF32, shape);
+      return {data_as<float>(*a), static_cast<size_t>(a->size())};
+    };
+    auto mat = [&](const char* name, int64_t rows) -> ConstMatrixView<float> {
+      auto a = get(name);
+      if (!a) return {};
+      check_array(*a, (std::string("params['") + name + "']").c_str(), Elem::kF32, {rows, d});
+      return {data_as<float>(*a), rows, d};
+    };
+    // Expert weights: fp32 or bf16, [experts, rows, cols] (the shared expert without its
+    // leading 1); gated weights either stacked (gate rows, then up rows) or as two halves.
+    auto weight = [&](const char* name, const char* up_name, int64_t experts, int64_t rows, int64_t cols,
+                      bool stacked) -> WeightView {
+      auto a = get(name);
+      auto up = up_name ? get(up_name) : std::nullopt;
+      if (!a) return {};
+      const int64_t own_rows = up ? rows / 2 : rows;
+      std::vector<int64_t> shape = stacked ? std::vector<int64_t>{experts, own_rows, cols} : std::vector<int64_t>{own_rows, cols};
+      const Elem e = a->dtype() == nb::dtype<float>() ? Elem::kF32 : Elem::kBF16;
+      const std::string label = std::string("params['") + name + "']";
+      check_array(*a, label.c_str(), e, shape);
+      WeightView w{a->data(), e == Elem::kF32 ? DType::kF32 : DType::kBF16, experts, rows, cols};
+      if (up) {
+        const std::string up_label = std::string("params['") + up_name + "']";
+        check_array(*up, up_label.c_str(), e, shape);
+        w.expert_stride = own_rows * cols;
+        w.row_stride = cols;
+        w.col_stride = 1;
+        w.up_data = up->data();
+      }
+      return w;
+    };
+    const int64_t sf = c.effective_shared_d_ff();
+    p.router_weight = mat("router_weight", c.router_rows());
+    p.router_bias = vec("router_bias", {c.router_rows()});
+    p.router_noise_weight = mat("router_noise_weight", num_experts);
+    p.gate_up = weight("gate_up", is_gated(c.activation) ? "up" : nullptr, num_experts, c.gate_up_rows(), d, true);
+    p.down = weight("down", nullptr, num_experts, d, c.d_ff, true);
+    p.gate_up_bias = vec("gate_up_bias", {num_experts, c.gate_up_rows()});
+    p.down_bias = vec("down_bias", {num_experts, d});
+    p.shared_gate_up = weight("shared_gate_up", is_gated(c.activation) ? "shared_up" : nullptr, 1,
+                              c.has_shared() ? c.shared_gate_up_rows() : 0, d, false);
+    p.shared_down = weight("shared_down", nullptr, 1, d, c.has_shared() ? sf : 0, false);
+    p.shared_gate_up_bias = vec("shared_gate_up_bias", {c.has_shared() ? c.shared_gate_up_rows() : 0});
+    p.shared_down_bias = vec("shared_down_bias", {d});
+    if (auto g = get("shared_gate")) {
+      // HF's shared_expert_gate.weight is [1, d_model]; a [d_model] vector is the same memory.
+      const std::vector<int64_t> shape = g->ndim() == 2 ? std::vector<int64_t>{1, d} : std::vector<int64_t>{d};
+      check_array(*g, "params['shared_gate']", Elem::kF32, shape);
+      p.shared_gate = {data_as<float>(*g), static_cast<size_t>(d)};
+    }
+    p.selection_bias = vec("selection_bias", {num_experts});
+    layer_ = std::make_unique<MoeLayer>(c, p);
+  }
+
+  const MoeLayerConfig& config() const { return layer_->config(); }
+
+  nb::tuple forward(const InArray& hidden_states, const std::optional<InArray>& token_mask, int64_t sequence_length,
+                    const std::optional<InArray>& labels) {
+    const ConstMatrixView<float> x = matrix_of(hidden_states, "hidden_states", config().d_model);
+    TokenInputs in = token_inputs(x.rows, token_mask, sequence_length, labels);
+    MoeForwardResult r;
+    std::unique_ptr<ForwardState> state;
+    {
+      nb::gil_scoped_release release;
+      r = layer_->forward(x, in.options);
+      if (config().routing.training) state = std::make_unique<ForwardState>(ForwardState{layer_->take_forward_state()});
+    }
+    const size_t t = static_cast<size_t>(r.output.rows), d = static_cast<size_t>(r.output.cols);
+    nb::object out = to_numpy(std::move(r.output.values), {t, d});
+    nb::dict routing = routing_dict(std::move(r.routing), false);
+    nb::object st = state ? nb::cast(state.release(), nb::rv_policy::take_ownership) : nb::none();
+    return nb::make_tuple(out, routing, st);
+  }
+
+  nb::object backward(const InArray& d_output, ForwardState& state, const std::optional<nb::dict>& into,
+                      std::optional<double> d_aux_loss, std::optional<double> d_z_loss) {
+    const ConstMatrixView<float> dy = matrix_of(d_output, "d_output", config().d_model);
+    MoeGradBuffers buffers;
+    MoeBackwardOptions options;
+    options.d_aux_loss = d_aux_loss;
+    options.d_z_loss = d_z_loss;
+    if (into) {
+      const auto sizes = moe_tensor_sizes(config());
+      size_t i = 0;
+      for (auto [key, value] : *into) {
+        const std::string name = nb::cast<std::string>(key);
+        bool found = false;
+        for (const auto& s : sizes) found = found || name == s.first;
+        if (!found || name == "selection_bias") {
+          throw nb::value_error(("grads: unknown gradient '" + name + "'").c_str());
+        }
+      }
+      auto bind = [&](const char* name, std::span<float>& span) {
+        const int64_t want = sizes[i++].second;
+        if (want == 0) return;
+        if (!into->contains(name)) throw nb::value_error((std::string("grads: expected a buffer '") + name + "', got none").c_str());
+        OutArray a;
+        if (!nb::try_cast(nb::object((*into)[name]), a)) {
+          throw nb::type_error((std::string("grads['") + name + "']: expected a writable float32 array").c_str());
+        }
+        check_array(a, (std::string("grads['") + name + "']").c_str(), Elem::kF32, {static_cast<int64_t>(a.size())});
+        if (static_cast<int64_t>(a.size()) != want) {
+          throw nb::value_error((std::string("grads['") + name + "']: expected " + std::to_string(want) +
+                                 " elements, got " + std::to_string(a.size()))
+                                    .c_str());
+        }
+        span = {static_cast<float*>(a.data()), static_cast<size_t>(want)};
+      };
+      bind("router_weight", buffers.router_weight);
+      bind("router_bias", buffers.router_bias);
+      bind("router_noise_weight", buffers.router_noise_weight);
+      bind("gate_up", buffers.gate_up);
+      bind("down", buffers.down);
+      bind("gate_up_bias", buffers.gate_up_bias);
+      bind("down_bias", buffers.down_bias);
+      bind("shared_gate_up", buffers.shared_gate_up);
+      bind("shared_down", buffers.shared_down);
+      bind("shared_gate_up_bias", buffers.shared_gate_up_bias);
+      bind("shared_down_bias", buffers.shared_down_bias);
+      bind("shared_gate", buffers.shared_gate);
+      options.into = &buffers;
+    }
+    Matrix<float> d_x;
+    {
+      nb::gil_scoped_release release;
+      d_x = layer_->backward(dy, state.state, options);
+    }
+    const size_t t = static_cast<size_t>(d_x.rows), d = static_cast<size_t>(d_x.cols);
+    return to_numpy(std::move(d_x.values), {t, d});
+  }
+
+  // NumPy views of the owned parameters or of the accumulated gradients, valid while the layer
+  // lives (the views keep it alive); writes through a parameter view reach the layer after
+  // refresh_packed_weights().
+  static nb::dict tensor_views(MoeTensors& t, nb::handle owner) {
+    nb::dict d;
+    t.for_each([&](const char* name, std::vector<float>& v) {
+      if (!v.empty()) d[name] = numpy_view(v.data(), {v.size()}, owner);
+    });
+    return d;
+  }
+
+  MoeLayer& layer() { return *layer_; }
+
+ private:
+  std::unique_ptr<MoeLayer> layer_;
+  std::vector<nb::object> keep_;  // the borrowed arrays
+};
+
+}  // namespace
+}  // namespace moekit::python
+
+NB_MODULE(_moekit, m) {
+  using namespace moekit;
+  using namespace moekit::python;
+  m.doc() = "moekit's C++ core (routing, the MoE layer); use the moekit package, not this module.";
+
+  m.def("preset_names", [] { return preset_names(); });
+  m.def("preset_json", [](const std::string& name) { return routing_config_to_json(routing_config_from_preset(name)); });
+  m.def("routing_config_json", [](const std::string& text) { return routing_config_to_json(routing_config_from_json(text)); });
+  m.def("check_layer_config", [](const std::string& text) { moe_layer_config_from_json(text); });
+  m.def("route", &route, "config_json"_a, "input"_a, "kind"_a, "router_weight"_a.none() = nb::none(),
+        "router_bias"_a.none() = nb::none(), "noise_weight"_a.none() = nb::none(), "token_mask"_a.none() = nb::none(),
+        "sequence_length"_a = 0, "labels"_a.none() = nb::none(), "selection_bias"_a.none() = nb::none(),
+        "num_threads"_a = 1);
+
+  nb::class_<ForwardState>(m, "ForwardState").def_prop_ro("empty", &ForwardState::empty);
+
+  nb::class_<Layer>(m, "Layer")
+      .def(nb::init<const std::string&, uint64_t>(), "config_json"_a, "seed"_a)
+      .def(nb::init<const std::string&, const nb::dict&>(), "config_json"_a, "params"_a)
+      .def("forward", &Layer::forward, "hidden_states"_a, "token_mask"_a.none() = nb::none(), "sequence_length"_a = 0,
+           "labels"_a.none() = nb::none())
+      .def("backward", &Layer::backward, "d_output"_a, "state"_a, "grads"_a.none() = nb::none(),
+           "d_aux_loss"_a.none() = nb::none(), "d_z_loss"_a.none() = nb::none())
+      .def("refresh_packed_weights", [](Layer& l) { l.layer().refresh_packed_weights(); })
+      .def("set_training", [](Layer& l, bool t) { l.layer().set_training(t); })
+      .def_prop_ro("training", [](Layer& l) { return l.layer().config().routing.training; })
+      .def_prop_rw("num_threads", [](Layer& l) { return l.layer().config().num_threads; },
+                   [](Layer& l, int n) { l.layer().set_num_threads(n); })
+      .def_prop_ro("owns_parameters", [](Layer& l) { return l.layer().owns_parameters(); })
+      .def_prop_ro("isa", [](Layer& l) { return std::string(l.layer().isa_name()); })
+      .def_prop_ro("d_model", [](Layer& l) { return l.layer().config().d_model; })
+      .def_prop_ro("dtype", [](Layer& l) { return std::string(dtype_name(l.layer().config().dtype)); })
+      .def("zero_grad", [](Layer& l) { l.layer().zero_grad(); })
+      .def("parameters", [](nb::handle self) {
+        Layer& l = nb::cast<Layer&>(self);
+        return Layer::tensor_views(l.layer().parameters(), self);
+      })
+      .def("grads", [](nb::handle self) {
+        Layer& l = nb::cast<Layer&>(self);
+        return Layer::tensor_views(l.layer().grads(), self);
+      })
+      .def("update_selection_bias", [](Layer& l, const InArray& counts) {
+        const int64_t n = l.layer().config().num_experts();
+        check_array(counts, "tokens_per_expert", Elem::kI64, {n});
+        l.layer().update_selection_bias({data_as<int64_t>(counts), static_cast<size_t>(n)});
+      })
+      .def("last_phases", [](Layer& l) {
+        std::vector<std::pair<std::string, double>> out;
+        for (const PhaseTime& p : l.layer().last_phases()) out.emplace_back(p.name, p.ms);
+        return out;
+      });
+}
