@@ -343,7 +343,7 @@ class Layer {
         if (!nb::try_cast(nb::object((*into)[name]), a)) {
           throw nb::type_error((std::string("grads['") + name + "']: expected a writable float32 array").c_str());
         }
-        check_array(a, (std::string("grads['") + name + "']").c_str(), Elem::kF32, {static_cast<int64_t>(a.size())});
+        check_array(a, (std::string("grads['") + name + "']").c_str(), Elem::kF32, shape_of(a));
         if (static_cast<int64_t>(a.size()) != want) {
           throw nb::value_error((std::string("grads['") + name + "']: expected " + std::to_string(want) +
                                  " elements, got " + std::to_string(a.size()))
@@ -404,6 +404,27 @@ NB_MODULE(_moekit, m) {
   m.def("preset_json", [](const std::string& name) { return routing_config_to_json(routing_config_from_preset(name)); });
   m.def("routing_config_json", [](const std::string& text) { return routing_config_to_json(routing_config_from_json(text)); });
   m.def("check_layer_config", [](const std::string& text) { moe_layer_config_from_json(text); });
+  // The derived shapes and switches the Python module needs to lay out its parameters.
+  m.def("layer_summary", [](const std::string& text) {
+    const MoeLayerConfig c = moe_layer_config_from_json(text);
+    nb::dict d;
+    d["d_model"] = c.d_model;
+    d["d_ff"] = c.d_ff;
+    d["num_experts"] = c.num_experts();
+    d["num_experts_per_tok"] = c.routing.num_experts_per_tok;
+    d["router_rows"] = c.router_rows();
+    d["gate_up_rows"] = c.gate_up_rows();
+    d["gated"] = is_gated(c.activation);
+    d["router_bias"] = c.router_bias;
+    d["expert_bias"] = c.expert_bias;
+    d["noisy_gating"] = c.routing.noisy_gating;
+    d["selection_bias"] = c.has_selection_bias();
+    d["shared_d_ff"] = c.has_shared() ? c.effective_shared_d_ff() : 0;
+    d["shared_expert_gate"] = c.shared_expert_gate;
+    d["router_aux_loss_coef"] = c.routing.router_aux_loss_coef;
+    d["router_z_loss_coef"] = c.routing.router_z_loss_coef;
+    return nb::cast<std::string>(nb::module_::import_("json").attr("dumps")(d));
+  });
   m.def("route", &route, "config_json"_a, "input"_a, "kind"_a, "router_weight"_a.none() = nb::none(),
         "router_bias"_a.none() = nb::none(), "noise_weight"_a.none() = nb::none(), "token_mask"_a.none() = nb::none(),
         "sequence_length"_a = 0, "labels"_a.none() = nb::none(), "selection_bias"_a.none() = nb::none(),

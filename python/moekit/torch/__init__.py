@@ -1,0 +1,290 @@
+"""moekit for PyTorch: :class:`MoE`, a ``torch.nn.Module`` whose forward and backward are moekit's.
+
+Example
+-------
+>>> import torch, moekit.torch
+>>> moe = moekit.torch.MoE({"hidden_size": 512, "intermediate_size": 1024,
+...                         "num_local_experts": 8, "num_experts_per_tok": 2})
+>>> x = torch.randn(4, 128, 512, requires_grad=True)
+>>> y = moe(x)                                # [4, 128, 512]
+>>> (y.square().mean() + moe.router_loss).backward()
+>>> moe.routing_stats["tokens_per_expert"]    # of the last call
+
+Parameters are named and shaped as Hugging Face transformers 5.x names its MoE blocks, so an HF
+block's ``state_dict`` loads into it. The forward and backward are custom operators
+(``torch.ops.moekit.moe_forward`` / ``moe_backward``), opaque to ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import load_config
+from .. import _moekit
+from . import _ops
+from ._ops import moe_backward, moe_forward
+
+__all__ = ["MoE", "moe_forward", "moe_backward"]
+
+# Keys of an HF config that describe the model around the MoE block, not the block: accepted
+# and ignored when a whole config dict is given.
+_IGNORED_HF_KEYS = {"torch_dtype", "architectures", "model_type", "transformers_version", "vocab_size",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                    "rms_norm_eps", "rope_theta", "initializer_range", "tie_word_embeddings", "use_cache",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout", "sliding_window",
+                    "output_router_logits", "head_dim"}
+
+
+class _Router(nn.Module):
+    def __init__(self, rows: int, d_model: int, bias: bool, noisy: bool, selection_bias: bool, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, d_model))
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noisy else None
+        if selection_bias:
+            # DeepSeek-V3's name; a buffer (it only selects, it receives no gradient).
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        else:
+            self.e_score_correction_bias = None
+
+
+class _Experts(nn.Module):
+    def __init__(self, num_experts: int, gate_up_rows: int, d_model: int, d_ff: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, gate_up_rows, d_model))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, gate_up_rows))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
+
+
+class _SharedMlp(nn.Module):
+    """HF's shared MLP: gate_proj, up_proj, down_proj (up_proj only for ungated activations)."""
+
+    def __init__(self, d_model: int, d_ff: int, gated: bool, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias) if gated else None
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+
+def _uniform_(t: torch.Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        t.uniform_(-bound, bound)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts block computed by moekit.
+
+    Parameters
+    ----------
+    config : dict or path, optional
+        Hugging Face style keys: ``hidden_size``, ``intermediate_size`` or
+        ``moe_intermediate_size`` (the expert width), ``num_experts`` / ``num_local_experts``,
+        ``num_experts_per_tok``, ``hidden_act``, ``preset`` and any routing key (see
+        ``moekit.preset``); model keys that are not about the block (``vocab_size``, ...) are
+        ignored.
+    num_threads : int, optional
+        Threads of moekit's pool; default: ``torch.get_num_threads()`` at each call.
+    dtype : torch.dtype, optional
+        float32 (default) or bfloat16 parameters. A bfloat16 module computes the experts in
+        bf16 (fp32 accumulation) and the router in fp32.
+    **keys
+        Configuration keys that override ``config``'s.
+
+    Attributes
+    ----------
+    aux_loss, z_loss : torch.Tensor
+        The raw balancing and z losses of the last call (0-d, float32, with gradients).
+    router_loss : torch.Tensor
+        ``router_aux_loss_coef · aux_loss + router_z_loss_coef · z_loss``: add it to the loss.
+
+    Notes
+    -----
+    Parameters (as transformers 5.x): ``gate.weight`` [E, d], ``gate.bias`` (router_bias),
+    ``gate.e_score_correction_bias`` (a buffer), ``experts.gate_up_proj`` [E, 2·d_ff, d] (gate
+    rows first; d_ff rows for ungated activations), ``experts.down_proj`` [E, d, d_ff],
+    ``experts.gate_up_proj_bias`` / ``down_proj_bias`` (expert_bias), shared experts as
+    ``shared_expert.{gate,up,down}_proj`` with ``shared_expert_gate.weight`` [1, d] (Qwen2-MoE)
+    or ``shared_experts.*`` (DeepSeek). ``.train()`` / ``.eval()`` switch the routing's
+    training mode (noise, capacity factor). Under ``torch.autocast("cpu", torch.bfloat16)`` a
+    float32 module computes its experts in bf16.
+    """
+
+    def __init__(self, config: Any = None, *, num_threads: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                 **keys: Any):
+        super().__init__()
+        cfg = load_config(config, **keys)
+        for k in list(cfg):
+            if k in _IGNORED_HF_KEYS:
+                del cfg[k]
+        if dtype not in (None, torch.float32, torch.bfloat16):
+            raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        cfg.pop("dtype", None)
+        cfg.pop("num_threads", None)
+        _moekit.check_layer_config(_json(cfg))  # a bad key is a ValueError here, not at the first call
+        # The selection bias is a buffer of the module: values given in the config start it.
+        initial_bias = cfg.pop("e_score_correction_bias", None)
+        if initial_bias:
+            cfg["selection_bias"] = True
+        full = _layer_summary(cfg)
+        if full["expert_bias"] and full["shared_d_ff"] > 0 and full["gated"]:
+            raise ValueError("expert_bias: expected false with a gated shared expert (biased shared gate and up "
+                             "projections are not supported), got true")
+        self.config = cfg
+        self.num_threads = int(num_threads) if num_threads else 0
+        self.router_aux_loss_coef = full["router_aux_loss_coef"]
+        self.router_z_loss_coef = full["router_z_loss_coef"]
+        self.num_experts = full["num_experts"]
+        self.top_k = full["num_experts_per_tok"]
+        self.hidden_size = d = full["d_model"]
+        self.d_ff = full["d_ff"]
+
+        self.gate = _Router(full["router_rows"], d, full["router_bias"], full["noisy_gating"],
+                            full["selection_bias"], self.num_experts)
+        self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"])
+        names = ["router_weight"]
+        if full["router_bias"]:
+            names.append("router_bias")
+        if full["noisy_gating"]:
+            names.append("router_noise_weight")
+        names += ["gate_up", "down"]
+        if full["expert_bias"]:
+            names += ["gate_up_bias", "down_bias"]
+        self._shared_attr = None
+        if full["shared_d_ff"] > 0:
+            shared = _SharedMlp(d, full["shared_d_ff"], full["gated"], full["expert_bias"])
+            self._shared_attr = "shared_expert" if full["shared_expert_gate"] else "shared_experts"
+            setattr(self, self._shared_attr, shared)
+            names += ["shared_gate_up", "shared_up"] if full["gated"] else ["shared_gate_up"]
+            names.append("shared_down")
+            if full["expert_bias"]:
+                names += ["shared_gate_up_bias", "shared_down_bias"]
+            if full["shared_expert_gate"]:
+                self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+                names.append("shared_gate")
+        if full["selection_bias"]:
+            names.append("selection_bias")
+        self._names = names
+        self._core = _ops._Core(cfg, names, shared_split=full["gated"])
+        # The registry entry (and the C++ layer) goes with the module.
+        weakref.finalize(self, _ops._CORES.pop, self._core.handle, None)
+        self.reset_parameters()
+        if initial_bias:
+            if len(initial_bias) != self.num_experts:
+                raise ValueError(f"e_score_correction_bias: expected {self.num_experts} values, got {len(initial_bias)}")
+            with torch.no_grad():
+                self.gate.e_score_correction_bias.copy_(torch.tensor(initial_bias, dtype=torch.float32))
+        if dtype is torch.bfloat16:
+            self.to(torch.bfloat16)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.router_loss: Optional[torch.Tensor] = None
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation U(−1/√fan_in, 1/√fan_in), from torch's generator."""
+        d = self.hidden_size
+        _uniform_(self.gate.weight, d)
+        if self.gate.bias is not None:
+            _uniform_(self.gate.bias, d)
+        _uniform_(self.experts.gate_up_proj, d)
+        _uniform_(self.experts.down_proj, self.d_ff)
+        if self.experts.gate_up_proj_bias is not None:
+            _uniform_(self.experts.gate_up_proj_bias, d)
+            _uniform_(self.experts.down_proj_bias, self.d_ff)
+
+    def _tensors(self) -> List[torch.Tensor]:
+        """The parameters in the ops' order (moekit names in self._names)."""
+        shared = getattr(self, self._shared_attr) if self._shared_attr else None
+        by_name = {
+            "router_weight": self.gate.weight,
+            "router_bias": self.gate.bias,
+            "router_noise_weight": self.gate.noise_weight,
+            "gate_up": self.experts.gate_up_proj,
+            "down": self.experts.down_proj,
+            "gate_up_bias": self.experts.gate_up_proj_bias,
+            "down_bias": self.experts.down_proj_bias,
+            "selection_bias": self.gate.e_score_correction_bias,
+        }
+        if shared is not None:
+            gated = shared.gate_proj is not None
+            by_name["shared_gate_up"] = shared.gate_proj.weight if gated else shared.up_proj.weight
+            by_name["shared_up"] = shared.up_proj.weight if gated else None
+            by_name["shared_down"] = shared.down_proj.weight
+            if shared.up_proj.bias is not None:
+                by_name["shared_gate_up_bias"] = shared.up_proj.bias
+                by_name["shared_down_bias"] = shared.down_proj.bias
+            if hasattr(self, "shared_expert_gate"):
+                by_name["shared_gate"] = self.shared_expert_gate.weight
+        return [by_name[n] for n in self._names]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [num_tokens, d] or [batch, seq, d] → output of the same shape.
+
+        A 3-D input's rows are sequences (capacity and losses per sequence where the config's
+        scopes say so). The losses of the call are left in ``aux_loss``, ``z_loss`` and
+        ``router_loss``, its routing in ``routing_stats`` / ``last_routing``.
+        """
+        x = hidden_states
+        params = self._tensors()
+        if x.device.type != "cpu":
+            raise ValueError(f"hidden_states: expected a CPU tensor (moekit runs on the CPU only), got device {x.device}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states: expected shape [num_tokens, {self.hidden_size}] or "
+                             f"[batch, seq, {self.hidden_size}], got {list(x.shape)}")
+        if not x.is_contiguous():
+            raise ValueError(f"hidden_states: expected a contiguous tensor (moekit reads it in place), got strides "
+                             f"{x.stride()}; call .contiguous()")
+        weight_dtype = self.experts.gate_up_proj.dtype
+        compute = "bf16" if weight_dtype == torch.bfloat16 else "fp32"
+        if weight_dtype == torch.float32 and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            compute = "bf16"
+        elif x.dtype != weight_dtype:
+            raise TypeError(f"hidden_states: expected dtype {weight_dtype} (the parameters'), got {x.dtype}")
+        seq = x.shape[1] if x.dim() == 3 else 0
+        flat = x.reshape(-1, self.hidden_size)
+        save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        out, aux, z = moe_forward(flat, params, self._core.handle, compute, self.training, save, seq,
+                                  self.num_threads)
+        self.aux_loss, self.z_loss = aux, z
+        self.router_loss = self.router_aux_loss_coef * aux + self.router_z_loss_coef * z
+        if compute == "bf16" and x.dtype == torch.float32:
+            out = out.to(torch.bfloat16)  # autocast: a bf16 result, as its matmuls give
+        return out.reshape(x.shape)
+
+    @property
+    def last_routing(self) -> Optional[dict]:
+        """The routing of the last call: ``plan``, ``losses``, ``stats`` (NumPy arrays)."""
+        return self._core.last_routing
+
+    @property
+    def routing_stats(self) -> Optional[dict]:
+        """Routing statistics of the last call (``tokens_per_expert``, ``mean_entropy``, ...)."""
+        r = self._core.last_routing
+        return None if r is None else r["stats"]
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}")
+
+
+def _json(cfg: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(dict(cfg))
+
+
+def _layer_summary(cfg: Mapping[str, Any]) -> dict:
+    """The derived shapes and switches of a layer config, from the C++ parser."""
+    import json
+
+    return json.loads(_moekit.layer_summary(_json(cfg)))

@@ -1,0 +1,237 @@
+"""moekit's forward and backward as PyTorch custom operators (torch.library).
+
+``moekit::moe_forward`` and ``moekit::moe_backward`` are opaque to torch.compile (it compiles
+the model around them), have fake implementations that give the output shapes, and an autograd
+formula that calls the backward op. The C++ layer a module computes with lives in a registry of
+``_Core`` objects, found by the integer handle each op call carries.
+
+The C++ layer borrows the parameters' memory (no copy) and records each parameter's data
+pointer and version counter: an optimizer step (or any in-place change) bumps the versions, and
+the next call re-reads the weights (``refresh_packed_weights``); a new data pointer (``.to()``,
+``load_state_dict(assign=True)``) makes a new C++ layer. Packed weights are never stale.
+
+A training forward's saved state (what the backward needs: the routing result, the
+pre-activations) is kept by the core under a key made of the input's data pointer, version and
+shape and the parameters' versions; its backward takes it from there. When it is not there (more
+than ``_MAX_SAVED`` forwards in flight, or a backward for a forward that was run elsewhere, as
+torch.library.opcheck does), the backward recomputes that forward first: the result is the same,
+since the forward is deterministic.
+
+Copies made on purpose (and only these):
+  * bfloat16 hidden states are widened to float32 for the router (the router is fp32), and the
+    float32 output is rounded back to bfloat16;
+  * router weights and biases stored in bfloat16 get a float32 shadow, refreshed on change;
+  * gradients of bfloat16 parameters are computed in float32 and rounded to bfloat16;
+  * the shared expert's gate and up gradients are one [2·d_ff, d_model] buffer split into the
+    two HF parameters (the up half is cloned);
+  * an output gradient that is not contiguous is made contiguous.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import json
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _moekit
+
+_MAX_SAVED = 8  # saved forwards kept per core before the oldest is dropped
+
+_CORES: Dict[int, "_Core"] = {}
+_handles = itertools.count(1)
+# The C++ layers go before the interpreter tears the extension down.
+atexit.register(_CORES.clear)
+
+
+class _Core:
+    """The C++ layers of one module (one per compute dtype) and the saved forwards."""
+
+    def __init__(self, config: dict, names: Sequence[str], shared_split: bool):
+        self.config = dict(config)
+        self.names = list(names)          # moekit parameter names, in the ops' list order
+        self.shared_split = shared_split  # shared gate and up are two tensors (HF names)
+        self.layers: Dict[str, Tuple[object, tuple, tuple, dict]] = {}
+        self.saved: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+        self.last_routing: Optional[dict] = None
+        self.recomputed = 0  # backwards that had to rerun their forward (no saved state)
+        self.handle = next(_handles)
+        _CORES[self.handle] = self
+
+    # The C++ layer for this call's parameters, built or refreshed when they changed.
+    def layer(self, params: Sequence[torch.Tensor], compute: str, num_threads: int):
+        identity = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in params)
+        versions = tuple(p._version for p in params)
+        entry = self.layers.get(compute)
+        if entry is None or entry[1] != identity:
+            arrays, shadows = self._arrays(params, compute)
+            config = dict(self.config, dtype=compute, num_threads=num_threads)
+            layer = _moekit.Layer(json.dumps(config), arrays)
+            entry = (layer, identity, versions, shadows)
+            self.layers[compute] = entry
+            self.saved.clear()
+        elif entry[2] != versions:
+            for i, shadow in entry[3].items():  # float32 copies of bfloat16 small parameters
+                shadow.copy_(params[i])
+            entry[0].refresh_packed_weights()
+            entry = (entry[0], identity, versions, entry[3])
+            self.layers[compute] = entry
+            self.saved.clear()
+        layer = entry[0]
+        if layer.num_threads != num_threads:
+            layer.num_threads = num_threads
+        return layer
+
+    def _arrays(self, params: Sequence[torch.Tensor], compute: str):
+        arrays, shadows = {}, {}
+        for i, (name, p) in enumerate(zip(self.names, params)):
+            t = p.detach()
+            if t.device.type != "cpu":
+                raise ValueError(f"{name}: expected a CPU tensor (moekit runs on the CPU only), got device {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+            weight = name in ("gate_up", "up", "down", "shared_gate_up", "shared_up", "shared_down")
+            if t.dtype == torch.float32 or (weight and t.dtype == torch.bfloat16):
+                arrays[name] = t
+            elif t.dtype == torch.bfloat16:
+                shadow = t.float()
+                shadows[i] = shadow
+                arrays[name] = shadow
+            else:
+                raise TypeError(f"{name}: expected dtype float32 or bfloat16, got {t.dtype}")
+        return arrays, shadows
+
+    @staticmethod
+    def key(x: torch.Tensor, params: Sequence[torch.Tensor], compute: str, training: bool, seq: int):
+        return (x.data_ptr(), x._version, tuple(x.shape), x.dtype, compute, training, seq,
+                tuple((p.data_ptr(), p._version) for p in params))
+
+    def forward(self, x, params, compute, training, save, seq, num_threads):
+        layer = self.layer(params, compute, num_threads)
+        if layer.training != training:
+            layer.set_training(training)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        out, routing, state = layer.forward(x32.detach(), None, seq, None)
+        self.last_routing = routing
+        if save and state is not None:
+            k = self.key(x, params, compute, training, seq)
+            self.saved[k] = state
+            self.saved.move_to_end(k)
+            while len(self.saved) > _MAX_SAVED:
+                self.saved.popitem(last=False)
+        out = torch.from_numpy(out)
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        losses = routing["losses"]
+        return (out, torch.tensor(losses["aux_loss"], dtype=torch.float32),
+                torch.tensor(losses["z_loss"], dtype=torch.float32))
+
+    def backward(self, d_out, d_aux, d_z, x, params, compute, training, seq, num_threads):
+        layer = self.layer(params, compute, num_threads)
+        state = self.saved.pop(self.key(x, params, compute, training, seq), None)
+        if state is None or state.empty:
+            self.recomputed += 1
+            if layer.training != training or not training:
+                layer.set_training(True)  # a backward needs the saving forward
+            x32 = x if x.dtype == torch.float32 else x.float()
+            _, _, state = layer.forward(x32.detach(), None, seq, None)
+            if not training:
+                layer.set_training(False)
+        grads = {}
+        out = []
+        for name, p in zip(self.names, params):
+            if name == "selection_bias":
+                out.append(None)
+                continue
+            if name in ("up", "shared_up"):
+                out.append(None)  # filled from the stacked buffer below
+                continue
+            if name == "shared_gate_up" and self.shared_split:
+                buf = torch.empty((2 * p.shape[0],) + tuple(p.shape[1:]), dtype=torch.float32)
+            else:
+                buf = torch.empty(p.shape, dtype=torch.float32)
+            grads[name] = buf
+            out.append(buf)
+        d = d_out if d_out.dtype == torch.float32 else d_out.float()
+        d = d.contiguous()
+        d_x = layer.backward(d.detach(), state, grads, float(d_aux), float(d_z))
+        result = [torch.from_numpy(d_x).to(x.dtype)]
+        for i, (name, p) in enumerate(zip(self.names, params)):
+            g = out[i]
+            if name == "shared_gate_up" and self.shared_split:
+                half = p.shape[0]
+                g = grads[name][:half]
+                up_index = self.names.index("shared_up")
+                out[up_index] = grads[name][half:].clone()
+            out[i] = g
+        for i, (name, p) in enumerate(zip(self.names, params)):
+            g = out[i]
+            if g is None:
+                g = torch.zeros(0, dtype=p.dtype)  # no gradient (the selection bias only selects)
+            elif g.dtype != p.dtype:
+                g = g.to(p.dtype)
+            result.append(g)
+        return result
+
+
+def _threads(requested: int) -> int:
+    return requested if requested > 0 else max(1, torch.get_num_threads())
+
+
+@torch.library.custom_op("moekit::moe_forward", mutates_args=())
+def moe_forward(x: torch.Tensor, params: List[torch.Tensor], handle: int, compute: str, training: bool,
+                save: bool, sequence_length: int, num_threads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, aux_loss, z_loss) of the MoE layer of core ``handle`` on x [num_tokens, d_model]."""
+    core = _CORES[handle]
+    return core.forward(x, params, compute, training, save, sequence_length, _threads(num_threads))
+
+
+@moe_forward.register_fake
+def _(x, params, handle, compute, training, save, sequence_length, num_threads):
+    return (torch.empty_like(x), x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("moekit::moe_backward", mutates_args=())
+def moe_backward(d_output: torch.Tensor, d_aux_loss: torch.Tensor, d_z_loss: torch.Tensor, x: torch.Tensor,
+                 params: List[torch.Tensor], handle: int, compute: str, training: bool, sequence_length: int,
+                 num_threads: int) -> List[torch.Tensor]:
+    """[d_x, d_param...] for the forward of the same arguments (an empty tensor: no gradient)."""
+    core = _CORES[handle]
+    return core.backward(d_output, d_aux_loss, d_z_loss, x, params, compute, training, sequence_length,
+                         _threads(num_threads))
+
+
+@moe_backward.register_fake
+def _(d_output, d_aux_loss, d_z_loss, x, params, handle, compute, training, sequence_length, num_threads):
+    core = _CORES[handle]
+    out = [torch.empty_like(x)]
+    for name, p in zip(core.names, params):
+        out.append(p.new_empty((0,)) if name == "selection_bias" else torch.empty_like(p))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, params, handle, compute, training, save, sequence_length, num_threads = inputs
+    ctx.save_for_backward(x, *params)
+    ctx.args = (handle, compute, training, sequence_length, num_threads)
+
+
+def _backward(ctx, d_output, d_aux_loss, d_z_loss):
+    x, *params = ctx.saved_tensors
+    handle, compute, training, sequence_length, num_threads = ctx.args
+    if d_output is None:
+        d_output = torch.zeros_like(x)
+    zero = torch.zeros((), dtype=torch.float32)
+    grads = torch.ops.moekit.moe_backward(d_output, zero if d_aux_loss is None else d_aux_loss,
+                                          zero if d_z_loss is None else d_z_loss, x, params, handle, compute,
+                                          training, sequence_length, num_threads)
+    d_x, d_params = grads[0], list(grads[1:])
+    names = _CORES[handle].names
+    d_params = [None if n == "selection_bias" else g for n, g in zip(names, d_params)]
+    return d_x, d_params, None, None, None, None, None, None
+
+
+moe_forward.register_autograd(_backward, setup_context=_setup_context)
