@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: a Release build in build/, then an ASan+UBSan build in build-asan/.
-# Both must pass.
+# Runs every test: a Release build in build/ and its tests, the Python package (pip install . into
+# .venv-python) and its tests, then an ASan+UBSan build in build-asan/ and its tests. All must pass.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,6 +24,10 @@ cmake --build build -j "$jobs"
 
 stage "Release tests (build/)"
 ctest --test-dir build --output-on-failure -j2
+
+stage "Python package: pip install . into .venv-python, then pytest (tests/python/)"
+bash scripts/python_env.sh
+.venv-python/bin/python -m pytest -q tests/python
 
 stage "ASan+UBSan build (build-asan/)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=ON -DMOEKIT_BUILD_TESTS=ON
