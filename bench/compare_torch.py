@@ -17,6 +17,16 @@ and prints the table side by side (markdown with --markdown).
 Needs PyTorch (see bench/README.md). Not part of the test suite.
 
   python3 bench/compare_torch.py --moekit build/moekit --threads 2 --dtypes fp32,bf16
+
+With --module it compares, in this one process, the Python package's `moekit.torch.MoE` with
+Hugging Face transformers' `MixtralSparseMoeBlock` (its eager experts implementation, and
+`grouped_mm`, the one `from_pretrained` picks), all three with the same weights (the HF block's
+state_dict loaded into moekit's module), on the coarse and fine-grained shapes: the forward (no
+grad) and a training step (forward, backward of ⟨y, dy⟩, AdamW step), in fp32, as bf16 modules,
+and as fp32 modules under torch.autocast(bf16); and `moekit bench`'s forward of the same shape
+(the C++ layer without Python). Needs `bash scripts/python_env.sh` (moekit, torch, transformers):
+
+  .venv-python/bin/python bench/compare_torch.py --module --moekit build/moekit --threads 2
 """
 
 import argparse
@@ -202,10 +212,18 @@ def main():
                    help="before each measurement wait up to this many seconds for other processes "
                         "to leave the CPUs (less than 0.25 core busy); the busy cores seen are reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--module", action="store_true",
+                   help="compare moekit.torch.MoE with transformers' Mixtral block in this process")
+    p.add_argument("--modes", default="fp32,bf16,autocast", help="--module: comma-separated fp32, bf16, autocast")
+    p.add_argument("--budget", type=float, default=20.0,
+                   help="--module: seconds per measurement after which fewer repeats (at least 3) are taken")
     p.add_argument("--markdown", action="store_true", help="print markdown tables")
     p.add_argument("--json-out", default=None, help="write every raw measurement to this file")
     args = p.parse_args()
 
+    torch.set_num_threads(args.threads)
+    if args.module:
+        return module_mode(args)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
@@ -276,6 +294,127 @@ def main():
                 " ".join(fmt(b, ".1f") for b in r["busy"])])
         print()
         print_table(head, table, args.markdown)
+
+
+# ---------------------------------------------------------------------------------------------
+# --module: moekit.torch.MoE against transformers' Mixtral block, in one process.
+
+MODULE_SHAPES = [(512, 1024, 3584, 8, 2), (1024, 1024, 384, 64, 8)]
+MODULE_MODES = ["fp32", "bf16", "autocast"]
+
+
+def timed(fn, warmup, repeats, budget_s):
+    """Median ms of fn() over `repeats` runs after `warmup` (fewer, at least 3, when the runs
+    would take longer than budget_s)."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def module_side(shape, mode, args):
+    import contextlib
+
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    import moekit.torch
+
+    tokens, d_model, d_ff, experts, top_k = shape
+    torch.manual_seed(args.seed)
+    hf_cfg = transformers.MixtralConfig(hidden_size=d_model, intermediate_size=d_ff, num_local_experts=experts,
+                                        num_experts_per_tok=top_k, router_jitter_noise=0.0)
+    ref = MixtralSparseMoeBlock(hf_cfg)
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.normal_(0.0, d_model ** -0.5)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    blocks = {}
+    for impl in ("eager", "grouped_mm"):
+        hf_cfg._experts_implementation = impl
+        b = MixtralSparseMoeBlock(hf_cfg)
+        b.load_state_dict(ref.state_dict())
+        blocks["hf_" + impl] = b.to(dtype)
+    mk = moekit.torch.MoE(preset="hf-mixtral", hidden_size=d_model, intermediate_size=d_ff,
+                          num_local_experts=experts, num_experts_per_tok=top_k, dtype=dtype)
+    mk.load_state_dict(ref.state_dict())
+    blocks["moekit"] = mk
+    x = torch.randn(1, tokens, d_model).to(dtype)
+    dy = torch.randn(1, tokens, d_model)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if mode == "autocast" else contextlib.nullcontext
+    out = {}
+    for name, block in blocks.items():
+        block.eval()  # inference: moekit then multiplies with its fused-SwiGLU packing
+        with torch.no_grad(), ctx():
+            fwd = timed(lambda: block(x), args.warmup, args.repeats, args.budget)
+        block.train()
+        opt = torch.optim.AdamW(block.parameters(), lr=1e-6)
+        parts = {"fwd": [], "bwd": [], "opt": []}
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            with ctx():
+                y = block(x)
+            t1 = time.perf_counter()
+            (y.float() * dy).sum().backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            for key, a, b in (("fwd", t0, t1), ("bwd", t1, t2), ("opt", t2, t3)):
+                parts[key].append((b - a) * 1e3)
+
+        stp = timed(step, 1, args.repeats, args.budget)
+        out[name] = {"forward_ms": fwd[0], "forward_runs": fwd[1], "step_ms": stp[0], "step_runs": stp[1]}
+        for key, values in parts.items():
+            out[name]["step_" + key + "_ms"] = statistics.median(values[1:] if len(values) > 1 else values)
+        print(f"# {shape} {mode} {name}: forward {fwd[0]:.1f} ms, step {stp[0]:.1f} ms "
+              f"(fwd {out[name]['step_fwd_ms']:.0f}, bwd {out[name]['step_bwd_ms']:.0f}, "
+              f"AdamW {out[name]['step_opt_ms']:.0f})", file=sys.stderr, flush=True)
+        del opt
+    return out
+
+
+def module_mode(args):
+    shapes = MODULE_SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    rows = []
+    for shape in shapes:
+        for mode in modes:
+            busy = wait_quiet(args)
+            r = module_side(shape, mode, args)
+            bench = None
+            if args.moekit and os.path.exists(args.moekit):
+                bench = moekit_side(shape, "fp32" if mode == "fp32" else "bf16", args)["forward_ms"]
+            rows.append({"shape": shape, "mode": mode, "results": r, "bench_forward_ms": bench, "busy": busy})
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"torch_version": torch.__version__, "threads": args.threads, "rows": rows}, f, indent=1)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
+          f"medians of up to {args.repeats} runs after {args.warmup} warm-up")
+    head = ["shape (T, d, ff, E, k)", "mode", "moekit.torch fwd ms", "moekit bench fwd ms", "module/bench",
+            "HF eager fwd ms", "HF grouped_mm fwd ms", "fwd speed-up", "moekit.torch step ms",
+            "HF eager step ms", "HF grouped_mm step ms", "step speed-up", "AdamW ms (moekit / HF best)",
+            "busy cores before"]
+    table = []
+    for row in rows:
+        r = row["results"]
+        m, e, g = r["moekit"], r["hf_eager"], r["hf_grouped_mm"]
+        best_fwd = min(e["forward_ms"], g["forward_ms"])
+        best_step = min(e["step_ms"], g["step_ms"])
+        b = row["bench_forward_ms"]
+        table.append([", ".join(map(str, row["shape"])), row["mode"], fmt(m["forward_ms"]), fmt(b),
+                      "-" if b is None else fmt(m["forward_ms"] / b, ".2f"), fmt(e["forward_ms"]),
+                      fmt(g["forward_ms"]), fmt(best_fwd / m["forward_ms"], ".2f") + "x", fmt(m["step_ms"]),
+                      fmt(e["step_ms"]), fmt(g["step_ms"]), fmt(best_step / m["step_ms"], ".2f") + "x",
+                      fmt(m["step_opt_ms"], ".0f") + " / " + fmt((e if e["step_ms"] < g["step_ms"] else g)["step_opt_ms"], ".0f"),
+                      fmt(row["busy"], ".1f")])
+    print_table(head, table, args.markdown)
 
 
 def print_table(head, table, markdown):
