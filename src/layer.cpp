@@ -83,6 +83,9 @@ struct MoeLayer::Impl {
   std::vector<uint8_t> grad_pending_zero;
 
   MoeSavedForward saved;  // of the last training forward, until taken or consumed
+  // The pre-activation buffer of the last consumed forward state, handed to the next training
+  // forward: the same size each step, so it is not faulted in afresh every time.
+  std::vector<float> spare_pre_activations;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +362,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   impl.timer.start(&impl.phases);
   const bool training = c.routing.training;
   impl.saved = MoeSavedForward{};
+  if (training) impl.saved.experts.pre_activations = std::move(impl.spare_pre_activations);
   const bool router_by_op = router_runs_as_op(c);
   if (router_by_op) ops::router_prepare(ctx, params_.router_weight, impl.router);  // route_hidden reads W as it is
   ctx.phase("pack_router");
@@ -620,6 +624,8 @@ Matrix<float> MoeLayer::run_backward(ConstMatrixView<float> d_output, MoeSavedFo
                      d_x, grad_out);
   }
   ctx.phase("router");
+  impl.spare_pre_activations = std::move(s.experts.pre_activations);
+  impl.spare_pre_activations.clear();  // keeps the capacity
   s = MoeSavedForward{};
   check_computed_finite(d_x.cview(), "d_hidden_states", "the backward overflowed on finite d_output");
   return d_x;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "array.h"
+#include "buffers.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
@@ -429,6 +430,14 @@ NB_MODULE(_moekit, m) {
         "router_bias"_a.none() = nb::none(), "noise_weight"_a.none() = nb::none(), "token_mask"_a.none() = nb::none(),
         "sequence_length"_a = 0, "labels"_a.none() = nb::none(), "selection_bias"_a.none() = nb::none(),
         "num_threads"_a = 1);
+
+  m.def("pooled_array", [](const std::vector<size_t>& shape, const std::string& dtype) {
+    if (dtype != "float32" && dtype != "bfloat16") {
+      throw nb::value_error(("dtype: expected 'float32' or 'bfloat16', got '" + dtype + "'").c_str());
+    }
+    return pooled_array(shape, dtype == "float32" ? 4 : 2);
+  }, "shape"_a, "dtype"_a = "float32");
+  m.def("pooled_bytes", &pooled_bytes);
 
   nb::class_<ForwardState>(m, "ForwardState").def_prop_ro("empty", &ForwardState::empty);
 

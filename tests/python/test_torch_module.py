@@ -300,3 +300,18 @@ def test_bad_inputs():
     bad[1, 2] = float("inf")
     with pytest.raises(ValueError, match="finite"):
         moe(bad)
+
+
+def test_readme_example_runs():
+    import os
+    import re
+
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("## Python and PyTorch"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    moe = scope["moe"]
+    assert moe.routing_stats["tokens_per_expert"].sum() == 4 * 64 * 2
+    assert moe._core.recomputed == 0

@@ -140,40 +140,32 @@ class _Core:
             _, _, state = layer.forward(x32.detach(), None, seq, None)
             if not training:
                 layer.set_training(False)
+        # Gradient buffers from moekit's pool (recycled when torch frees them: no page faults
+        # on the next step); the C++ backward writes them, it does not accumulate.
         grads = {}
-        out = []
+        for name, p in zip(self.names, params):
+            if name in ("selection_bias", "up", "shared_up"):
+                continue  # no gradient; the up halves come out of the stacked buffers
+            rows = 2 * p.shape[0] if name == "shared_gate_up" and self.shared_split else p.shape[0]
+            grads[name] = _moekit.pooled_array([rows] + list(p.shape[1:]), "float32")
+        d = d_out if d_out.dtype == torch.float32 else d_out.float()
+        d_x = layer.backward(d.detach().contiguous(), state, grads, float(d_aux), float(d_z))
+        result = [torch.from_numpy(d_x).to(x.dtype)]
         for name, p in zip(self.names, params):
             if name == "selection_bias":
-                out.append(None)
+                result.append(p.new_empty((0,)))  # it only selects: no gradient
                 continue
-            if name in ("up", "shared_up"):
-                out.append(None)  # filled from the stacked buffer below
-                continue
-            if name == "shared_gate_up" and self.shared_split:
-                buf = torch.empty((2 * p.shape[0],) + tuple(p.shape[1:]), dtype=torch.float32)
+            if name == "shared_up":
+                g = torch.from_numpy(grads["shared_gate_up"])[p.shape[0]:].clone()
+            elif name == "shared_gate_up" and self.shared_split:
+                g = torch.from_numpy(grads[name])[:p.shape[0]]
             else:
-                buf = torch.empty(p.shape, dtype=torch.float32)
-            grads[name] = buf
-            out.append(buf)
-        d = d_out if d_out.dtype == torch.float32 else d_out.float()
-        d = d.contiguous()
-        d_x = layer.backward(d.detach(), state, grads, float(d_aux), float(d_z))
-        result = [torch.from_numpy(d_x).to(x.dtype)]
-        for i, (name, p) in enumerate(zip(self.names, params)):
-            g = out[i]
-            if name == "shared_gate_up" and self.shared_split:
-                half = p.shape[0]
-                g = grads[name][:half]
-                up_index = self.names.index("shared_up")
-                out[up_index] = grads[name][half:].clone()
-            out[i] = g
-        for i, (name, p) in enumerate(zip(self.names, params)):
-            g = out[i]
-            if g is None:
-                g = torch.zeros(0, dtype=p.dtype)  # no gradient (the selection bias only selects)
-            elif g.dtype != p.dtype:
-                g = g.to(p.dtype)
-            result.append(g)
+                g = torch.from_numpy(grads[name])
+            if p.dtype == torch.bfloat16:
+                rounded = torch.from_numpy(_moekit.pooled_array(list(p.shape), "bfloat16")).view(torch.bfloat16)
+                rounded.copy_(g)
+                g = rounded
+            result.append(g.view(p.shape))
         return result
 
 
