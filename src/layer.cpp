@@ -459,22 +459,6 @@ std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::R
   return out;
 }
 
-MoeGradBuffers grad_buffers_of(MoeTensors& t) {
-  MoeGradBuffers b;
-  b.router_weight = t.router_weight;
-  b.router_bias = t.router_bias;
-  b.router_noise_weight = t.router_noise_weight;
-  b.gate_up = t.gate_up;
-  b.down = t.down;
-  b.gate_up_bias = t.gate_up_bias;
-  b.down_bias = t.down_bias;
-  b.shared_gate_up = t.shared_gate_up;
-  b.shared_down = t.shared_down;
-  b.shared_gate_up_bias = t.shared_gate_up_bias;
-  b.shared_down_bias = t.shared_down_bias;
-  b.shared_gate = t.shared_gate;
-  return b;
-}
 
 }  // namespace
 
@@ -491,7 +475,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
                       "no saved forward");
   }
   ensure_grads();
-  Matrix<float> d_x = run_backward(d_output, impl_->saved, grad_buffers_of(grads_), impl_->grad_pending_zero,
+  Matrix<float> d_x = run_backward(d_output, impl_->saved, moe_grad_buffers(grads_), impl_->grad_pending_zero,
                                    config_.routing.router_aux_loss_coef, config_.routing.router_z_loss_coef);
   impl_->saved = MoeSavedForward{};
   return d_x;
@@ -512,7 +496,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output, MoeForwardStat
   Matrix<float> d_x;
   if (into == nullptr) {
     ensure_grads();
-    d_x = run_backward(d_output, saved, grad_buffers_of(grads_), impl_->grad_pending_zero, d_aux, d_z);
+    d_x = run_backward(d_output, saved, moe_grad_buffers(grads_), impl_->grad_pending_zero, d_aux, d_z);
   } else {
     // Written, not accumulated: every buffer starts at zero except the expert weight gradients,
     // which the backward writes for the experts it touches; the others are zeroed after.

@@ -46,6 +46,23 @@ BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
 template BasicMoeTensors<float> make_moe_tensors<float>(const MoeLayerConfig&);
 template BasicMoeTensors<double> make_moe_tensors<double>(const MoeLayerConfig&);
 
+MoeGradBuffers moe_grad_buffers(MoeTensors& t) {
+  MoeGradBuffers b;
+  b.router_weight = t.router_weight;
+  b.router_bias = t.router_bias;
+  b.router_noise_weight = t.router_noise_weight;
+  b.gate_up = t.gate_up;
+  b.down = t.down;
+  b.gate_up_bias = t.gate_up_bias;
+  b.down_bias = t.down_bias;
+  b.shared_gate_up = t.shared_gate_up;
+  b.shared_down = t.shared_down;
+  b.shared_gate_up_bias = t.shared_gate_up_bias;
+  b.shared_down_bias = t.shared_down_bias;
+  b.shared_gate = t.shared_gate;
+  return b;
+}
+
 MoeParams moe_params_view(const MoeLayerConfig& c, const MoeTensors& t) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   auto weights = [](const std::vector<float>& v, int64_t experts, int64_t rows, int64_t cols) {

@@ -257,6 +257,9 @@ struct MoeBackwardOptions {
   std::optional<double> d_z_loss;
 };
 
+// Views of owned gradient tensors as buffers (every tensor of `t` but the selection bias).
+MoeGradBuffers moe_grad_buffers(MoeTensors& t);
+
 // What one training forward keeps for its backward (a copy of hidden_states, the routing
 // result, the pre-activations; see the memory note at the top), taken out of the layer by
 // MoeLayer::take_forward_state() so that several forwards may precede their backwards, in any

@@ -315,3 +315,22 @@ def test_readme_example_runs():
     moe = scope["moe"]
     assert moe.routing_stats["tokens_per_expert"].sum() == 4 * 64 * 2
     assert moe._core.recomputed == 0
+
+
+def test_numpy_api_borrows_torch_tensors_fp32_and_bf16():
+    import moekit
+
+    owner = mt.MoE(CFG)
+    for dtype, cfg_dtype in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        gu = owner.experts.gate_up_proj.detach().to(dtype).contiguous()
+        dn = owner.experts.down_proj.detach().to(dtype).contiguous()
+        rw = owner.gate.weight.detach().clone()
+        layer = moekit.MoeLayer(dict(CFG, dtype=cfg_dtype), params={"router_weight": rw, "gate_up": gu, "down": dn})
+        x = torch.randn(10, D)
+        y0, _ = layer.forward(x)
+        dn.mul_(0.0)  # in place in the tensor's own memory
+        layer.refresh_packed_weights()
+        y1, _ = layer.forward(x)
+        assert y0.any() and not y1.any(), cfg_dtype  # the layer read the tensor, not a copy
+    with pytest.raises(TypeError, match="expected dtype float32, got float64"):
+        moekit.MoeLayer(CFG, params={"router_weight": rw.double(), "gate_up": gu.float(), "down": dn.float()})
