@@ -322,8 +322,8 @@ def test_numpy_api_borrows_torch_tensors_fp32_and_bf16():
 
     owner = mt.MoE(CFG)
     for dtype, cfg_dtype in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        gu = owner.experts.gate_up_proj.detach().to(dtype).contiguous()
-        dn = owner.experts.down_proj.detach().to(dtype).contiguous()
+        gu = owner.experts.gate_up_proj.detach().to(dtype).clone()
+        dn = owner.experts.down_proj.detach().to(dtype).clone()
         rw = owner.gate.weight.detach().clone()
         layer = moekit.MoeLayer(dict(CFG, dtype=cfg_dtype), params={"router_weight": rw, "gate_up": gu, "down": dn})
         x = torch.randn(10, D)
