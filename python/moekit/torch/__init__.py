@@ -21,8 +21,11 @@ import math
 import weakref
 from typing import Any, List, Mapping, Optional
 
-import torch
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ImportError as e:  # moekit itself needs only NumPy
+    raise ImportError(f"moekit.torch needs PyTorch (pip install torch): {e}") from e
 
 from .. import load_config
 from .. import _moekit
