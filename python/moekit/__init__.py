@@ -25,7 +25,7 @@ import numpy as np
 from . import _moekit
 
 __version__ = "0.1.0"
-__all__ = ["route", "presets", "preset", "load_config", "MoeLayer", "__version__"]
+__all__ = ["route", "presets", "preset", "load_config", "model_family", "MoeLayer", "__version__"]
 
 ConfigLike = Union[Mapping[str, Any], str, "os.PathLike[str]", None]
 
@@ -67,6 +67,48 @@ def load_config(config: ConfigLike = None, **keys: Any) -> dict:
                         f"{type(config).__name__}")
     out.update(keys)
     return out
+
+
+def _hf_config_text(config) -> str:
+    """config.json text from a dict, a transformers config object, a config.json path or a
+    checkpoint directory."""
+    if hasattr(config, "to_dict") and callable(config.to_dict):
+        return json.dumps(config.to_dict())
+    if isinstance(config, Mapping):
+        return json.dumps(dict(config))
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ValueError(f"config: expected a config.json or a directory holding one, got {path!r}") from None
+    raise TypeError("config: expected a dict, a transformers config, or the path of a config.json or its "
+                    f"directory, got {type(config).__name__}")
+
+
+def model_family(config) -> dict:
+    """The MoE layer of a Hugging Face model, configured from its config.json.
+
+    Parameters
+    ----------
+    config : dict, transformers.PretrainedConfig, or path
+        The model's configuration (a config.json, its directory, a dict or a config object).
+        ``model_type`` one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3.
+
+    Returns
+    -------
+    dict
+        ``model_type``; ``layer_config``: the moekit layer keys of its MoE layers (for
+        :class:`MoeLayer` or ``moekit.torch.MoE``); ``layers``: per decoder layer ``index``,
+        ``is_moe``, ``prefix`` (where its MLP's tensors are named), ``reason`` (why a layer is
+        dense) and ``dense_d_ff``.
+    """
+    raw = _moekit.model_family(_hf_config_text(config))
+    return {"model_type": raw["model_type"], "layer_config": json.loads(raw["layer_config_json"]),
+            "layers": list(raw["layers"])}
 
 
 def presets() -> list:

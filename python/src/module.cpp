@@ -21,6 +21,7 @@
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "moekit/model_family.h"
 #include "moekit/routing.h"
 
 namespace moekit::python {
@@ -430,6 +431,25 @@ NB_MODULE(_moekit, m) {
         "router_bias"_a.none() = nb::none(), "noise_weight"_a.none() = nb::none(), "token_mask"_a.none() = nb::none(),
         "sequence_length"_a = 0, "labels"_a.none() = nb::none(), "selection_bias"_a.none() = nb::none(),
         "num_threads"_a = 1);
+
+  m.def("model_family", [](const std::string& text) {
+    const ModelFamily f = model_family_from_config(text);
+    nb::dict d;
+    d["model_type"] = f.model_type;
+    d["layer_config_json"] = f.layer_config_json;
+    nb::list layers;
+    for (const ModelLayer& l : f.layers) {
+      nb::dict ld;
+      ld["index"] = l.index;
+      ld["is_moe"] = l.is_moe;
+      ld["prefix"] = l.prefix;
+      ld["reason"] = l.reason;
+      ld["dense_d_ff"] = l.dense_d_ff;
+      layers.append(ld);
+    }
+    d["layers"] = layers;
+    return d;
+  });
 
   m.def("pooled_array", [](const std::vector<size_t>& shape, const std::string& dtype) {
     if (dtype != "float32" && dtype != "bfloat16") {

@@ -192,6 +192,18 @@ class MoE(nn.Module):
         self.z_loss: Optional[torch.Tensor] = None
         self.router_loss: Optional[torch.Tensor] = None
 
+    @classmethod
+    def from_hf_config(cls, config: Any, **keys: Any) -> "MoE":
+        """The MoE block of a Hugging Face model configured from its config.json (a dict, a
+        transformers config object, a config.json path or its directory; see
+        ``moekit.model_family``); keyword arguments override the derived keys. The parameters
+        are initialised afresh: load the block's ``state_dict`` into it."""
+        from .. import model_family
+
+        cfg = model_family(config)["layer_config"]
+        cfg.update(keys)
+        return cls(cfg)
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation U(−1/√fan_in, 1/√fan_in), from torch's generator."""
         d = self.hidden_size
