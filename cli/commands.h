@@ -23,4 +23,8 @@ void add_preset_commands(CLI::App& app);
 // routing report; `moekit compare`: several routing methods on the same data (cli/train.cpp).
 void add_train_command(CLI::App& app);
 
+// `moekit inspect --model DIR`: a checkpoint's layers, MoE configuration and stored tensors
+// (cli/inspect.cpp).
+void add_inspect_command(CLI::App& app);
+
 }  // namespace moekit::cli

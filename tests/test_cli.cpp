@@ -16,6 +16,7 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "moekit/safetensors.h"
 
 namespace {
 
@@ -116,6 +117,7 @@ using CliRoute = CliTest;
 using CliRouteErrors = CliTest;
 using CliPresets = CliTest;
 using CliHelp = CliTest;
+using CliInspect = CliTest;
 using CliArguments = CliTest;
 
 const std::string kMixtral = R"({"preset": "hf-mixtral", "num_experts": 8, "top_k": 2})";
@@ -372,6 +374,7 @@ TEST_F(CliHelp, EachCommandHelpListsItsFlags) {
         "--repeats", "--warmup", "--preset", "--seed", "--memory-read"}},
       {"presets", {"--help"}},
       {"preset", {"NAME"}},
+      {"inspect", {"--model"}},
   };
   for (const auto& [command, flags] : commands) {
     // --help wins over everything else on the line, required flags included.
@@ -652,3 +655,33 @@ TEST_F(CliCompare, UnknownMethodIsAOneLineError) {
 }
 
 }  // namespace
+
+namespace moekit {
+namespace {
+
+TEST_F(CliInspect, ListsLayersTheirKindAndStoredTensors) {
+  const fs::path model = dir_ / "model";
+  fs::create_directories(model);
+  write_text(model / "config.json", R"({"model_type": "deepseek_v3", "hidden_size": 8, "intermediate_size": 20,
+      "moe_intermediate_size": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+      "n_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 2, "torch_dtype": "bfloat16"})");
+  const std::vector<uint16_t> dense(3 * 20 * 8), gate(4 * 8);
+  const std::vector<float> experts(4 * 8 * 8), bias(4);
+  write_safetensors((model / "model.safetensors").string(),
+                    {{"model.layers.0.mlp.up_proj.weight", TensorDType::kBF16, {60, 8}, dense.data()},
+                     {"model.layers.1.mlp.gate.weight", TensorDType::kBF16, {4, 8}, gate.data()},
+                     {"model.layers.1.mlp.gate.e_score_correction_bias", TensorDType::kF32, {4}, bias.data()},
+                     {"model.layers.1.mlp.experts.gate_up_proj", TensorDType::kF32, {4, 8, 8}, experts.data()}});
+  const RunResult r = run({"inspect", "--model", model.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("model_type deepseek_v3, 2 layers (1 MoE, 1 dense), 4 tensors in 1 file(s)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("experts 4, top-k 2, expert d_ff 4, activation swiglu, shared d_ff 4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("first_k_dense_replace = 1, MLP d_ff 20"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("BF16,F32"), std::string::npos) << r.out;
+  const RunResult missing = run({"inspect", "--model", (dir_ / "nothing").string()});
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.err.find("expected model.safetensors or model.safetensors.index.json"), std::string::npos) << missing.err;
+}
+
+}  // namespace
+}  // namespace moekit
