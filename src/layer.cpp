@@ -459,7 +459,6 @@ std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::R
   return out;
 }
 
-
 }  // namespace
 
 MoeForwardState MoeLayer::take_forward_state() {

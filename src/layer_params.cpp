@@ -47,19 +47,12 @@ template BasicMoeTensors<float> make_moe_tensors<float>(const MoeLayerConfig&);
 template BasicMoeTensors<double> make_moe_tensors<double>(const MoeLayerConfig&);
 
 MoeGradBuffers moe_grad_buffers(MoeTensors& t) {
+  // Both lists run in MoeTensors' order; the buffers stop before the selection bias.
+  std::vector<std::vector<float>*> tensors;
+  t.for_each([&](const char*, std::vector<float>& v) { tensors.push_back(&v); });
   MoeGradBuffers b;
-  b.router_weight = t.router_weight;
-  b.router_bias = t.router_bias;
-  b.router_noise_weight = t.router_noise_weight;
-  b.gate_up = t.gate_up;
-  b.down = t.down;
-  b.gate_up_bias = t.gate_up_bias;
-  b.down_bias = t.down_bias;
-  b.shared_gate_up = t.shared_gate_up;
-  b.shared_down = t.shared_down;
-  b.shared_gate_up_bias = t.shared_gate_up_bias;
-  b.shared_down_bias = t.shared_down_bias;
-  b.shared_gate = t.shared_gate;
+  size_t i = 0;
+  b.for_each([&](const char*, std::span<float>& span) { span = *tensors[i++]; });
   return b;
 }
 

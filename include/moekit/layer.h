@@ -229,9 +229,10 @@ struct MoeGradBuffers {
   std::span<float> shared_down_bias;     // [d_model]
   std::span<float> shared_gate;          // [d_model]
 
-  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there).
+  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there); the
+  // non-const form passes each span by reference, to be set.
   template <typename Fn>
-  void for_each(Fn&& fn) const {
+  void for_each(Fn&& fn) {
     fn("router_weight", router_weight);
     fn("router_bias", router_bias);
     fn("router_noise_weight", router_noise_weight);
@@ -244,6 +245,10 @@ struct MoeGradBuffers {
     fn("shared_gate_up_bias", shared_gate_up_bias);
     fn("shared_down_bias", shared_down_bias);
     fn("shared_gate", shared_gate);
+  }
+  template <typename Fn>
+  void for_each(Fn&& fn) const {
+    const_cast<MoeGradBuffers*>(this)->for_each([&](const char* name, std::span<float>& v) { fn(name, v); });
   }
 };
 

@@ -132,24 +132,20 @@ nb::dict routing_dict(RoutingResult<float>&& r, bool with_scores) {
 // ---------------------------------------------------------------------------------------------
 // Optional per-token inputs shared by route() and Layer.forward().
 
-struct TokenInputs {
-  RoutingOptions options;
-};
-
-TokenInputs token_inputs(int64_t num_tokens, const std::optional<InArray>& token_mask, int64_t sequence_length,
+RoutingOptions token_options(int64_t num_tokens, const std::optional<InArray>& token_mask, int64_t sequence_length,
                          const std::optional<InArray>& labels) {
-  TokenInputs in;
+  RoutingOptions in;
   if (token_mask) {
     const Elem e = token_mask->dtype() == nb::dtype<bool>() ? Elem::kBool : Elem::kU8;
     check_array(*token_mask, "token_mask", e, {num_tokens});
-    in.options.token_mask = {static_cast<const uint8_t*>(token_mask->data()), static_cast<size_t>(num_tokens)};
+    in.token_mask = {static_cast<const uint8_t*>(token_mask->data()), static_cast<size_t>(num_tokens)};
   }
   if (labels) {
     check_array(*labels, "labels", Elem::kI32, {num_tokens});
-    in.options.labels = {data_as<int32_t>(*labels), static_cast<size_t>(num_tokens)};
+    in.labels = {data_as<int32_t>(*labels), static_cast<size_t>(num_tokens)};
   }
   if (sequence_length < 0) throw_input_error("sequence_length", ">= 0 (0: one sequence)", sequence_length);
-  in.options.sequence_length = sequence_length;
+  in.sequence_length = sequence_length;
   return in;
 }
 
@@ -168,12 +164,12 @@ nb::dict route(const std::string& config_json, const InArray& input, const std::
     throw nb::value_error(("scores: expected a 2-D [num_tokens, *] array, got shape " + shape_text(shape_of(input))).c_str());
   }
   const int64_t num_tokens = static_cast<int64_t>(input.shape(0));
-  TokenInputs in = token_inputs(num_tokens, token_mask, sequence_length, labels);
+  RoutingOptions in = token_options(num_tokens, token_mask, sequence_length, labels);
   if (num_threads < 1 || num_threads > 1024) throw_input_error("num_threads", "in [1, 1024]", num_threads);
-  in.options.num_threads = num_threads;
+  in.num_threads = num_threads;
   if (selection_bias) {
     check_array(*selection_bias, "selection_bias", Elem::kF32, {config.num_experts});
-    in.options.selection_bias = {data_as<float>(*selection_bias), static_cast<size_t>(config.num_experts)};
+    in.selection_bias = {data_as<float>(*selection_bias), static_cast<size_t>(config.num_experts)};
   }
   RoutingResult<float> result;
   if (kind == "hidden_states") {
@@ -188,11 +184,11 @@ nb::dict route(const std::string& config_json, const InArray& input, const std::
     }
     if (noise_weight) params.noise_weight = matrix_of(*noise_weight, "noise_weight", d_model);
     nb::gil_scoped_release release;
-    result = route_hidden(config, x, params, in.options);
+    result = route_hidden(config, x, params, in);
   } else if (kind == "logits" || kind == "probs") {
     const ConstMatrixView<float> s = matrix_of(input, kind.c_str(), static_cast<int64_t>(input.shape(1)));
     nb::gil_scoped_release release;
-    result = kind == "logits" ? route_logits(config, s, in.options) : route_probs(config, s, in.options);
+    result = kind == "logits" ? route_logits(config, s, in) : route_probs(config, s, in);
   } else {
     throw nb::value_error(("kind: expected 'logits', 'probs' or 'hidden_states', got '" + kind + "'").c_str());
   }
@@ -304,12 +300,12 @@ class Layer {
   nb::tuple forward(const InArray& hidden_states, const std::optional<InArray>& token_mask, int64_t sequence_length,
                     const std::optional<InArray>& labels) {
     const ConstMatrixView<float> x = matrix_of(hidden_states, "hidden_states", config().d_model);
-    TokenInputs in = token_inputs(x.rows, token_mask, sequence_length, labels);
+    RoutingOptions in = token_options(x.rows, token_mask, sequence_length, labels);
     MoeForwardResult r;
     std::unique_ptr<ForwardState> state;
     {
       nb::gil_scoped_release release;
-      r = layer_->forward(x, in.options);
+      r = layer_->forward(x, in);
       if (config().routing.training) state = std::make_unique<ForwardState>(ForwardState{layer_->take_forward_state()});
     }
     const size_t t = static_cast<size_t>(r.output.rows), d = static_cast<size_t>(r.output.cols);
@@ -328,7 +324,6 @@ class Layer {
     options.d_z_loss = d_z_loss;
     if (into) {
       const auto sizes = moe_tensor_sizes(config());
-      size_t i = 0;
       for (auto [key, value] : *into) {
         const std::string name = nb::cast<std::string>(key);
         bool found = false;
@@ -337,7 +332,8 @@ class Layer {
           throw nb::value_error(("grads: unknown gradient '" + name + "'").c_str());
         }
       }
-      auto bind = [&](const char* name, std::span<float>& span) {
+      size_t i = 0;  // MoeGradBuffers::for_each runs in moe_tensor_sizes' order
+      buffers.for_each([&](const char* name, std::span<float>& span) {
         const int64_t want = sizes[i++].second;
         if (want == 0) return;
         if (!into->contains(name)) throw nb::value_error((std::string("grads: expected a buffer '") + name + "', got none").c_str());
@@ -352,19 +348,7 @@ class Layer {
                                     .c_str());
         }
         span = {static_cast<float*>(a.data()), static_cast<size_t>(want)};
-      };
-      bind("router_weight", buffers.router_weight);
-      bind("router_bias", buffers.router_bias);
-      bind("router_noise_weight", buffers.router_noise_weight);
-      bind("gate_up", buffers.gate_up);
-      bind("down", buffers.down);
-      bind("gate_up_bias", buffers.gate_up_bias);
-      bind("down_bias", buffers.down_bias);
-      bind("shared_gate_up", buffers.shared_gate_up);
-      bind("shared_down", buffers.shared_down);
-      bind("shared_gate_up_bias", buffers.shared_gate_up_bias);
-      bind("shared_down_bias", buffers.shared_down_bias);
-      bind("shared_gate", buffers.shared_gate);
+      });
       options.into = &buffers;
     }
     Matrix<float> d_x;

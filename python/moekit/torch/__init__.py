@@ -17,6 +17,7 @@ block's ``state_dict`` loads into it. The forward and backward are custom operat
 
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from typing import Any, List, Mapping, Optional
@@ -293,13 +294,9 @@ class MoE(nn.Module):
 
 
 def _json(cfg: Mapping[str, Any]) -> str:
-    import json
-
     return json.dumps(dict(cfg))
 
 
 def _layer_summary(cfg: Mapping[str, Any]) -> dict:
     """The derived shapes and switches of a layer config, from the C++ parser."""
-    import json
-
     return json.loads(_moekit.layer_summary(_json(cfg)))

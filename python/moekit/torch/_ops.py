@@ -134,7 +134,7 @@ class _Core:
         state = self.saved.pop(self.key(x, params, compute, training, seq), None)
         if state is None or state.empty:
             self.recomputed += 1
-            if layer.training != training or not training:
+            if not layer.training:
                 layer.set_training(True)  # a backward needs the saving forward
             x32 = x if x.dtype == torch.float32 else x.float()
             _, _, state = layer.forward(x32.detach(), None, seq, None)
