@@ -27,4 +27,8 @@ void add_train_command(CLI::App& app);
 // (cli/inspect.cpp).
 void add_inspect_command(CLI::App& app);
 
+// `moekit forward --model DIR --layer N --input IN --output OUT`: one MoE layer of a checkpoint
+// on given hidden states (cli/forward.cpp).
+void add_forward_command(CLI::App& app);
+
 }  // namespace moekit::cli

@@ -14,6 +14,7 @@
 #include "moekit/checkpoint.h"
 #include "moekit/error.h"
 #include "moekit/model_family.h"
+#include "moekit/pretrained.h"
 
 namespace moekit::cli {
 
@@ -45,9 +46,9 @@ void inspect(const std::string& dir) {
     std::cout << ", shared d_ff " << c.effective_shared_d_ff() << (c.shared_expert_gate ? " behind a sigmoid gate" : "");
   }
   std::cout << "\n  routing: " << c.routing.preset << " (" << family.layer_config_json << ")\n";
-  std::cout << "layer  kind   tensors  dtypes        bytes        note\n";
+  std::cout << "layer      kind   tensors  dtypes        bytes        note\n";
   for (const ModelLayer& l : family.layers) {
-    const std::string prefix = l.prefix + ".";
+    const std::string prefix = stored_mlp_prefix(checkpoint, family, l) + ".";
     int64_t count = 0, bytes = 0;
     std::set<std::string> dtypes;
     for (const std::string& n : names) {
@@ -62,7 +63,7 @@ void inspect(const std::string& dir) {
     std::string note = l.reason;
     if (!l.is_moe && l.dense_d_ff > 0) note += ", MLP d_ff " + std::to_string(l.dense_d_ff);
     if (count == 0) note += std::string(note.empty() ? "" : "; ") + "no tensors under " + prefix;
-    std::cout << std::left << std::setw(7) << l.index << std::setw(7) << (l.is_moe ? "moe" : "dense") << std::setw(9)
+    std::cout << std::left << std::setw(11) << l.name << std::setw(7) << (l.is_moe ? "moe" : "dense") << std::setw(9)
               << count << std::setw(14) << (dt.empty() ? "-" : dt) << std::setw(13) << megabytes(bytes) << note << "\n";
   }
 }

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   moekit::cli::add_bench_command(app);
   moekit::cli::add_preset_commands(app);
   moekit::cli::add_inspect_command(app);
+  moekit::cli::add_forward_command(app);
   // After the commands: a subcommand inherits the footer that is set when it is added.
   app.footer("Run 'moekit COMMAND --help' for a command's flags. Exit status: 0 success, "
              "1 internal error, 2 bad arguments, configuration or input.");

@@ -140,7 +140,9 @@ json matrix_json(const Matrix<Real>& m) {
   return out;
 }
 
-json stats_json(const RoutingStats& s) {
+}  // namespace
+
+nlohmann::json routing_stats_json(const RoutingStats& s) {
   json by_label = json::array();
   for (const LabelStats& l : s.by_label) {
     by_label.push_back({{"label", l.label},
@@ -172,6 +174,8 @@ json stats_json(const RoutingStats& s) {
           {"by_label", by_label},
           {"label_expert_mutual_information", s.label_expert_mutual_information}};
 }
+
+namespace {
 
 template <typename Real>
 json route_typed(const RoutingConfig& config, const Input& in) {
@@ -246,7 +250,7 @@ json route_typed(const RoutingConfig& config, const Input& in) {
                    {"importance_cv2", result.losses.importance_cv2},
                    {"load_cv2", result.losses.load_cv2},
                    {"total", result.losses.total}};
-  out["stats"] = stats_json(result.stats);
+  out["stats"] = routing_stats_json(result.stats);
   if (p.num_slots > 0) {
     Matrix<Real> dispatch(p.num_tokens, p.num_slots), combine(p.num_tokens, p.num_slots);
     dispatch.values = p.dispatch;

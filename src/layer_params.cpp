@@ -1,5 +1,6 @@
 // Parameters of the layer: owned storage, views, and their shape checks.
 #include <algorithm>
+#include <tuple>
 #include <utility>
 #include <string>
 
@@ -124,6 +125,18 @@ void check_weight_param(const char* name, const WeightView& w, bool wanted, int6
   }
   if (w.dtype != DType::kF32 && w.dtype != DType::kBF16) {
     throw_input_error(detail::concat("params.", name, " dtype"), "fp32 or bf16", static_cast<int>(w.dtype));
+  }
+  for (const auto& [part, list, base] : {std::tuple{"expert_data", w.expert_data, w.data},
+                                         std::tuple{"expert_up_data", w.expert_up_data, w.up_data}}) {
+    if (list.empty()) continue;
+    if (static_cast<int64_t>(list.size()) != experts) {
+      throw_input_error(detail::concat("params.", name, ".", part, " length"), experts, list.size());
+    }
+    if (base == nullptr || list[0] != base || std::find(list.begin(), list.end(), nullptr) != list.end()) {
+      throw_input_error(detail::concat("params.", name, ".", part),
+                        detail::concat("non-null pointers, the first equal to ", part == std::string("expert_data") ? "data" : "up_data"),
+                        "a null or different pointer");
+    }
   }
   if (w.expert_stride < 0 || w.row_stride < 0 || w.col_stride < 0) {
     throw_input_error(detail::concat("params.", name, " strides"), "non-negative (0: contiguous)",

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <algorithm>
 #include <set>
+#include <tuple>
 
 #include "moekit/error.h"
 
@@ -64,11 +65,97 @@ std::vector<int64_t> int_list(const Json& c, const std::string& name) {
   return out;
 }
 
+// quantization_config: the formats the loader dequantizes (quant.h); any other method is an
+// error rather than weights read as if they were plain.
+void read_quantization(const Json& c, ModelFamily& f) {
+  if (!c.contains("quantization_config") || c["quantization_config"].is_null()) return;
+  const Json& q = c["quantization_config"];
+  if (!q.is_object() || !q.contains("quant_method") || !q["quant_method"].is_string()) {
+    fail("quantization_config", "an object with a quant_method string", q);
+  }
+  f.quant_method = q["quant_method"].get<std::string>();
+  if (f.quant_method == "fp8") {
+    if (q.contains("fmt") && q["fmt"] != "e4m3") fail("quantization_config.fmt", "\"e4m3\"", q["fmt"]);
+    if (q.contains("weight_block_size") && !q["weight_block_size"].is_null()) {
+      const Json& b = q["weight_block_size"];
+      if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
+          b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1) {
+        fail("quantization_config.weight_block_size", "two positive integers [rows, cols]", b);
+      }
+      f.fp8_block_rows = b[0].get<int64_t>();
+      f.fp8_block_cols = b[1].get<int64_t>();
+    }
+  } else if (f.quant_method != "mxfp4") {
+    fail("quantization_config.quant_method", "\"fp8\" or \"mxfp4\" (the formats moekit dequantizes)", q["quant_method"]);
+  }
+}
+
+// Switch Transformers (SwitchTransformersSparseMLP): an encoder and a decoder stack of
+// num_layers and num_decoder_layers blocks; block i of a stack with sparse step s is sparse
+// when s == 1 or i % s == 1 (transformers' SwitchTransformersStack), else a dense T5 MLP of
+// d_ff. Experts are ungated MLPs of d_ff with dense_act_fn; top-1 with a fixed expert_capacity
+// applied per sequence (per batch row), as the original model and transformers ≥ 5.23 do.
+ModelFamily switch_family(const Json& c, ModelFamily f, Json out) {
+  out["preset"] = "hf-switch";
+  const int64_t d_ff = integer(c, {"d_ff"}, 1);
+  out["d_ff"] = d_ff;
+  out["num_experts"] = integer(c, {"num_experts", "num_local_experts"}, 1);
+  out["expert_capacity"] = integer(c, {"expert_capacity"}, 1);
+  copy_key(c, out, "router_jitter_noise", "router_jitter_noise");
+  copy_key(c, out, "router_z_loss_coef", "router_z_loss_coef");
+  copy_key(c, out, "router_bias", "router_bias");
+  const Json* act = pick(c, {"dense_act_fn"});
+  out["hidden_act"] = act == nullptr ? Json("relu") : *act;
+  f.layer_config_json = out.dump();
+  f.layer = moe_layer_config_from_json(f.layer_config_json);
+  const int64_t num_encoder = integer(c, {"num_layers"}, 1);
+  const int64_t num_decoder = integer_or(c, {"num_decoder_layers"}, num_encoder, 0);
+  for (const auto& [stack, count, step_key, mlp_slot] :
+       {std::tuple{std::string("encoder"), num_encoder, std::string("encoder_sparse_step"), 1},
+        std::tuple{std::string("decoder"), num_decoder, std::string("decoder_sparse_step"), 2}}) {
+    const int64_t step = integer_or(c, {step_key}, 1, 0);
+    for (int64_t i = 0; i < count; ++i) {
+      ModelLayer l;
+      l.stack = stack;
+      l.index = i;
+      l.name = stack == "encoder" ? std::to_string(i) : detail::concat("decoder.", i);
+      l.prefix = detail::concat(stack, ".block.", i, ".layer.", mlp_slot, ".mlp");
+      const bool sparse = step > 0 && (step == 1 || i % step == 1);
+      if (!sparse) {
+        l.reason = step == 0 ? step_key + " = 0" : detail::concat("block % ", step_key, " (", step, ") != 1");
+        l.dense_d_ff = d_ff;
+      }
+      l.is_moe = sparse;
+      f.layers.push_back(l);
+    }
+  }
+  return f;
+}
+
 }  // namespace
 
 const std::vector<std::string>& model_family_names() {
-  static const std::vector<std::string> names = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"};
+  static const std::vector<std::string> names = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
+                                                 "gpt_oss", "switch_transformers"};
   return names;
+}
+
+const ModelLayer& find_model_layer(const ModelFamily& family, const std::string& name) {
+  std::string wanted = name;
+  if (family.model_type == "switch_transformers" && wanted.rfind("encoder.", 0) == 0) wanted = wanted.substr(8);
+  for (const ModelLayer& l : family.layers) {
+    if (l.name == wanted) return l;
+  }
+  std::string valid;
+  if (family.model_type == "switch_transformers") {
+    int64_t enc = 0, dec = 0;
+    for (const ModelLayer& l : family.layers) (l.stack == "encoder" ? enc : dec) += 1;
+    valid = detail::concat("an encoder block 0..", enc - 1, " (\"N\" or \"encoder.N\") or \"decoder.N\" with N in 0..",
+                           dec - 1);
+  } else {
+    valid = detail::concat("a layer index 0..", static_cast<int64_t>(family.layers.size()) - 1);
+  }
+  throw_input_error("layer", valid, "\"" + name + "\"");
 }
 
 ModelFamily model_family_from_config(const std::string& config_json) {
@@ -84,10 +171,11 @@ ModelFamily model_family_from_config(const std::string& config_json) {
   f.model_type = c["model_type"].get<std::string>();
   const std::string& t = f.model_type;
   Json out = Json::object();
-  const int64_t d_model = integer(c, {"hidden_size"}, 1);
-  const int64_t num_layers = integer(c, {"num_hidden_layers"}, 1);
+  const int64_t d_model = integer(c, {"hidden_size", "d_model"}, 1);
+  const int64_t num_layers = integer(c, {"num_hidden_layers", "num_layers"}, 1);
   out["d_model"] = d_model;
-  copy_key(c, out, "hidden_act", "hidden_act");
+  if (t != "gpt_oss") copy_key(c, out, "hidden_act", "hidden_act");
+  read_quantization(c, f);
   copy_key(c, out, "router_aux_loss_coef", "router_aux_loss_coef");
   copy_key(c, out, "num_experts_per_tok", "num_experts_per_tok");
   // Dense layers: index → reason (empty: MoE).
@@ -153,6 +241,22 @@ ModelFamily model_family_from_config(const std::string& config_json) {
     const int64_t first_dense = integer_or(c, {"first_k_dense_replace"}, 0, 0);
     for (int64_t i = 0; i < std::min(first_dense, num_layers); ++i)
       dense[static_cast<size_t>(i)] = detail::concat("first_k_dense_replace = ", first_dense);
+  } else if (t == "gpt_oss") {
+    // GptOssMLP in every layer: router with a bias, top-k of the logits then softmax over the k,
+    // experts with biases and the clamped SwiGLU (transformers' GptOssExperts: limit =
+    // swiglu_limit, alpha = 1.702 fixed in the code, out = (up + 1) · gate · σ(alpha · gate)).
+    // Its hidden_act "silu" does not describe that activation and is not read.
+    out["preset"] = "hf-gpt-oss";
+    out["d_ff"] = integer(c, {"intermediate_size"}, 1);
+    out["num_experts"] = integer(c, {"num_local_experts", "num_experts"}, 1);
+    out["activation"] = "swiglu_clamped";
+    out["clamp_limit"] = c.contains("swiglu_limit") && !c["swiglu_limit"].is_null() ? c["swiglu_limit"] : Json(7.0);
+    out["clamp_alpha"] = 1.702;
+    out["router_bias"] = true;
+    out["expert_bias"] = true;
+    dense_d_ff = 0;
+  } else if (t == "switch_transformers") {
+    return switch_family(c, std::move(f), std::move(out));
   } else {
     std::string names;
     for (const std::string& n : model_family_names()) names += (names.empty() ? "" : ", ") + n;
@@ -162,6 +266,7 @@ ModelFamily model_family_from_config(const std::string& config_json) {
   f.layer = moe_layer_config_from_json(f.layer_config_json);
   for (int64_t i = 0; i < num_layers; ++i) {
     ModelLayer l;
+    l.name = std::to_string(i);
     l.index = i;
     l.prefix = detail::concat("model.layers.", i, ".mlp");
     l.reason = dense[static_cast<size_t>(i)];

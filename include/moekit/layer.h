@@ -134,6 +134,12 @@ struct WeightView {
   // with gate and up interleaved (data = base, up_data = base + 1 element, row_stride 2,
   // col_stride 2·d_ff), or separate gate and up tensors. Null: the up rows follow.
   const void* up_data = nullptr;
+  // Experts stored as separate tensors at no common distance (one safetensors tensor per
+  // expert, possibly in different shards): expert e's base is expert_data[e] (and its up half,
+  // when split, expert_up_data[e]) instead of data + e·expert_stride; row and column strides as
+  // above. Empty: the stack layout. `data` must still point at expert 0.
+  std::span<const void* const> expert_data = {};
+  std::span<const void* const> expert_up_data = {};
   bool empty() const { return data == nullptr; }
   int64_t expert_step() const { return expert_stride != 0 ? expert_stride : rows * cols; }
   int64_t row_step() const { return row_stride != 0 ? row_stride : cols; }

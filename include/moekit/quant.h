@@ -16,6 +16,9 @@ namespace moekit {
 // FP8 E4M3 "fn" (no infinities; 0x7f and 0xff are NaN) to float, exactly.
 float fp8_e4m3_to_float(uint8_t bits);
 
+// IEEE binary16 (safetensors F16) to float, exactly (subnormals, infinities and NaN kept).
+float fp16_to_float(uint16_t bits);
+
 // FP4 E2M1 (the low 4 bits) to float, exactly: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}.
 float fp4_e2m1_to_float(uint8_t nibble);
 

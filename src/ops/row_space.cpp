@@ -10,12 +10,17 @@ size_t dtype_bytes(DType d) { return d == DType::kBF16 ? 2 : 4; }
 
 ExpertWeight expert_weight(const WeightView& w, int64_t e) {
   ExpertWeight x;
-  x.data = static_cast<const uint8_t*>(w.data) + e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
+  const int64_t offset = e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
+  const auto at = [&](std::span<const void* const> per_expert, const void* base) -> const void* {
+    if (!per_expert.empty()) return per_expert[static_cast<size_t>(e)];
+    return static_cast<const uint8_t*>(base) + offset;
+  };
+  x.data = at(w.expert_data, w.data);
   x.dtype = w.dtype;
   x.row_stride = w.row_step();
   x.col_stride = w.col_step();
   if (w.up_data != nullptr) {
-    x.up_data = static_cast<const uint8_t*>(w.up_data) + e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
+    x.up_data = at(w.expert_up_data, w.up_data);
     x.up_row = w.rows / 2;
   }
   return x;

@@ -18,6 +18,19 @@ float fp8_e4m3_to_float(uint8_t bits) {
   return sign ? -magnitude : magnitude;
 }
 
+float fp16_to_float(uint16_t bits) {
+  const int sign = bits >> 15, exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
+  float magnitude;
+  if (exponent == 0x1f) {
+    magnitude = mantissa != 0 ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // subnormal m/1024 · 2^−14
+  } else {
+    magnitude = std::ldexp(1.0f + static_cast<float>(mantissa) / 1024.0f, exponent - 15);  // bias 15
+  }
+  return sign ? -magnitude : magnitude;
+}
+
 float fp4_e2m1_to_float(uint8_t nibble) {
   const int sign = (nibble >> 3) & 1, exponent = (nibble >> 1) & 0x3, mantissa = nibble & 1;
   // bias 1; exponent 0: subnormal m/2 · 2^0
