@@ -83,6 +83,7 @@ struct MoeLayer::Impl {
   std::vector<uint8_t> grad_pending_zero;
 
   MoeSavedForward saved;  // of the last training forward, until taken or consumed
+  bool save_in_eval = false;  // set_save_for_backward
   // The pre-activation buffer of the last consumed forward state, handed to the next training
   // forward: the same size each step, so it is not faulted in afresh every time.
   std::vector<float> spare_pre_activations;
@@ -223,8 +224,11 @@ void MoeLayer::set_num_threads(int num_threads) {
 
 void MoeLayer::set_training(bool training) {
   config_.routing.training = training;
-  if (!training) impl_->saved = MoeSavedForward{};
+  if (!training && !impl_->save_in_eval) impl_->saved = MoeSavedForward{};
 }
+
+void MoeLayer::set_save_for_backward(bool save) { impl_->save_in_eval = save; }
+bool MoeLayer::saves_for_backward() const { return config_.routing.training || impl_->save_in_eval; }
 
 MoeTensors& MoeLayer::parameters() {
   if (!owned_) throw std::logic_error("MoeLayer::parameters: the layer borrows its parameters (use params())");
@@ -360,7 +364,7 @@ MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const R
   const int64_t d = c.d_model;
   check_hidden_states(c, hidden_states);
   impl.timer.start(&impl.phases);
-  const bool training = c.routing.training;
+  const bool training = saves_for_backward();  // keep what backward needs (pre-activations, ...)
   impl.saved = MoeSavedForward{};
   if (training) impl.saved.experts.pre_activations = std::move(impl.spare_pre_activations);
   const bool router_by_op = router_runs_as_op(c);
@@ -470,7 +474,7 @@ MoeForwardState MoeLayer::take_forward_state() {
 
 Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output) {
   if (!impl_->saved.valid) {
-    throw_input_error("backward", "a preceding forward with routing.training = true (set_training)",
+    throw_input_error("backward", "a preceding forward that saved its state (set_training, set_save_for_backward)",
                       "no saved forward");
   }
   ensure_grads();

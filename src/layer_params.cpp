@@ -1,5 +1,6 @@
 // Parameters of the layer: owned storage, views, and their shape checks.
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <string>
@@ -77,6 +78,62 @@ MoeParams moe_params_view(const MoeLayerConfig& c, const MoeTensors& t) {
   p.shared_gate = t.shared_gate;
   p.selection_bias = t.selection_bias;
   return p;
+}
+
+namespace {
+
+// Element (e, r, c) of a weight view as float (the addressing of ops::expert_weight).
+float weight_element(const WeightView& w, int64_t e, int64_t r, int64_t c) {
+  const bool up = w.up_data != nullptr && r >= w.rows / 2;
+  const int64_t row = up ? r - w.rows / 2 : r;
+  const size_t bytes = w.dtype == DType::kBF16 ? 2 : 4;
+  const std::span<const void* const> list = up ? w.expert_up_data : w.expert_data;
+  const auto* base = static_cast<const uint8_t*>(!list.empty() ? list[static_cast<size_t>(e)] : (up ? w.up_data : w.data));
+  const int64_t offset = (list.empty() ? e * w.expert_step() : 0) + row * w.row_step() + c * w.col_step();
+  const uint8_t* at = base + static_cast<size_t>(offset) * bytes;
+  if (w.dtype == DType::kBF16) {
+    uint16_t b;
+    std::memcpy(&b, at, 2);
+    const uint32_t u = uint32_t{b} << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  float f;
+  std::memcpy(&f, at, 4);
+  return f;
+}
+
+void copy_weight(const WeightView& w, std::vector<float>& out) {
+  if (w.empty()) return;
+  for (int64_t e = 0; e < w.experts; ++e)
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t c = 0; c < w.cols; ++c) out[static_cast<size_t>((e * w.rows + r) * w.cols + c)] = weight_element(w, e, r, c);
+}
+
+}  // namespace
+
+MoeTensors moe_tensors_from_params(const MoeLayerConfig& c, const MoeParams& p) {
+  check_moe_params(c, p);
+  MoeTensors t = make_moe_tensors<float>(c);
+  const auto copy_span = [](std::span<const float> from, std::vector<float>& to) { std::copy(from.begin(), from.end(), to.begin()); };
+  const auto copy_matrix = [](ConstMatrixView<float> m, std::vector<float>& to) {
+    if (m.data != nullptr) std::copy(m.data, m.data + m.rows * m.cols, to.begin());
+  };
+  copy_matrix(p.router_weight, t.router_weight);
+  copy_span(p.router_bias, t.router_bias);
+  copy_matrix(p.router_noise_weight, t.router_noise_weight);
+  copy_weight(p.gate_up, t.gate_up);
+  copy_weight(p.down, t.down);
+  copy_span(p.gate_up_bias, t.gate_up_bias);
+  copy_span(p.down_bias, t.down_bias);
+  copy_weight(p.shared_gate_up, t.shared_gate_up);
+  copy_weight(p.shared_down, t.shared_down);
+  copy_span(p.shared_gate_up_bias, t.shared_gate_up_bias);
+  copy_span(p.shared_down_bias, t.shared_down_bias);
+  copy_span(p.shared_gate, t.shared_gate);
+  copy_span(p.selection_bias, t.selection_bias);
+  return t;
 }
 
 namespace {

@@ -116,7 +116,9 @@ TEST_P(PretrainedConformance, MatchesTheBlocksTransformersRan) {
     const double logit_tol = 2 * gamma_fp32(c.d_model + 1) * max_abs(logits);
     for (size_t i = 0; i < logits.size(); ++i) ASSERT_NEAR(ours[i], logits[i], logit_tol) << "router_logits " << i;
 
-    // Top-k in choice order; weights of kept selections (a dropped one has weight 0 in the plan).
+    // Top-k per token as an expert → weight map (DeepSeek's block takes an unsorted topk, so the
+    // order is not part of what it computes); weights of kept selections only (a dropped one has
+    // weight 0 in the plan, Switch stores its router probability).
     const std::vector<int64_t> indices = ints_of(io.at(name + ".topk_indices"));
     const std::vector<float> weights = floats_of(io.at(name + ".topk_weights"));
     const TensorView* kept = io.find(name + ".kept");
@@ -124,15 +126,20 @@ TEST_P(PretrainedConformance, MatchesTheBlocksTransformersRan) {
     int64_t dropped = 0;
     for (int64_t t = 0; t < tokens; ++t) {
       ASSERT_EQ(plan.token_offsets[t + 1] - plan.token_offsets[t], k) << "token " << t;
+      std::map<int64_t, std::pair<float, bool>> ours_by_expert, theirs_by_expert;
       for (int64_t j = 0; j < k; ++j) {
         const size_t s = static_cast<size_t>(plan.token_offsets[t] + j), at = static_cast<size_t>(t * k + j);
-        ASSERT_EQ(plan.token_experts[s], indices[at]) << "token " << t << " choice " << j;
-        if (kept != nullptr) {
-          ASSERT_EQ(plan.token_kept[s] != 0, static_cast<const uint8_t*>(kept->data)[at] != 0) << "token " << t;
-        }
-        if (plan.token_kept[s]) {
-          EXPECT_NEAR(plan.token_weights[s], weights[at], 4 * gamma_fp32(c.num_experts() + 4) * std::max(1.0f, weights[at]))
-              << "token " << t << " choice " << j;
+        ours_by_expert[plan.token_experts[s]] = {plan.token_weights[s], plan.token_kept[s] != 0};
+        theirs_by_expert[indices[at]] = {weights[at], kept == nullptr || static_cast<const uint8_t*>(kept->data)[at] != 0};
+      }
+      ASSERT_EQ(ours_by_expert.size(), theirs_by_expert.size()) << "token " << t;
+      for (const auto& [expert, theirs] : theirs_by_expert) {
+        ASSERT_TRUE(ours_by_expert.count(expert)) << "token " << t << ": transformers chose expert " << expert;
+        const auto [w, was_kept] = ours_by_expert[expert];
+        ASSERT_EQ(was_kept, theirs.second) << "token " << t << " expert " << expert;
+        if (was_kept) {
+          EXPECT_NEAR(w, theirs.first, 4 * gamma_fp32(c.num_experts() + 4) * std::max(1.0f, theirs.first))
+              << "token " << t << " expert " << expert;
         } else {
           ++dropped;
         }

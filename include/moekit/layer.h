@@ -292,6 +292,11 @@ class MoeForwardState {
 // fp32 views of owned tensors (the layout MoeParams expects).
 MoeParams moe_params_view(const MoeLayerConfig& config, const MoeTensors& tensors);
 
+// The parameters behind `params` copied into owned fp32 tensors of MoeTensors' layout, read
+// through the views' strides, split halves and per-expert pointers (bf16 widened exactly): what
+// a front end that owns its parameters (a fine-tuned PyTorch module) starts from.
+MoeTensors moe_tensors_from_params(const MoeLayerConfig& config, const MoeParams& params);
+
 // Throws InputError unless every view has the shape `config` asks for (names the parameter,
 // the expected and the actual shape).
 void check_moe_params(const MoeLayerConfig& config, const MoeParams& params);
@@ -330,6 +335,12 @@ class MoeLayer {
   // inference, plain in training, which keeps the raw pre-activations), so switching re-packs
   // them on the next forward.
   void set_training(bool training);
+  // Keep what backward needs after eval-mode forwards too (default: only in training), so a
+  // gradient can be taken through the eval routing (no noise, the eval capacity factor) — a
+  // frozen-router fine-tune, or PyTorch autograd through a module in eval(). Training
+  // forwards always save.
+  void set_save_for_backward(bool save);
+  bool saves_for_backward() const;
   bool owns_parameters() const { return owned_ != nullptr; }
 
   // Owned parameters (fp32 master copy; for dtype bf16 the layer computes with a bf16 rounding

@@ -25,7 +25,7 @@ import numpy as np
 from . import _moekit
 
 __version__ = "0.1.0"
-__all__ = ["route", "presets", "preset", "load_config", "model_family", "MoeLayer", "__version__"]
+__all__ = ["route", "presets", "preset", "load_config", "model_family", "load_layer", "MoeLayer", "__version__"]
 
 ConfigLike = Union[Mapping[str, Any], str, "os.PathLike[str]", None]
 
@@ -96,14 +96,16 @@ def model_family(config) -> dict:
     ----------
     config : dict, transformers.PretrainedConfig, or path
         The model's configuration (a config.json, its directory, a dict or a config object).
-        ``model_type`` one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3.
+        ``model_type`` one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss,
+        switch_transformers.
 
     Returns
     -------
     dict
         ``model_type``; ``layer_config``: the moekit layer keys of its MoE layers (for
-        :class:`MoeLayer` or ``moekit.torch.MoE``); ``layers``: per decoder layer ``index``,
-        ``is_moe``, ``prefix`` (where its MLP's tensors are named), ``reason`` (why a layer is
+        :class:`MoeLayer` or ``moekit.torch.MoE``); ``layers``: per layer ``name`` (what
+        :func:`load_layer` takes: ``"3"``; Switch ``"3"`` or ``"decoder.3"``), ``stack``,
+        ``index``, ``is_moe``, ``prefix`` (where its MLP's tensors are named), ``reason`` (why a layer is
         dense) and ``dense_d_ff``.
     """
     raw = _moekit.model_family(_hf_config_text(config))
@@ -214,6 +216,42 @@ def _flatten_tokens(hidden_states, d_model: int, sequence_length: int):
         raise ValueError(f"hidden_states: expected shape [num_tokens, {d_model}] or [batch, seq, {d_model}], "
                          f"got {list(shape)}")
     return hidden_states, sequence_length, shape
+
+
+def load_layer(path: Union[str, "os.PathLike[str]"], layer: Union[int, str], *, dtype: str = "fp32",
+               num_threads: int = 1) -> "MoeLayer":
+    """One MoE layer of a Hugging Face checkpoint directory, ready to run.
+
+    Parameters
+    ----------
+    path : str or path
+        A checkpoint directory: ``config.json`` and ``model.safetensors`` (or the shards of
+        ``model.safetensors.index.json``), as ``save_pretrained`` writes them or the Hub serves
+        them. ``model_type`` one of :func:`model_family`'s.
+    layer : int or str
+        The decoder layer index; for Switch Transformers ``N`` / ``"encoder.N"`` or
+        ``"decoder.N"``. A dense layer is a ``ValueError`` saying why it is dense.
+    dtype : ``"fp32"`` or ``"bf16"``
+        The precision the experts compute in (not the stored one).
+
+    Returns
+    -------
+    MoeLayer
+        In eval mode, borrowing the memory-mapped tensors where their dtype allows (F32, BF16),
+        with F16, FP8 (block scales) and MXFP4 weights converted once at load;
+        :meth:`MoeLayer.sources` says what was done per parameter. Give 3-D hidden states
+        [batch, seq, d_model] for families whose capacity or losses are per sequence (Switch).
+    """
+    core, info = _moekit.load_pretrained(os.fspath(path), str(layer), dtype, int(num_threads))
+    m = MoeLayer.__new__(MoeLayer)
+    m._config = json.loads(info["layer_config_json"])
+    m._config["dtype"] = dtype
+    m._core = core
+    m._state = None
+    m.last_routing = None
+    m.model_type = info["model_type"]
+    m.layer_name = info["layer"]
+    return m
 
 
 class MoeLayer:
@@ -357,6 +395,18 @@ class MoeLayer:
     def update_selection_bias(self, tokens_per_expert) -> None:
         """Aux-loss-free balancing step of an owned selection bias (int64 [num_experts])."""
         self._core.update_selection_bias(np.ascontiguousarray(tokens_per_expert, dtype=np.int64))
+
+    def sources(self) -> list:
+        """For a layer from :func:`load_layer`: per parameter the checkpoint tensors read, their
+        stored dtype and layout, and how they were obtained (``borrowed``, ``converted``,
+        ``dequantized``). Empty for other layers."""
+        return list(self._core.sources())
+
+    def stored_parameters(self) -> dict:
+        """The parameters the layer computes with, copied into new float32 arrays of the stacked
+        layout (``gate_up`` [num_experts, gate_up_rows, d_model], ``down`` [num_experts,
+        d_model, d_ff], ...), whatever layout they are read from."""
+        return self._core.stored_parameters()
 
     def last_phases(self) -> list:
         """(phase, milliseconds) of the last forward or backward."""

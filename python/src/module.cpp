@@ -22,6 +22,7 @@
 #include "moekit/error.h"
 #include "moekit/layer.h"
 #include "moekit/model_family.h"
+#include "moekit/pretrained.h"
 #include "moekit/routing.h"
 
 namespace moekit::python {
@@ -295,7 +296,51 @@ class Layer {
     layer_ = std::make_unique<MoeLayer>(c, p);
   }
 
+  // A checkpoint's layer (pretrained.h): the layer borrows the mapping and the conversions,
+  // which this object keeps.
+  explicit Layer(PretrainedLayer&& pretrained)
+      : layer_(std::make_unique<MoeLayer>(std::move(pretrained.moe()))),
+        pretrained_(std::make_unique<PretrainedLayer>(std::move(pretrained))) {}
+
   const MoeLayerConfig& config() const { return layer_->config(); }
+
+  // The parameters the layer computes with, copied into fp32 arrays of the stacked layout
+  // (MoeTensors' names): a checkpoint's tensors as a PyTorch module's starting values.
+  nb::dict stored_parameters() {
+    MoeTensors t = moe_tensors_from_params(config(), layer_->params());
+    const MoeLayerConfig& c = config();
+    const auto shape = [&](const std::string& name, size_t n) -> std::vector<size_t> {
+      const size_t e = static_cast<size_t>(c.num_experts()), d = static_cast<size_t>(c.d_model);
+      if (name == "router_weight" || name == "router_noise_weight" || name == "shared_gate_up" || name == "shared_down")
+        return {n / (name == "shared_down" ? static_cast<size_t>(c.effective_shared_d_ff()) : d),
+                name == "shared_down" ? static_cast<size_t>(c.effective_shared_d_ff()) : d};
+      if (name == "gate_up") return {e, static_cast<size_t>(c.gate_up_rows()), d};
+      if (name == "down") return {e, d, static_cast<size_t>(c.d_ff)};
+      if (name == "gate_up_bias" || name == "down_bias") return {e, n / e};
+      return {n};
+    };
+    nb::dict d;
+    t.for_each([&](const char* name, std::vector<float>& v) {
+      if (v.empty()) return;
+      const size_t n = v.size();
+      d[name] = to_numpy(std::move(v), shape(name, n));
+    });
+    return d;
+  }
+
+  nb::list sources() const {
+    nb::list out;
+    if (!pretrained_) return out;
+    for (const LoadedParameter& s : pretrained_->sources()) {
+      nb::dict e;
+      e["parameter"] = s.parameter;
+      e["tensors"] = s.tensors;
+      e["stored"] = s.stored;
+      e["how"] = s.how;
+      out.append(e);
+    }
+    return out;
+  }
 
   nb::tuple forward(const InArray& hidden_states, const std::optional<InArray>& token_mask, int64_t sequence_length,
                     const std::optional<InArray>& labels) {
@@ -306,7 +351,7 @@ class Layer {
     {
       nb::gil_scoped_release release;
       r = layer_->forward(x, in);
-      if (config().routing.training) state = std::make_unique<ForwardState>(ForwardState{layer_->take_forward_state()});
+      if (layer_->saves_for_backward()) state = std::make_unique<ForwardState>(ForwardState{layer_->take_forward_state()});
     }
     const size_t t = static_cast<size_t>(r.output.rows), d = static_cast<size_t>(r.output.cols);
     nb::object out = to_numpy(std::move(r.output.values), {t, d});
@@ -376,6 +421,7 @@ class Layer {
  private:
   std::unique_ptr<MoeLayer> layer_;
   std::vector<nb::object> keep_;  // the borrowed arrays
+  std::unique_ptr<PretrainedLayer> pretrained_;  // a checkpoint's mapping and conversions
 };
 
 }  // namespace
@@ -424,6 +470,8 @@ NB_MODULE(_moekit, m) {
     nb::list layers;
     for (const ModelLayer& l : f.layers) {
       nb::dict ld;
+      ld["name"] = l.name;
+      ld["stack"] = l.stack;
       ld["index"] = l.index;
       ld["is_moe"] = l.is_moe;
       ld["prefix"] = l.prefix;
@@ -434,6 +482,29 @@ NB_MODULE(_moekit, m) {
     d["layers"] = layers;
     return d;
   });
+
+  m.def("load_pretrained", [](const std::string& dir, const std::string& layer, const std::string& dtype,
+                              int num_threads) {
+    if (dtype != "fp32" && dtype != "bf16") throw nb::value_error(("dtype: expected 'fp32' or 'bf16', got '" + dtype + "'").c_str());
+    PretrainedOptions options;
+    options.dtype = dtype == "bf16" ? DType::kBF16 : DType::kF32;
+    options.num_threads = num_threads;
+    std::unique_ptr<Layer> result;
+    std::string model_type, name, layer_config;
+    {
+      nb::gil_scoped_release release;
+      PretrainedLayer p = PretrainedLayer::load(dir, layer, options);
+      model_type = p.family().model_type;
+      name = p.layer().name;
+      layer_config = p.family().layer_config_json;
+      result = std::make_unique<Layer>(std::move(p));
+    }
+    nb::dict info;
+    info["model_type"] = model_type;
+    info["layer"] = name;
+    info["layer_config_json"] = layer_config;
+    return nb::make_tuple(nb::cast(result.release(), nb::rv_policy::take_ownership), info);
+  }, "dir"_a, "layer"_a, "dtype"_a = "fp32", "num_threads"_a = 1);
 
   m.def("pooled_array", [](const std::vector<size_t>& shape, const std::string& dtype) {
     if (dtype != "float32" && dtype != "bfloat16") {
@@ -452,9 +523,13 @@ NB_MODULE(_moekit, m) {
            "labels"_a.none() = nb::none())
       .def("backward", &Layer::backward, "d_output"_a, "state"_a, "grads"_a.none() = nb::none(),
            "d_aux_loss"_a.none() = nb::none(), "d_z_loss"_a.none() = nb::none())
+      .def("stored_parameters", &Layer::stored_parameters)
+      .def("sources", &Layer::sources)
       .def("refresh_packed_weights", [](Layer& l) { l.layer().refresh_packed_weights(); })
       .def("set_training", [](Layer& l, bool t) { l.layer().set_training(t); })
       .def_prop_ro("training", [](Layer& l) { return l.layer().config().routing.training; })
+      .def_prop_rw("save_for_backward", [](Layer& l) { return l.layer().saves_for_backward(); },
+                   [](Layer& l, bool s) { l.layer().set_save_for_backward(s); })
       .def_prop_rw("num_threads", [](Layer& l) { return l.layer().config().num_threads; },
                    [](Layer& l, int n) { l.layer().set_num_threads(n); })
       .def_prop_ro("owns_parameters", [](Layer& l) { return l.layer().owns_parameters(); })

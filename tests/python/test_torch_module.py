@@ -335,3 +335,20 @@ def test_numpy_api_borrows_torch_tensors_fp32_and_bf16():
         assert y0.any() and not y1.any(), cfg_dtype  # the layer read the tensor, not a copy
     with pytest.raises(TypeError, match="expected dtype float32, got float64"):
         moekit.MoeLayer(CFG, params={"router_weight": rw.double(), "gate_up": gu.float(), "down": dn.float()})
+
+
+def test_gradients_through_an_eval_forward_follow_the_eval_routing():
+    # In eval() the capacity factor is eval_capacity_factor: the backward must differentiate that
+    # forward (saved in eval too), not rerun it with the training routing.
+    torch.manual_seed(3)
+    evaluated = mt.MoE(CFG, capacity_factor=0.5, eval_capacity_factor=4.0).eval()
+    trained = mt.MoE(CFG, capacity_factor=4.0).train()
+    trained.load_state_dict(evaluated.state_dict())
+    x = torch.randn(2, 16, CFG["hidden_size"])
+    grads = []
+    for moe in (evaluated, trained):
+        xi = x.clone().requires_grad_(True)
+        moe(xi).square().sum().backward()
+        grads.append((xi.grad, moe.experts.down_proj.grad))
+        assert moe._core.recomputed == 0
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

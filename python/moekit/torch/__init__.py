@@ -33,7 +33,7 @@ from .. import _moekit
 from . import _ops
 from ._ops import moe_backward, moe_forward
 
-__all__ = ["MoE", "moe_forward", "moe_backward"]
+__all__ = ["MoE", "replace_moe_blocks", "moe_forward", "moe_backward"]
 
 # Keys of an HF config that describe the model around the MoE block, not the block: accepted
 # and ignored when a whole config dict is given.
@@ -205,6 +205,56 @@ class MoE(nn.Module):
         cfg.update(keys)
         return cls(cfg)
 
+    @classmethod
+    def from_pretrained(cls, path: Any, layer: Any, *, dtype: Optional[torch.dtype] = None,
+                        num_threads: Optional[int] = None) -> "MoE":
+        """The MoE block of layer ``layer`` of a Hugging Face checkpoint directory (see
+        ``moekit.load_layer``), as a trainable module: its parameters are new tensors holding
+        the checkpoint's values (FP8 / MXFP4 dequantized, any stored layout), float32 unless
+        ``dtype=torch.bfloat16``."""
+        from .. import load_layer
+
+        loaded = load_layer(path, layer)
+        module = cls(loaded._config, num_threads=num_threads)
+        module._load_stored(loaded.stored_parameters())
+        if dtype is torch.bfloat16:
+            module.to(torch.bfloat16)
+        elif dtype not in (None, torch.float32):
+            raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        return module
+
+    def _load_stored(self, stored: Mapping[str, Any]) -> None:
+        """Copies moekit-named fp32 arrays (MoeLayer.stored_parameters()) into the parameters."""
+        shared = getattr(self, self._shared_attr) if self._shared_attr else None
+        targets = {
+            "router_weight": self.gate.weight, "router_bias": self.gate.bias,
+            "router_noise_weight": self.gate.noise_weight, "gate_up": self.experts.gate_up_proj,
+            "down": self.experts.down_proj, "gate_up_bias": self.experts.gate_up_proj_bias,
+            "down_bias": self.experts.down_proj_bias, "selection_bias": self.gate.e_score_correction_bias,
+        }
+        if shared is not None:
+            targets["shared_down"] = shared.down_proj.weight
+            if shared.up_proj.bias is not None:
+                targets["shared_gate_up_bias"] = shared.up_proj.bias
+                targets["shared_down_bias"] = shared.down_proj.bias
+            if hasattr(self, "shared_expert_gate"):
+                targets["shared_gate"] = self.shared_expert_gate.weight
+        with torch.no_grad():
+            for name, value in stored.items():
+                v = torch.from_numpy(value)
+                if name == "shared_gate_up":
+                    if shared.gate_proj is not None:
+                        half = v.shape[0] // 2
+                        shared.gate_proj.weight.copy_(v[:half])
+                        shared.up_proj.weight.copy_(v[half:])
+                    else:
+                        shared.up_proj.weight.copy_(v)
+                    continue
+                target = targets.get(name)
+                if target is None:
+                    raise ValueError(f"{name}: the checkpoint has it, this module's configuration has no such parameter")
+                target.copy_(v.reshape(target.shape))
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation U(−1/√fan_in, 1/√fan_in), from torch's generator."""
         d = self.hidden_size
@@ -300,3 +350,62 @@ def _json(cfg: Mapping[str, Any]) -> str:
 def _layer_summary(cfg: Mapping[str, Any]) -> dict:
     """The derived shapes and switches of a layer config, from the C++ parser."""
     return json.loads(_moekit.layer_summary(_json(cfg)))
+
+
+# transformers 5.x MoE block classes whose parameters moekit.torch.MoE names and shapes as they
+# are (HF 5.x stacked experts), so a block's tensors can be shared, not copied.
+_SHAREABLE_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe",
+                     "Qwen3MoeSparseMoeBlock": "qwen3_moe", "OlmoeSparseMoeBlock": "olmoe",
+                     "DeepseekV3MoE": "deepseek_v3"}
+
+
+def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -> List[str]:
+    """Swaps every MoE block of a loaded transformers model for a :class:`MoE` that shares the
+    block's parameter tensors (no copy: the model's ``parameters()``, its optimizer state and
+    its checkpoints are unchanged), so the model computes the same logits and its MoE layers
+    run on moekit's kernels.
+
+    Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (their transformers 5.x blocks
+    keep the experts stacked as ``experts.gate_up_proj`` / ``down_proj``, the layout moekit
+    reads). gpt_oss (gate/up interleaved in a transposed stack) and switch_transformers (one
+    module per expert) are not swapped: use ``MoE.from_pretrained`` for their layers.
+
+    Returns the names of the modules replaced. The replacement's routing losses are its
+    ``aux_loss`` / ``router_loss`` attributes; transformers' ``output_router_logits`` does not
+    see them (it records its own router modules, which are gone).
+    """
+    from .. import model_family
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model: expected a transformers model (with .config), got {type(model).__name__}")
+    family = model_family(config)
+    replaced = []
+    for name, block in list(model.named_modules()):
+        kind = _SHAREABLE_BLOCKS.get(type(block).__name__)
+        if kind is None:
+            continue
+        if kind != family["model_type"]:
+            raise ValueError(f"{name}: a {type(block).__name__} in a model whose config says model_type "
+                             f"{family['model_type']!r}")
+        with torch.device("meta"):  # no fresh parameters: the block's own take their place
+            moe = MoE(family["layer_config"], num_threads=num_threads)
+        theirs = dict(block.named_parameters())
+        theirs.update(dict(block.named_buffers()))
+        ours = dict(moe.named_parameters())
+        ours.update(dict(moe.named_buffers()))
+        if set(ours) != set(theirs):
+            raise ValueError(f"{name}: the {type(block).__name__}'s tensors {sorted(theirs)} are not the ones moekit's "
+                             f"module reads {sorted(ours)}")
+        for key, tensor in theirs.items():
+            owner_name, _, leaf = key.rpartition(".")
+            owner = moe.get_submodule(owner_name) if owner_name else moe
+            if isinstance(tensor, nn.Parameter):
+                setattr(owner, leaf, tensor)
+            else:
+                owner._buffers[leaf] = tensor
+        moe.train(block.training)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, moe)
+        replaced.append(name)
+    return replaced

@@ -113,6 +113,7 @@ class _Core:
         layer = self.layer(params, compute, num_threads)
         if layer.training != training:
             layer.set_training(training)
+        layer.save_for_backward = bool(save)  # also in eval: a gradient through the eval routing
         x32 = x if x.dtype == torch.float32 else x.float()
         out, routing, state = layer.forward(x32.detach(), None, seq, None)
         self.last_routing = routing
@@ -134,12 +135,12 @@ class _Core:
         state = self.saved.pop(self.key(x, params, compute, training, seq), None)
         if state is None or state.empty:
             self.recomputed += 1
-            if not layer.training:
-                layer.set_training(True)  # a backward needs the saving forward
+            # The same routing mode as the forward being differentiated, saving its state.
+            if layer.training != training:
+                layer.set_training(training)
+            layer.save_for_backward = True
             x32 = x if x.dtype == torch.float32 else x.float()
             _, _, state = layer.forward(x32.detach(), None, seq, None)
-            if not training:
-                layer.set_training(False)
         # Gradient buffers from moekit's pool (recycled when torch frees them: no page faults
         # on the next step); the C++ backward writes them, it does not accumulate.
         grads = {}
