@@ -8,6 +8,7 @@
 #include <set>
 #include <tuple>
 
+#include "io/json.h"
 #include "moekit/error.h"
 
 namespace moekit {
@@ -38,10 +39,19 @@ const Json* pick(const Json& c, const std::vector<std::string>& names) {
   return found;
 }
 
+// Every count and width read here is at most this (2^24): far above any model's, and small
+// enough that products of two (n_shared_experts · moe_intermediate_size) and per-layer tables
+// stay in range.
+constexpr int64_t kMaxCount = int64_t{1} << 24;
+
 int64_t integer(const Json& c, const std::vector<std::string>& names, int64_t min_value) {
   const Json* v = pick(c, names);
   if (v == nullptr) fail(names.front(), "an integer", Json());
-  if (!v->is_number_integer() || v->get<int64_t>() < min_value) fail(names.front(), detail::concat("an integer >= ", min_value), *v);
+  // is_number_integer covers unsigned values above INT64_MAX too: read them as unsigned first.
+  if (!v->is_number_integer() || (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(kMaxCount)) ||
+      v->get<int64_t>() < min_value || v->get<int64_t>() > kMaxCount) {
+    fail(names.front(), detail::concat("an integer in [", min_value, ", ", kMaxCount, "]"), *v);
+  }
   return v->get<int64_t>();
 }
 
@@ -160,6 +170,9 @@ const ModelLayer& find_model_layer(const ModelFamily& family, const std::string&
 
 ModelFamily model_family_from_config(const std::string& config_json) {
   Json c;
+  if (io::json_nesting_depth(config_json.data(), config_json.data() + config_json.size()) > io::kMaxJsonDepth) {
+    throw_config_error("config.json", detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
+  }
   try {
     c = Json::parse(config_json);
   } catch (const Json::exception& e) {

@@ -62,7 +62,7 @@ nb::dlpack::dtype dtype_of(Elem e) {
 }  // namespace
 
 template <typename Array>
-void check_array(const Array& a, const char* name, Elem want, const std::vector<int64_t>& shape) {
+void check_array(const Array& a, const char* name, Elem want, const std::vector<int64_t>& shape, bool any_strides) {
   const nb::dlpack::dtype dt = a.dtype();
   if (!(dt == dtype_of(want))) {
     throw nb::type_error((std::string(name) + ": expected dtype " + elem_name(want) + ", got " + dtype_text(dt)).c_str());
@@ -77,6 +77,16 @@ void check_array(const Array& a, const char* name, Elem want, const std::vector<
   for (size_t i = 0; same && i < shape.size(); ++i) same = shape[i] < 0 || shape[i] == actual[i];
   if (!same) {
     throw nb::value_error((std::string(name) + ": expected shape " + shape_text(shape) + ", got " + shape_text(actual)).c_str());
+  }
+  if (any_strides) {
+    for (size_t i = 0; i < a.ndim(); ++i) {
+      if (a.stride(i) < 0) {
+        throw nb::value_error((std::string(name) + ": expected non-negative strides, got " + std::to_string(a.stride(i)) +
+                               " in dimension " + std::to_string(i)).c_str());
+      }
+    }
+    if (a.size() > 0 && a.data() == nullptr) throw nb::value_error((std::string(name) + ": expected data, got a null pointer").c_str());
+    return;
   }
   int64_t expected_stride = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
@@ -95,7 +105,7 @@ void check_array(const Array& a, const char* name, Elem want, const std::vector<
   if (a.size() > 0 && a.data() == nullptr) throw nb::value_error((std::string(name) + ": expected data, got a null pointer").c_str());
 }
 
-template void check_array<InArray>(const InArray&, const char*, Elem, const std::vector<int64_t>&);
-template void check_array<OutArray>(const OutArray&, const char*, Elem, const std::vector<int64_t>&);
+template void check_array<InArray>(const InArray&, const char*, Elem, const std::vector<int64_t>&, bool);
+template void check_array<OutArray>(const OutArray&, const char*, Elem, const std::vector<int64_t>&, bool);
 
 }  // namespace moekit::python

@@ -38,9 +38,11 @@ std::vector<int64_t> shape_of(const Array& a) {
 std::string dtype_text(const nb::dlpack::dtype& dt);
 
 // Throws TypeError unless a's dtype is `want`, ValueError unless it lies in CPU memory, has
-// `shape` (−1: any extent) and is C-contiguous. `name` is the argument's name.
+// `shape` (−1: any extent) and is C-contiguous (or, with `any_strides`, has non-negative
+// strides: weights read through strided views). `name` is the argument's name.
 template <typename Array>
-void check_array(const Array& a, const char* name, Elem want, const std::vector<int64_t>& shape);
+void check_array(const Array& a, const char* name, Elem want, const std::vector<int64_t>& shape,
+                 bool any_strides = false);
 
 // The shape of a checked array; ConstMatrixView-style helpers.
 template <typename T, typename Array>

@@ -261,14 +261,24 @@ class Layer {
       std::vector<int64_t> shape = stacked ? std::vector<int64_t>{experts, own_rows, cols} : std::vector<int64_t>{own_rows, cols};
       const Elem e = a->dtype() == nb::dtype<float>() ? Elem::kF32 : Elem::kBF16;
       const std::string label = std::string("params['") + name + "']";
-      check_array(*a, label.c_str(), e, shape);
+      // Routed expert stacks may be strided views (gpt-oss's interleaved, transposed layout read
+      // in place); the layer reads through the strides.
+      check_array(*a, label.c_str(), e, shape, /*any_strides=*/stacked);
       WeightView w{a->data(), e == Elem::kF32 ? DType::kF32 : DType::kBF16, experts, rows, cols};
+      const size_t row_dim = stacked ? 1 : 0;  // a shared weight has no expert axis
+      w.expert_stride = stacked ? static_cast<int64_t>(a->stride(0)) : own_rows * cols;
+      w.row_stride = static_cast<int64_t>(a->stride(row_dim));
+      w.col_stride = static_cast<int64_t>(a->stride(row_dim + 1));
       if (up) {
         const std::string up_label = std::string("params['") + up_name + "']";
-        check_array(*up, up_label.c_str(), e, shape);
-        w.expert_stride = own_rows * cols;
-        w.row_stride = cols;
-        w.col_stride = 1;
+        check_array(*up, up_label.c_str(), e, shape, stacked);
+        for (size_t i = 0; i < up->ndim(); ++i) {
+          if (up->stride(i) != a->stride(i)) {
+            throw nb::value_error((up_label + ": expected the strides of " + label + ", got stride " +
+                                   std::to_string(up->stride(i)) + " in dimension " + std::to_string(i) + " (" +
+                                   std::to_string(a->stride(i)) + " there)").c_str());
+          }
+        }
         w.up_data = up->data();
       }
       return w;

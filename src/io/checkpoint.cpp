@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "io/json.h"
 #include "moekit/error.h"
 
 namespace moekit {
@@ -78,8 +79,12 @@ Checkpoint Checkpoint::open(const std::string& dir) {
   }
   if (!is_file(index)) fail(dir, "model.safetensors or model.safetensors.index.json", "neither");
   nlohmann::json j;
+  const std::string text = read_text(index);
+  if (io::json_nesting_depth(text.data(), text.data() + text.size()) > io::kMaxJsonDepth) {
+    fail(index, detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
+  }
   try {
-    j = nlohmann::json::parse(read_text(index));
+    j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     fail(index, "well-formed JSON", e.what());
   }

@@ -122,7 +122,31 @@ std::string closest_name(std::string_view name, const std::vector<std::string>& 
   return best_distance <= limit ? best : std::string();
 }
 
+int json_nesting_depth(const char* begin, const char* end, int stop_above) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char* p = begin; p != end; ++p) {
+    const char ch = *p;
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (ch == '\\') escaped = true;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      deepest = std::max(deepest, ++depth);
+      if (deepest > stop_above) return deepest;
+    } else if ((ch == ']' || ch == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 Json parse_object(const std::string& text, Document document) {
+  if (json_nesting_depth(text.data(), text.data() + text.size()) > kMaxJsonDepth) {
+    fail(document, document_name(document), "a JSON object", detail::concat("nesting deeper than ", kMaxJsonDepth, " levels"));
+  }
   // nlohmann keeps the last of repeated keys without a word, so repeats are caught while
   // parsing, at any depth; the first one found is reported once the text is known to be JSON.
   std::vector<Frame> frames;

@@ -45,7 +45,17 @@ std::string quote(std::string_view text);
 // The closest candidate by edit distance, or "" when none is close enough to be a typo.
 std::string closest_name(std::string_view name, const std::vector<std::string>& candidates);
 
-// Parses `text` as one JSON object. Invalid JSON, a root that is not an object and a key
+// Deepest nesting of arrays and objects accepted in any document moekit reads (a config.json
+// nests a few levels; safetensors headers three). nlohmann's values are destroyed, compared and
+// printed recursively, so a text nested thousands deep would overflow the stack: such a text
+// is rejected before it is parsed.
+inline constexpr int kMaxJsonDepth = 128;
+
+// The nesting depth of the JSON text [begin, end), counted over brackets outside strings;
+// stops counting (and returns) once it exceeds `stop_above`.
+int json_nesting_depth(const char* begin, const char* end, int stop_above = kMaxJsonDepth);
+
+// Parses `text` as one JSON object. Invalid JSON, nesting deeper than kMaxJsonDepth, a root that is not an object and a key
 // repeated in any object (named by its full path, e.g. `a.b` or `rows[2].name`) are rejected.
 Json parse_object(const std::string& text, Document document);
 

@@ -16,6 +16,7 @@
 #include <set>
 #include <utility>
 
+#include "io/json.h"
 #include "moekit/error.h"
 
 namespace moekit {
@@ -164,6 +165,9 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
     (void)depth;
     return true;
   };
+  if (io::json_nesting_depth(header, header + header_size) > io::kMaxJsonDepth) {
+    fail(path, "header", detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
+  }
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(header, header + header_size, cb);

@@ -112,13 +112,17 @@ def tiny_models():
                                                      routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16,
                                                      qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                                      **common),
+        "gpt_oss": transformers.GptOssConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                             head_dim=16, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             **dict(common, num_key_value_heads=1)),
     }
     for c in configs.values():
         c._experts_implementation = "eager"  # grouped_mm has no float64 kernel (the exact reference)
     return configs
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_replace_moe_blocks_keeps_the_logits_and_shares_the_tensors(family):
     torch.manual_seed(0)
     config = tiny_models()[family]
@@ -152,9 +156,10 @@ def test_replace_moe_blocks_keeps_the_logits_and_shares_the_tensors(family):
     assert math.isfinite(loss.item())
 
 
-def test_replace_moe_blocks_gradients_match_transformers():
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_replace_moe_blocks_gradients_match_transformers(family):
     torch.manual_seed(1)
-    config = tiny_models()["mixtral"]
+    config = tiny_models()[family]
     reference = transformers.AutoModelForCausalLM.from_config(config).double().eval()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})

@@ -58,10 +58,15 @@ class _Router(nn.Module):
 
 
 class _Experts(nn.Module):
-    def __init__(self, num_experts: int, gate_up_rows: int, d_model: int, d_ff: int, bias: bool):
+    def __init__(self, num_experts: int, gate_up_rows: int, d_model: int, d_ff: int, bias: bool,
+                 transposed: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, gate_up_rows, d_model))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        if transposed:  # gpt-oss: [E, d, 2·d_ff] (gate/up interleaved) and [E, d_ff, d]
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, d_model, gate_up_rows))
+            self.down_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, gate_up_rows, d_model))
+            self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         if bias:
             self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, gate_up_rows))
             self.down_proj_bias = nn.Parameter(torch.empty(num_experts, d_model))
@@ -124,8 +129,11 @@ class MoE(nn.Module):
     """
 
     def __init__(self, config: Any = None, *, num_threads: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                 **keys: Any):
+                 _layout: str = "hf", **keys: Any):
         super().__init__()
+        # "gpt_oss" (replace_moe_blocks only): transformers' GptOssMLP names and layout, a
+        # `router` and experts.gate_up_proj [E, d, 2·d_ff] interleaved, down_proj [E, d_ff, d].
+        self._layout = _layout
         cfg = load_config(config, **keys)
         for k in list(cfg):
             if k in _IGNORED_HF_KEYS:
@@ -152,9 +160,11 @@ class MoE(nn.Module):
         self.hidden_size = d = full["d_model"]
         self.d_ff = full["d_ff"]
 
-        self.gate = _Router(full["router_rows"], d, full["router_bias"], full["noisy_gating"],
-                            full["selection_bias"], self.num_experts)
-        self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"])
+        router = _Router(full["router_rows"], d, full["router_bias"], full["noisy_gating"],
+                         full["selection_bias"], self.num_experts)
+        setattr(self, "router" if _layout == "gpt_oss" else "gate", router)
+        self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"],
+                                transposed=_layout == "gpt_oss")
         names = ["router_weight"]
         if full["router_bias"]:
             names.append("router_bias")
@@ -178,7 +188,7 @@ class MoE(nn.Module):
         if full["selection_bias"]:
             names.append("selection_bias")
         self._names = names
-        self._core = _ops._Core(cfg, names, shared_split=full["gated"])
+        self._core = _ops._Core(cfg, names, shared_split=full["gated"], layout=_layout)
         # The registry entry (and the C++ layer) goes with the module.
         weakref.finalize(self, _ops._CORES.pop, self._core.handle, None)
         self.reset_parameters()
@@ -186,7 +196,7 @@ class MoE(nn.Module):
             if len(initial_bias) != self.num_experts:
                 raise ValueError(f"e_score_correction_bias: expected {self.num_experts} values, got {len(initial_bias)}")
             with torch.no_grad():
-                self.gate.e_score_correction_bias.copy_(torch.tensor(initial_bias, dtype=torch.float32))
+                self._router_module.e_score_correction_bias.copy_(torch.tensor(initial_bias, dtype=torch.float32))
         if dtype is torch.bfloat16:
             self.to(torch.bfloat16)
         self.aux_loss: Optional[torch.Tensor] = None
@@ -227,10 +237,10 @@ class MoE(nn.Module):
         """Copies moekit-named fp32 arrays (MoeLayer.stored_parameters()) into the parameters."""
         shared = getattr(self, self._shared_attr) if self._shared_attr else None
         targets = {
-            "router_weight": self.gate.weight, "router_bias": self.gate.bias,
-            "router_noise_weight": self.gate.noise_weight, "gate_up": self.experts.gate_up_proj,
+            "router_weight": self._router_module.weight, "router_bias": self._router_module.bias,
+            "router_noise_weight": self._router_module.noise_weight, "gate_up": self.experts.gate_up_proj,
             "down": self.experts.down_proj, "gate_up_bias": self.experts.gate_up_proj_bias,
-            "down_bias": self.experts.down_proj_bias, "selection_bias": self.gate.e_score_correction_bias,
+            "down_bias": self.experts.down_proj_bias, "selection_bias": self._router_module.e_score_correction_bias,
         }
         if shared is not None:
             targets["shared_down"] = shared.down_proj.weight
@@ -255,12 +265,16 @@ class MoE(nn.Module):
                     raise ValueError(f"{name}: the checkpoint has it, this module's configuration has no such parameter")
                 target.copy_(v.reshape(target.shape))
 
+    @property
+    def _router_module(self) -> nn.Module:
+        return self.router if self._layout == "gpt_oss" else self.gate
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation U(−1/√fan_in, 1/√fan_in), from torch's generator."""
         d = self.hidden_size
-        _uniform_(self.gate.weight, d)
-        if self.gate.bias is not None:
-            _uniform_(self.gate.bias, d)
+        _uniform_(self._router_module.weight, d)
+        if self._router_module.bias is not None:
+            _uniform_(self._router_module.bias, d)
         _uniform_(self.experts.gate_up_proj, d)
         _uniform_(self.experts.down_proj, self.d_ff)
         if self.experts.gate_up_proj_bias is not None:
@@ -271,14 +285,14 @@ class MoE(nn.Module):
         """The parameters in the ops' order (moekit names in self._names)."""
         shared = getattr(self, self._shared_attr) if self._shared_attr else None
         by_name = {
-            "router_weight": self.gate.weight,
-            "router_bias": self.gate.bias,
-            "router_noise_weight": self.gate.noise_weight,
+            "router_weight": self._router_module.weight,
+            "router_bias": self._router_module.bias,
+            "router_noise_weight": self._router_module.noise_weight,
             "gate_up": self.experts.gate_up_proj,
             "down": self.experts.down_proj,
             "gate_up_bias": self.experts.gate_up_proj_bias,
             "down_bias": self.experts.down_proj_bias,
-            "selection_bias": self.gate.e_score_correction_bias,
+            "selection_bias": self._router_module.e_score_correction_bias,
         }
         if shared is not None:
             gated = shared.gate_proj is not None
@@ -325,6 +339,8 @@ class MoE(nn.Module):
         self.router_loss = self.router_aux_loss_coef * aux + self.router_z_loss_coef * z
         if compute == "bf16" and x.dtype == torch.float32:
             out = out.to(torch.bfloat16)  # autocast: a bf16 result, as its matmuls give
+        if self._layout == "gpt_oss":
+            return out.reshape(x.shape), None  # GptOssMLP's (hidden_states, router_scores); scores not kept
         return out.reshape(x.shape)
 
     @property
@@ -356,7 +372,7 @@ def _layer_summary(cfg: Mapping[str, Any]) -> dict:
 # are (HF 5.x stacked experts), so a block's tensors can be shared, not copied.
 _SHAREABLE_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe",
                      "Qwen3MoeSparseMoeBlock": "qwen3_moe", "OlmoeSparseMoeBlock": "olmoe",
-                     "DeepseekV3MoE": "deepseek_v3"}
+                     "DeepseekV3MoE": "deepseek_v3", "GptOssMLP": "gpt_oss"}
 
 
 def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -> List[str]:
@@ -366,9 +382,10 @@ def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -
     run on moekit's kernels.
 
     Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (their transformers 5.x blocks
-    keep the experts stacked as ``experts.gate_up_proj`` / ``down_proj``, the layout moekit
-    reads). gpt_oss (gate/up interleaved in a transposed stack) and switch_transformers (one
-    module per expert) are not swapped: use ``MoE.from_pretrained`` for their layers.
+    keep the experts stacked as ``experts.gate_up_proj`` / ``down_proj``) and gpt_oss (its
+    ``router`` and its experts' interleaved, transposed stacks, read through strided views; the
+    module returns ``(hidden_states, None)`` as GptOssMLP returns a pair). switch_transformers
+    (one module per expert) is not swapped: use ``MoE.from_pretrained`` for its layers.
 
     Returns the names of the modules replaced. The replacement's routing losses are its
     ``aux_loss`` / ``router_loss`` attributes; transformers' ``output_router_logits`` does not
@@ -389,7 +406,8 @@ def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -
             raise ValueError(f"{name}: a {type(block).__name__} in a model whose config says model_type "
                              f"{family['model_type']!r}")
         with torch.device("meta"):  # no fresh parameters: the block's own take their place
-            moe = MoE(family["layer_config"], num_threads=num_threads)
+            moe = MoE(family["layer_config"], num_threads=num_threads,
+                      _layout="gpt_oss" if kind == "gpt_oss" else "hf")
         theirs = dict(block.named_parameters())
         theirs.update(dict(block.named_buffers()))
         ours = dict(moe.named_parameters())

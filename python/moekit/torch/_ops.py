@@ -20,7 +20,9 @@ since the forward is deterministic.
 Copies made on purpose (and only these):
   * bfloat16 hidden states are widened to float32 for the router (the router is fp32), and the
     float32 output is rounded back to bfloat16;
-  * router weights and biases stored in bfloat16 get a float32 shadow, refreshed on change;
+  * router weights and biases stored in bfloat16 get a float32 shadow, refreshed on change; so
+    does a gpt-oss module's interleaved expert bias (reordered gate first);
+  * a gpt-oss module's gate_up and bias gradients are written interleaved into new tensors;
   * gradients of bfloat16 parameters are computed in float32 and rounded to bfloat16;
   * the shared expert's gate and up gradients are one [2·d_ff, d_model] buffer split into the
     two HF parameters (the up half is cloned);
@@ -50,10 +52,16 @@ atexit.register(_CORES.clear)
 class _Core:
     """The C++ layers of one module (one per compute dtype) and the saved forwards."""
 
-    def __init__(self, config: dict, names: Sequence[str], shared_split: bool):
+    def __init__(self, config: dict, names: Sequence[str], shared_split: bool, layout: str = "hf"):
         self.config = dict(config)
         self.names = list(names)          # moekit parameter names, in the ops' list order
         self.shared_split = shared_split  # shared gate and up are two tensors (HF names)
+        # "hf": transformers 5.x stacks, [E, 2·d_ff, d] (gate rows first) and [E, d, d_ff];
+        # "gpt_oss": its experts' own layout, gate_up_proj [E, d, 2·d_ff] with gate and up
+        # interleaved (even / odd columns) and its bias likewise, down_proj [E, d_ff, d]. The
+        # weights are read through strided views of those tensors (no copy); the [E, 2·d_ff]
+        # bias gets a gate-first shadow; gradients are mapped back to the stored layout.
+        self.layout = layout
         self.layers: Dict[str, Tuple[object, tuple, tuple, dict]] = {}
         self.saved: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
         self.last_routing: Optional[dict] = None
@@ -74,8 +82,8 @@ class _Core:
             self.layers[compute] = entry
             self.saved.clear()
         elif entry[2] != versions:
-            for i, shadow in entry[3].items():  # float32 copies of bfloat16 small parameters
-                shadow.copy_(params[i])
+            for i, (shadow, make) in entry[3].items():  # float32 / reordered copies of small parameters
+                shadow.copy_(make(params[i].detach()))
             entry[0].refresh_packed_weights()
             entry = (entry[0], identity, versions, entry[3])
             self.layers[compute] = entry
@@ -93,15 +101,24 @@ class _Core:
                 raise ValueError(f"{name}: expected a CPU tensor (moekit runs on the CPU only), got device {t.device}")
             if not t.is_contiguous():
                 raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-            weight = name in ("gate_up", "up", "down", "shared_gate_up", "shared_up", "shared_down")
-            if t.dtype == torch.float32 or (weight and t.dtype == torch.bfloat16):
-                arrays[name] = t
-            elif t.dtype == torch.bfloat16:
-                shadow = t.float()
-                shadows[i] = shadow
-                arrays[name] = shadow
-            else:
+            if t.dtype not in (torch.float32, torch.bfloat16):
                 raise TypeError(f"{name}: expected dtype float32 or bfloat16, got {t.dtype}")
+            weight = name in ("gate_up", "up", "down", "shared_gate_up", "shared_up", "shared_down")
+            if self.layout == "gpt_oss" and name == "gate_up":
+                arrays["gate_up"] = t[:, :, 0::2].transpose(1, 2)  # [E, d_ff, d], strides (2fd, 2, 2f)
+                arrays["up"] = t[:, :, 1::2].transpose(1, 2)
+            elif self.layout == "gpt_oss" and name == "down":
+                arrays["down"] = t.transpose(1, 2)  # [E, d, d_ff], strides (fd, 1, d)
+            elif self.layout == "gpt_oss" and name == "gate_up_bias":
+                make = _gate_first
+                shadows[i] = (make(t), make)
+                arrays[name] = shadows[i][0]
+            elif t.dtype == torch.float32 or weight:
+                arrays[name] = t
+            else:
+                make = torch.Tensor.float
+                shadows[i] = (make(t), make)
+                arrays[name] = shadows[i][0]
         return arrays, shadows
 
     @staticmethod
@@ -148,7 +165,10 @@ class _Core:
             if name in ("selection_bias", "up", "shared_up"):
                 continue  # no gradient; the up halves come out of the stacked buffers
             rows = 2 * p.shape[0] if name == "shared_gate_up" and self.shared_split else p.shape[0]
-            grads[name] = _moekit.pooled_array([rows] + list(p.shape[1:]), "float32")
+            shape = [rows] + list(p.shape[1:])
+            if self.layout == "gpt_oss" and name in ("gate_up", "down"):
+                shape = [p.shape[0], p.shape[2], p.shape[1]]  # the layer's [E, rows, cols]
+            grads[name] = _moekit.pooled_array(shape, "float32")
         d = d_out if d_out.dtype == torch.float32 else d_out.float()
         d_x = layer.backward(d.detach().contiguous(), state, grads, float(d_aux), float(d_z))
         result = [torch.from_numpy(d_x).to(x.dtype)]
@@ -156,7 +176,9 @@ class _Core:
             if name == "selection_bias":
                 result.append(p.new_empty((0,)))  # it only selects: no gradient
                 continue
-            if name == "shared_up":
+            if self.layout == "gpt_oss" and name in ("gate_up", "gate_up_bias", "down"):
+                g = _to_gpt_oss(name, torch.from_numpy(grads[name]), p)
+            elif name == "shared_up":
                 g = torch.from_numpy(grads["shared_gate_up"])[p.shape[0]:].clone()
             elif name == "shared_gate_up" and self.shared_split:
                 g = torch.from_numpy(grads[name])[:p.shape[0]]
@@ -168,6 +190,26 @@ class _Core:
                 g = rounded
             result.append(g.view(p.shape))
         return result
+
+
+def _gate_first(bias: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's interleaved [E, 2·d_ff] bias (gate even, up odd) as the layer's gate-first order."""
+    return torch.cat([bias[:, 0::2], bias[:, 1::2]], dim=1).float().contiguous()
+
+
+def _to_gpt_oss(name: str, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A gradient in the layer's layout (gate rows first; [E, d, d_ff] down) in gpt-oss's."""
+    if name == "down":
+        return g.transpose(1, 2)  # [E, d_ff, d], a view of the buffer
+    f = g.shape[1] // 2
+    out = torch.empty(p.shape, dtype=torch.float32)
+    if name == "gate_up":  # g [E, 2f, d] → [E, d, 2f] interleaved
+        out[:, :, 0::2] = g[:, :f].transpose(1, 2)
+        out[:, :, 1::2] = g[:, f:].transpose(1, 2)
+    else:  # bias [E, 2f]
+        out[:, 0::2] = g[:, :f]
+        out[:, 1::2] = g[:, f:]
+    return out
 
 
 def _threads(requested: int) -> int:
