@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -118,6 +119,7 @@ using CliRouteErrors = CliTest;
 using CliPresets = CliTest;
 using CliHelp = CliTest;
 using CliInspect = CliTest;
+using CliForward = CliTest;
 using CliArguments = CliTest;
 
 const std::string kMixtral = R"({"preset": "hf-mixtral", "num_experts": 8, "top_k": 2})";
@@ -681,6 +683,46 @@ TEST_F(CliInspect, ListsLayersTheirKindAndStoredTensors) {
   const RunResult missing = run({"inspect", "--model", (dir_ / "nothing").string()});
   EXPECT_EQ(missing.exit_code, 2);
   EXPECT_NE(missing.err.find("expected model.safetensors or model.safetensors.index.json"), std::string::npos) << missing.err;
+}
+
+TEST_F(CliForward, WritesTheLayersOutputAndRoutingForACheckpoint) {
+  // The Switch fixture (transformers' own checkpoint and block outputs): a [batch, seq, d]
+  // input is one sequence per row, so its capacity of 2 drops tokens per sequence as the block did.
+  const std::string model = std::string(MOEKIT_FIXTURE_DIR) + "/models/switch_transformers";
+  const SafetensorsFile io = SafetensorsFile::open(model + "/moe_io.safetensors");
+  const TensorView& hs = io.at("decoder.1.hidden_states");
+  const fs::path in = dir_ / "in.safetensors", out = dir_ / "out.safetensors";
+  write_safetensors(in.string(), {{"hidden_states", hs.dtype, hs.shape, hs.data}});
+  const RunResult r = run({"forward", "--model", model, "--layer", "decoder.1", "--input", in.string(), "--output",
+                           out.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("switch_transformers layer decoder.1, 16 tokens (2 sequences), 4 experts, top-1, 4 dropped"),
+            std::string::npos) << r.err;
+  const SafetensorsFile result = SafetensorsFile::open(out.string());
+  EXPECT_EQ(result.at("output").shape, hs.shape);
+  EXPECT_EQ(result.at("router_logits").shape, (std::vector<int64_t>{16, 4}));
+  EXPECT_EQ(result.at("topk_indices").dtype, TensorDType::kI64);
+  const TensorView& kept = result.at("topk_kept");
+  const TensorView& expected_kept = io.at("decoder.1.kept");
+  ASSERT_EQ(kept.bytes, expected_kept.bytes);
+  EXPECT_EQ(std::memcmp(kept.data, expected_kept.data, static_cast<size_t>(kept.bytes)), 0);
+  const json stats = json::parse(result.metadata().at("stats"));
+  EXPECT_EQ(stats["num_dropped"], 4);
+  EXPECT_EQ(result.metadata().at("layer"), "decoder.1");
+
+  const RunResult dense = run({"forward", "--model", model, "--layer", "0", "--input", in.string(), "--output",
+                               out.string()});
+  EXPECT_EQ(dense.exit_code, 2);
+  EXPECT_NE(dense.err.find("layer: expected an MoE layer, got layer 0, dense (block % encoder_sparse_step (2) != 1)"),
+            std::string::npos) << dense.err;
+  const fs::path bad = dir_ / "bad.safetensors";
+  const std::vector<float> wrong(3 * 5);
+  write_safetensors(bad.string(), {{"hidden_states", TensorDType::kF32, {3, 5}, wrong.data()}});
+  const RunResult shape = run({"forward", "--model", model, "--layer", "1", "--input", bad.string(), "--output",
+                               out.string()});
+  EXPECT_EQ(shape.exit_code, 2);
+  EXPECT_NE(shape.err.find("hidden_states shape: expected [tokens, 32] or [batch, seq, 32], got [3, 5]"),
+            std::string::npos) << shape.err;
 }
 
 }  // namespace
