@@ -27,7 +27,8 @@ import moekit.torch as mt
 
 def configs(hidden, inter, experts, k, layers, vocab):
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=8, max_position_embeddings=1024)
+                  num_key_value_heads=8, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=None)
     return {
         "mixtral": transformers.MixtralConfig(intermediate_size=inter, num_local_experts=experts,
                                               num_experts_per_tok=k, **common),

@@ -79,7 +79,8 @@ transformers = pytest.importorskip("transformers")
 import moekit.torch as mt  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "switch_transformers", "deepseek_v3_fp8"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "switch_transformers",
+                                    "deepseek_v3_fp8", "gpt_oss_mxfp4"])
 def test_module_from_pretrained_reproduces_the_block(family):
     io, layers = fixture(family)
     name = layers[-1]

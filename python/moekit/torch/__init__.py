@@ -235,30 +235,14 @@ class MoE(nn.Module):
 
     def _load_stored(self, stored: Mapping[str, Any]) -> None:
         """Copies moekit-named fp32 arrays (MoeLayer.stored_parameters()) into the parameters."""
-        shared = getattr(self, self._shared_attr) if self._shared_attr else None
-        targets = {
-            "router_weight": self._router_module.weight, "router_bias": self._router_module.bias,
-            "router_noise_weight": self._router_module.noise_weight, "gate_up": self.experts.gate_up_proj,
-            "down": self.experts.down_proj, "gate_up_bias": self.experts.gate_up_proj_bias,
-            "down_bias": self.experts.down_proj_bias, "selection_bias": self._router_module.e_score_correction_bias,
-        }
-        if shared is not None:
-            targets["shared_down"] = shared.down_proj.weight
-            if shared.up_proj.bias is not None:
-                targets["shared_gate_up_bias"] = shared.up_proj.bias
-                targets["shared_down_bias"] = shared.down_proj.bias
-            if hasattr(self, "shared_expert_gate"):
-                targets["shared_gate"] = self.shared_expert_gate.weight
+        targets = self._by_name()
         with torch.no_grad():
             for name, value in stored.items():
                 v = torch.from_numpy(value)
-                if name == "shared_gate_up":
-                    if shared.gate_proj is not None:
-                        half = v.shape[0] // 2
-                        shared.gate_proj.weight.copy_(v[:half])
-                        shared.up_proj.weight.copy_(v[half:])
-                    else:
-                        shared.up_proj.weight.copy_(v)
+                if name == "shared_gate_up" and targets.get("shared_up") is not None:
+                    half = v.shape[0] // 2  # one [2·d_ff, d] stack → HF's gate_proj and up_proj
+                    targets["shared_gate_up"].copy_(v[:half])
+                    targets["shared_up"].copy_(v[half:])
                     continue
                 target = targets.get(name)
                 if target is None:
@@ -281,19 +265,20 @@ class MoE(nn.Module):
             _uniform_(self.experts.gate_up_proj_bias, d)
             _uniform_(self.experts.down_proj_bias, self.d_ff)
 
-    def _tensors(self) -> List[torch.Tensor]:
-        """The parameters in the ops' order (moekit names in self._names)."""
-        shared = getattr(self, self._shared_attr) if self._shared_attr else None
+    def _by_name(self) -> dict:
+        """Every tensor of the module by its moekit name (None where the config has none)."""
+        router = self._router_module
         by_name = {
-            "router_weight": self._router_module.weight,
-            "router_bias": self._router_module.bias,
-            "router_noise_weight": self._router_module.noise_weight,
+            "router_weight": router.weight,
+            "router_bias": router.bias,
+            "router_noise_weight": router.noise_weight,
             "gate_up": self.experts.gate_up_proj,
             "down": self.experts.down_proj,
             "gate_up_bias": self.experts.gate_up_proj_bias,
             "down_bias": self.experts.down_proj_bias,
-            "selection_bias": self._router_module.e_score_correction_bias,
+            "selection_bias": router.e_score_correction_bias,
         }
+        shared = getattr(self, self._shared_attr) if self._shared_attr else None
         if shared is not None:
             gated = shared.gate_proj is not None
             by_name["shared_gate_up"] = shared.gate_proj.weight if gated else shared.up_proj.weight
@@ -304,6 +289,11 @@ class MoE(nn.Module):
                 by_name["shared_down_bias"] = shared.down_proj.bias
             if hasattr(self, "shared_expert_gate"):
                 by_name["shared_gate"] = self.shared_expert_gate.weight
+        return by_name
+
+    def _tensors(self) -> List[torch.Tensor]:
+        """The parameters in the ops' order (moekit names in self._names)."""
+        by_name = self._by_name()
         return [by_name[n] for n in self._names]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
