@@ -252,8 +252,56 @@ class Layer {
     };
     // Expert weights: fp32 or bf16, [experts, rows, cols] (the shared expert without its
     // leading 1); gated weights either stacked (gate rows, then up rows) or as two halves.
+    // One array per expert (a list): experts stored as separate tensors (Switch Transformers'
+    // per-expert Linears), read through one pointer per expert.
+    auto pointers = [&](const char* name, int64_t experts, int64_t rows, int64_t cols, Elem* elem,
+                        std::vector<int64_t>* strides) -> std::vector<const void*>& {
+      const nb::list list = nb::cast<nb::list>(params[name]);
+      if (static_cast<int64_t>(list.size()) != experts) {
+        throw nb::value_error((std::string("params['") + name + "']: expected a list of " + std::to_string(experts) +
+                               " per-expert arrays, got " + std::to_string(list.size())).c_str());
+      }
+      std::vector<const void*>& out = pointer_lists_.emplace_back();
+      for (size_t i = 0; i < list.size(); ++i) {
+        InArray a;
+        const std::string label = std::string("params['") + name + "'][" + std::to_string(i) + "]";
+        if (!nb::try_cast(list[i], a)) throw nb::type_error((label + ": expected an array (NumPy, PyTorch)").c_str());
+        if (i == 0) *elem = a.dtype() == nb::dtype<float>() ? Elem::kF32 : Elem::kBF16;
+        check_array(a, label.c_str(), *elem, {rows, cols}, /*any_strides=*/true);
+        const std::vector<int64_t> st = {static_cast<int64_t>(a.stride(0)), static_cast<int64_t>(a.stride(1))};
+        if (i == 0) *strides = st;
+        if (st != *strides) throw nb::value_error((label + ": expected the strides of the first expert's array").c_str());
+        keep_.push_back(nb::borrow(list[i]));
+        out.push_back(a.data());
+      }
+      return out;
+    };
     auto weight = [&](const char* name, const char* up_name, int64_t experts, int64_t rows, int64_t cols,
                       bool stacked) -> WeightView {
+      if (stacked && params.contains(name) && nb::isinstance<nb::list>(params[name])) {
+        const bool split = up_name != nullptr && params.contains(up_name) && !params[up_name].is_none();
+        const int64_t own_rows = split ? rows / 2 : rows;
+        Elem elem = Elem::kF32, up_elem = Elem::kF32;
+        std::vector<int64_t> strides, up_strides;
+        WeightView w;
+        w.experts = experts;
+        w.rows = rows;
+        w.cols = cols;
+        w.expert_data = pointers(name, experts, own_rows, cols, &elem, &strides);
+        w.data = w.expert_data[0];
+        w.dtype = elem == Elem::kF32 ? DType::kF32 : DType::kBF16;
+        w.row_stride = strides[0];
+        w.col_stride = strides[1];
+        if (split) {
+          w.expert_up_data = pointers(up_name, experts, own_rows, cols, &up_elem, &up_strides);
+          if (up_elem != elem || up_strides != strides) {
+            throw nb::value_error((std::string("params['") + up_name + "']: expected the dtype and strides of params['" +
+                                   name + "']").c_str());
+          }
+          w.up_data = w.expert_up_data[0];
+        }
+        return w;
+      }
       auto a = get(name);
       auto up = up_name ? get(up_name) : std::nullopt;
       if (!a) return {};
@@ -432,6 +480,7 @@ class Layer {
   std::unique_ptr<MoeLayer> layer_;
   std::vector<nb::object> keep_;  // the borrowed arrays
   std::unique_ptr<PretrainedLayer> pretrained_;  // a checkpoint's mapping and conversions
+  std::vector<std::vector<const void*>> pointer_lists_;  // per-expert weights given as lists
 };
 
 }  // namespace

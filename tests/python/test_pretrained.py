@@ -118,56 +118,75 @@ def tiny_models():
                                              layer_types=["sliding_attention", "full_attention"],
                                              **dict(common, num_key_value_heads=1)),
     }
+    # Capacity 3 of 12 tokens per sequence over 4 experts: some tokens are dropped.
+    configs["switch_transformers"] = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=16, d_ff=40, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
+        expert_capacity=3, encoder_sparse_step=2, decoder_sparse_step=2, router_jitter_noise=0.0,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     for c in configs.values():
         c._experts_implementation = "eager"  # grouped_mm has no float64 kernel (the exact reference)
     return configs
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
+def build(config):
+    if config.model_type == "switch_transformers":
+        return transformers.SwitchTransformersForConditionalGeneration(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def run(model, ids, **kw):
+    if model.config.model_type == "switch_transformers":  # an encoder-decoder: the ids on both sides
+        return model(input_ids=ids, decoder_input_ids=ids, **kw)
+    return model(ids, **kw)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss",
+                                    "switch_transformers"])
 def test_replace_moe_blocks_keeps_the_logits_and_shares_the_tensors(family):
     torch.manual_seed(0)
     config = tiny_models()[family]
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = build(config).eval()
     with torch.no_grad():
         for n, b in model.named_buffers():
             if "e_score_correction_bias" in n:
                 b.copy_(torch.randn_like(b) * 0.05)
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
-        exact = model.double()(ids).logits
+        exact = run(model.double(), ids).logits
         model.float()
-        before = model(ids).logits.double()
+        before = run(model, ids).logits.double()
     params_before = {n: p.data_ptr() for n, p in model.named_parameters()}
     replaced = mt.replace_moe_blocks(model)
     assert replaced and all(isinstance(model.get_submodule(n), mt.MoE) for n in replaced)
     # The same tensors, under the same names: optimizer state and checkpoints carry over.
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == params_before
     with torch.no_grad():
-        after = model(ids).logits.double()
+        after = run(model, ids).logits.double()
     # transformers' own fp32 logits are |before − exact| from the exact (fp64) ones; moekit's
     # fp32 blocks round as much again at most (same operations, other orders): within 3× of it.
     err_hf = (before - exact).abs().max().item()
     assert (after - exact).abs().max().item() <= 3 * err_hf + 1e-7
     # A training step reaches the shared parameters through moekit's backward.
     model.train()
-    loss = model(ids, labels=ids).loss
+    loss = run(model, ids, labels=ids).loss
     loss.backward()
     block = model.get_submodule(replaced[0])
-    assert block.experts.gate_up_proj.grad is not None and block.experts.gate_up_proj.grad.abs().sum() > 0
+    grads = [p.grad for n, p in block.named_parameters() if "experts" in n]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert math.isfinite(loss.item())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "switch_transformers"])
 def test_replace_moe_blocks_gradients_match_transformers(family):
     torch.manual_seed(1)
     config = tiny_models()[family]
-    reference = transformers.AutoModelForCausalLM.from_config(config).double().eval()
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    reference = build(config).double().eval()
+    model = build(config).eval()
     model.load_state_dict({k: v.float() for k, v in reference.state_dict().items()})
     mt.replace_moe_blocks(model)
     ids = torch.randint(0, 64, (2, 10))
-    reference(ids, labels=ids).loss.backward()
-    model(ids, labels=ids).loss.backward()
+    run(reference, ids, labels=ids).loss.backward()
+    run(model, ids, labels=ids).loss.backward()
     ours = dict(model.named_parameters())
     for name, p in reference.named_parameters():
         g, r = ours[name].grad.double(), p.grad

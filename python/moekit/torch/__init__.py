@@ -74,6 +74,15 @@ class _Experts(nn.Module):
             self.gate_up_proj_bias = self.down_proj_bias = None
 
 
+class _SwitchExpert(nn.Module):
+    """Switch Transformers' expert (SwitchTransformersDenseActDense): wi [d_ff, d], wo [d, d_ff]."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.wi = nn.Linear(d_model, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d_model, bias=False)
+
+
 class _SharedMlp(nn.Module):
     """HF's shared MLP: gate_proj, up_proj, down_proj (up_proj only for ungated activations)."""
 
@@ -162,15 +171,25 @@ class MoE(nn.Module):
 
         router = _Router(full["router_rows"], d, full["router_bias"], full["noisy_gating"],
                          full["selection_bias"], self.num_experts)
-        setattr(self, "router" if _layout == "gpt_oss" else "gate", router)
-        self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"],
-                                transposed=_layout == "gpt_oss")
+        if _layout == "switch":
+            if full["gated"] or full["expert_bias"]:
+                raise ValueError("_layout 'switch': expected ungated experts without biases (Switch's wi / wo)")
+            self.router = nn.Module()
+            self.router.classifier = router
+            self.experts = nn.ModuleDict({f"expert_{e}": _SwitchExpert(d, self.d_ff) for e in range(self.num_experts)})
+        else:
+            setattr(self, "router" if _layout == "gpt_oss" else "gate", router)
+            self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"],
+                                    transposed=_layout == "gpt_oss")
         names = ["router_weight"]
         if full["router_bias"]:
             names.append("router_bias")
         if full["noisy_gating"]:
             names.append("router_noise_weight")
-        names += ["gate_up", "down"]
+        if _layout == "switch":  # one tensor per expert, passed to the layer as lists
+            names += [f"gate_up.{e}" for e in range(self.num_experts)] + [f"down.{e}" for e in range(self.num_experts)]
+        else:
+            names += ["gate_up", "down"]
         if full["expert_bias"]:
             names += ["gate_up_bias", "down_bias"]
         self._shared_attr = None
@@ -251,6 +270,8 @@ class MoE(nn.Module):
 
     @property
     def _router_module(self) -> nn.Module:
+        if self._layout == "switch":
+            return self.router.classifier
         return self.router if self._layout == "gpt_oss" else self.gate
 
     def reset_parameters(self) -> None:
@@ -259,6 +280,11 @@ class MoE(nn.Module):
         _uniform_(self._router_module.weight, d)
         if self._router_module.bias is not None:
             _uniform_(self._router_module.bias, d)
+        if self._layout == "switch":
+            for expert in self.experts.values():
+                _uniform_(expert.wi.weight, d)
+                _uniform_(expert.wo.weight, self.d_ff)
+            return
         _uniform_(self.experts.gate_up_proj, d)
         _uniform_(self.experts.down_proj, self.d_ff)
         if self.experts.gate_up_proj_bias is not None:
@@ -272,12 +298,15 @@ class MoE(nn.Module):
             "router_weight": router.weight,
             "router_bias": router.bias,
             "router_noise_weight": router.noise_weight,
-            "gate_up": self.experts.gate_up_proj,
-            "down": self.experts.down_proj,
-            "gate_up_bias": self.experts.gate_up_proj_bias,
-            "down_bias": self.experts.down_proj_bias,
             "selection_bias": router.e_score_correction_bias,
         }
+        if self._layout == "switch":
+            for e in range(self.num_experts):
+                by_name[f"gate_up.{e}"] = self.experts[f"expert_{e}"].wi.weight
+                by_name[f"down.{e}"] = self.experts[f"expert_{e}"].wo.weight
+        else:
+            by_name.update({"gate_up": self.experts.gate_up_proj, "down": self.experts.down_proj,
+                            "gate_up_bias": self.experts.gate_up_proj_bias, "down_bias": self.experts.down_proj_bias})
         shared = getattr(self, self._shared_attr) if self._shared_attr else None
         if shared is not None:
             gated = shared.gate_proj is not None
@@ -313,7 +342,7 @@ class MoE(nn.Module):
         if not x.is_contiguous():
             raise ValueError(f"hidden_states: expected a contiguous tensor (moekit reads it in place), got strides "
                              f"{x.stride()}; call .contiguous()")
-        weight_dtype = self.experts.gate_up_proj.dtype
+        weight_dtype = params[self._names.index("gate_up.0" if self._layout == "switch" else "gate_up")].dtype
         compute = "bf16" if weight_dtype == torch.bfloat16 else "fp32"
         if weight_dtype == torch.float32 and torch.is_autocast_enabled("cpu") and \
                 torch.get_autocast_dtype("cpu") == torch.bfloat16:
@@ -362,7 +391,9 @@ def _layer_summary(cfg: Mapping[str, Any]) -> dict:
 # are (HF 5.x stacked experts), so a block's tensors can be shared, not copied.
 _SHAREABLE_BLOCKS = {"MixtralSparseMoeBlock": "mixtral", "Qwen2MoeSparseMoeBlock": "qwen2_moe",
                      "Qwen3MoeSparseMoeBlock": "qwen3_moe", "OlmoeSparseMoeBlock": "olmoe",
-                     "DeepseekV3MoE": "deepseek_v3", "GptOssMLP": "gpt_oss"}
+                     "DeepseekV3MoE": "deepseek_v3", "GptOssMLP": "gpt_oss",
+                     "SwitchTransformersSparseMLP": "switch_transformers"}
+_LAYOUTS = {"gpt_oss": "gpt_oss", "switch_transformers": "switch"}
 
 
 def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -> List[str]:
@@ -374,8 +405,10 @@ def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -
     Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (their transformers 5.x blocks
     keep the experts stacked as ``experts.gate_up_proj`` / ``down_proj``) and gpt_oss (its
     ``router`` and its experts' interleaved, transposed stacks, read through strided views; the
-    module returns ``(hidden_states, None)`` as GptOssMLP returns a pair). switch_transformers
-    (one module per expert) is not swapped: use ``MoE.from_pretrained`` for its layers.
+    module returns ``(hidden_states, None)`` as GptOssMLP returns a pair) and switch_transformers
+    (its ``router.classifier`` and one ``experts.expert_{e}.wi`` / ``wo`` per expert, read
+    through one pointer per expert; expert dropout, which transformers applies in training, is
+    not).
 
     Returns the names of the modules replaced. The replacement's routing losses are its
     ``aux_loss`` / ``router_loss`` attributes; transformers' ``output_router_logits`` does not
@@ -396,8 +429,7 @@ def replace_moe_blocks(model: nn.Module, *, num_threads: Optional[int] = None) -
             raise ValueError(f"{name}: a {type(block).__name__} in a model whose config says model_type "
                              f"{family['model_type']!r}")
         with torch.device("meta"):  # no fresh parameters: the block's own take their place
-            moe = MoE(family["layer_config"], num_threads=num_threads,
-                      _layout="gpt_oss" if kind == "gpt_oss" else "hf")
+            moe = MoE(family["layer_config"], num_threads=num_threads, _layout=_LAYOUTS.get(kind, "hf"))
         theirs = dict(block.named_parameters())
         theirs.update(dict(block.named_buffers()))
         ours = dict(moe.named_parameters())

@@ -104,7 +104,11 @@ class _Core:
             if t.dtype not in (torch.float32, torch.bfloat16):
                 raise TypeError(f"{name}: expected dtype float32 or bfloat16, got {t.dtype}")
             weight = name in ("gate_up", "up", "down", "shared_gate_up", "shared_up", "shared_down")
-            if self.layout == "gpt_oss" and name == "gate_up":
+            if "." in name:  # "gate_up.3": one tensor per expert (Switch), passed as a list
+                base, index = name.split(".")
+                arrays.setdefault(base, []).append(t)
+                assert len(arrays[base]) == int(index) + 1
+            elif self.layout == "gpt_oss" and name == "gate_up":
                 arrays["gate_up"] = t[:, :, 0::2].transpose(1, 2)  # [E, d_ff, d], strides (2fd, 2, 2f)
                 arrays["up"] = t[:, :, 1::2].transpose(1, 2)
             elif self.layout == "gpt_oss" and name == "down":
@@ -161,9 +165,18 @@ class _Core:
         # Gradient buffers from moekit's pool (recycled when torch frees them: no page faults
         # on the next step); the C++ backward writes them, it does not accumulate.
         grads = {}
+        experts = {}
+        for name in self.names:
+            if "." in name:
+                experts[name.split(".")[0]] = experts.get(name.split(".")[0], 0) + 1
         for name, p in zip(self.names, params):
             if name in ("selection_bias", "up", "shared_up"):
                 continue  # no gradient; the up halves come out of the stacked buffers
+            if "." in name:  # per-expert tensors: one stacked buffer, a view per expert
+                base = name.split(".")[0]
+                if base not in grads:
+                    grads[base] = _moekit.pooled_array([experts[base]] + list(p.shape), "float32")
+                continue
             rows = 2 * p.shape[0] if name == "shared_gate_up" and self.shared_split else p.shape[0]
             shape = [rows] + list(p.shape[1:])
             if self.layout == "gpt_oss" and name in ("gate_up", "down"):
@@ -176,7 +189,10 @@ class _Core:
             if name == "selection_bias":
                 result.append(p.new_empty((0,)))  # it only selects: no gradient
                 continue
-            if self.layout == "gpt_oss" and name in ("gate_up", "gate_up_bias", "down"):
+            if "." in name:
+                base, index = name.split(".")
+                g = torch.from_numpy(grads[base])[int(index)]
+            elif self.layout == "gpt_oss" and name in ("gate_up", "gate_up_bias", "down"):
                 g = _to_gpt_oss(name, torch.from_numpy(grads[name]), p)
             elif name == "shared_up":
                 g = torch.from_numpy(grads["shared_gate_up"])[p.shape[0]:].clone()
