@@ -206,6 +206,32 @@ TEST(Pretrained, BorrowsStoredWeightsAndConvertsOnlyWhatItMust) {
     EXPECT_NE(source_of(l, "shared_down").how.find("dequantized F8_E4M3"), std::string::npos);
     const PretrainedLayer g = PretrainedLayer::load(kModels + "/gpt_oss_mxfp4", "0");
     EXPECT_EQ(source_of(g, "down").how, "dequantized MXFP4 → fp32");
+    // A bf16 layer keeps what it converts in bf16: the values its packing would round to anyway.
+    PretrainedOptions bf16;
+    bf16.dtype = DType::kBF16;
+    const PretrainedLayer h = PretrainedLayer::load(kModels + "/deepseek_v3_fp8", "1", bf16);
+    EXPECT_EQ(h.params().gate_up.dtype, DType::kBF16);
+    EXPECT_NE(source_of(h, "gate_up").how.find("→ bf16"), std::string::npos);
+  }
+}
+
+TEST(Pretrained, Bf16ConversionsGiveWhatPackingFp32ValuesGives) {
+  // FP8 and MXFP4 weights dequantized straight to bf16 (half the memory) against the same
+  // values dequantized to fp32 and rounded by the bf16 layer's packing: bitwise equal outputs.
+  for (const char* family : {"deepseek_v3_fp8", "gpt_oss_mxfp4"}) {
+    SCOPED_TRACE(family);
+    PretrainedOptions bf16;
+    bf16.dtype = DType::kBF16;
+    PretrainedLayer direct = PretrainedLayer::load(kModels + "/" + family, "1", bf16);
+    const PretrainedLayer fp32 = PretrainedLayer::load(kModels + "/" + family, "1");
+    MoeLayerConfig c = fp32.config();
+    c.dtype = DType::kBF16;
+    const MoeTensors values = moe_tensors_from_params(fp32.config(), fp32.params());
+    MoeLayer packed(c, moe_params_view(c, values));
+    std::vector<float> x(7 * static_cast<size_t>(c.d_model));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.37f * float(i));
+    const ConstMatrixView<float> view(x.data(), 7, c.d_model);
+    EXPECT_EQ(direct.moe().forward(view).output.values, packed.forward(view).output.values);
   }
 }
 

@@ -11,11 +11,13 @@
 //                      the last axis (gate = even, up = odd columns) and experts.down_proj
 //                      [E, d_ff, d] (transposed): read with row stride 2 / column strides.
 // Packing reads them there when the layer first runs; nothing is copied before. Everything else
-// is converted once at load into memory this object owns: F16 tensors (to fp32, exactly),
-// block-scaled FP8 E4M3 weights with their weight_scale_inv and gpt-oss MXFP4 `*_blocks` +
-// `*_scales` (dequantized to fp32, quant.h), fp32 vectors (router, biases, selection bias)
-// stored in BF16/F16 or misaligned, and gpt-oss's interleaved gate_up bias (reordered gate
-// first). sources() says, per parameter, what was done.
+// is converted once at load into memory this object owns: F16 weights, block-scaled FP8 E4M3
+// weights with their weight_scale_inv and gpt-oss MXFP4 `*_blocks` + `*_scales` (quant.h),
+// into the layer's dtype (fp32 exactly; for a bf16 layer straight to bf16, the values its
+// packing would round the fp32 ones to: half the memory, the same results), expert by expert;
+// fp32 vectors (router, biases, selection bias) stored in BF16/F16 or misaligned; and gpt-oss's
+// interleaved gate_up bias (reordered gate first). NaN and Inf in any tensor read are refused.
+// sources() says, per parameter, what was done.
 //
 // Faults (missing tensor, wrong shape or dtype, an unknown layer) are InputErrors naming the
 // checkpoint directory and the tensor.

@@ -39,6 +39,7 @@ struct PretrainedLayer::Impl {
   std::vector<LoadedParameter> sources;
   // Conversions this object owns (vectors of vectors: their buffers never move).
   std::vector<std::vector<float>> owned;
+  std::vector<std::vector<uint16_t>> owned_bf16;
   std::vector<std::vector<const void*>> pointer_lists;
   std::optional<MoeLayer> moe;
 
@@ -84,6 +85,33 @@ struct PretrainedLayer::Impl {
     return owned.back();
   }
 
+  // Memory for a converted weight of n elements in the layer's dtype: fp32, or bf16 when the
+  // layer computes in bf16 — packing would round the fp32 values to these same bf16 values
+  // (round to nearest even), so half the memory gives the same results. Filled expert by
+  // expert through put() from an fp32 scratch of one expert, so the fp32 copy of the whole
+  // stack never exists either.
+  struct Converted {
+    void* data = nullptr;
+    DType dtype = DType::kF32;
+  };
+  Converted own_weight(size_t n) {
+    if (config.dtype == DType::kBF16) return {owned_bf16.emplace_back(n).data(), DType::kBF16};
+    return {own(n).data(), DType::kF32};
+  }
+  static void put(const Converted& c, size_t offset, const float* src, size_t n) {
+    if (c.dtype == DType::kF32) {
+      std::memcpy(static_cast<float*>(c.data) + offset, src, n * sizeof(float));
+      return;
+    }
+    uint16_t* dst = static_cast<uint16_t*>(c.data) + offset;
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &src[i], 4);
+      dst[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite: checked at load
+    }
+  }
+  const char* target_name() const { return config.dtype == DType::kBF16 ? "bf16" : "fp32"; }
+
   // Element i of a F32/BF16/F16 tensor as float, exactly.
   static float element(const TensorView& t, int64_t i) {
     const auto* bytes = static_cast<const uint8_t*>(t.data);
@@ -112,15 +140,28 @@ struct PretrainedLayer::Impl {
     }
   }
 
-  // Every element as fp32 into `out` (n elements).
-  void convert(const TensorView& t, float* out) const {
+  // Elements [begin, begin + n) as fp32 into `out` (all of them when n < 0).
+  void convert(const TensorView& t, float* out, int64_t begin = 0, int64_t n = -1) const {
     check_float_dtype(t);
-    const int64_t n = t.num_elements();
+    if (n < 0) n = t.num_elements();
     if (t.dtype == TensorDType::kF32) {
-      std::memcpy(out, t.data, static_cast<size_t>(n) * 4);
+      std::memcpy(out, static_cast<const uint8_t*>(t.data) + 4 * begin, static_cast<size_t>(n) * 4);
       return;
     }
-    for (int64_t i = 0; i < n; ++i) out[i] = element(t, i);
+    for (int64_t i = 0; i < n; ++i) out[i] = element(t, begin + i);
+  }
+
+  // A whole stored stack [experts, per_expert elements] converted into the layer's dtype,
+  // expert by expert.
+  Converted convert_stack(const TensorView& t, int64_t experts) {
+    const int64_t per = t.num_elements() / experts;
+    const Converted c = own_weight(static_cast<size_t>(t.num_elements()));
+    std::vector<float> scratch(static_cast<size_t>(per));
+    for (int64_t e = 0; e < experts; ++e) {
+      convert(t, scratch.data(), e * per, per);
+      put(c, static_cast<size_t>(e * per), scratch.data(), scratch.size());
+    }
+    return c;
   }
 
   // An fp32 vector/matrix parameter: borrowed when stored F32 and aligned, else converted.
@@ -165,13 +206,14 @@ struct PretrainedLayer::Impl {
     convert(t, out);
   }
 
+  // For weights: converted into the layer's dtype.
   std::string how_converted(const TensorView& t) const {
     if (t.dtype == TensorDType::kF8E4M3) {
       return detail::concat("dequantized F8_E4M3 (", family.fp8_block_rows, " × ", family.fp8_block_cols,
-                            " block scales) → fp32");
+                            " block scales) → ", target_name());
     }
-    return std::string(t.dtype == TensorDType::kF32 ? "copied (misaligned in the file)"
-                                                    : std::string("converted ") + tensor_dtype_name(t.dtype) + " → fp32");
+    if (t.dtype == TensorDType::kF32 && config.dtype == DType::kF32) return "copied (misaligned in the file)";
+    return detail::concat("converted ", tensor_dtype_name(t.dtype), " → ", target_name());
   }
 
   // One MLP weight made of per-expert matrices: names[e] (and up_names[e] for a gate/up pair),
@@ -209,13 +251,19 @@ struct PretrainedLayer::Impl {
         w.expert_up_data = up;
       }
     } else {
-      std::vector<float>& v = own(static_cast<size_t>(experts * total_rows * cols));
+      const Converted c = own_weight(static_cast<size_t>(experts * total_rows * cols));
+      std::vector<float> scratch(static_cast<size_t>(rows * cols));
       for (int64_t e = 0; e < experts; ++e) {
-        float* dst = v.data() + e * total_rows * cols;
-        matrix_to_f32(names[static_cast<size_t>(e)], rows, cols, dst);
-        if (split) matrix_to_f32(up_names[static_cast<size_t>(e)], rows, cols, dst + rows * cols);
+        const size_t at = static_cast<size_t>(e * total_rows * cols);
+        matrix_to_f32(names[static_cast<size_t>(e)], rows, cols, scratch.data());
+        put(c, at, scratch.data(), scratch.size());
+        if (split) {
+          matrix_to_f32(up_names[static_cast<size_t>(e)], rows, cols, scratch.data());
+          put(c, at + scratch.size(), scratch.data(), scratch.size());
+        }
       }
-      w.data = v.data();
+      w.data = c.data;
+      w.dtype = c.dtype;
       s.how = how_converted(*parts[0]);
     }
     sources.push_back(s);
@@ -231,9 +279,9 @@ struct PretrainedLayer::Impl {
       w.data = t.data;
       w.dtype = weight_dtype(t);
     } else {
-      std::vector<float>& v = own(static_cast<size_t>(t.num_elements()));
-      convert(t, v.data());
-      w.data = v.data();
+      const Converted c = convert_stack(t, experts);
+      w.data = c.data;
+      w.dtype = c.dtype;
       s.how = how_converted(t);
     }
     sources.push_back(s);
@@ -321,10 +369,10 @@ struct PretrainedLayer::Impl {
     if (borrowable(t)) {
       w.dtype = weight_dtype(t);
     } else {
-      std::vector<float>& v = own(static_cast<size_t>(t.num_elements()));
-      convert(t, v.data());
-      base = v.data();
-      element = 4;
+      const Converted c = convert_stack(t, experts);
+      base = c.data;
+      w.dtype = c.dtype;
+      element = c.dtype == DType::kBF16 ? 2 : 4;
       s.how = how_converted(t) + " (same layout)";
     }
     w.data = base;
@@ -348,21 +396,28 @@ struct PretrainedLayer::Impl {
       for (const TensorView* t : {&blocks, &scales}) {
         if (t->dtype != TensorDType::kU8) fault(t->name, "dtype", "U8", tensor_dtype_name(t->dtype));
       }
-      std::vector<float>& v = own(static_cast<size_t>(experts * out_rows * in_cols));
-      dequantize_mxfp4(static_cast<const uint8_t*>(blocks.data), static_cast<const uint8_t*>(scales.data),
-                       experts * out_rows, in_cols / 32, v.data(), blocks.name.c_str());
+      const int64_t per = out_rows * in_cols, groups = in_cols / 32;
+      const Converted c = own_weight(static_cast<size_t>(experts * per));
+      std::vector<float> scratch(static_cast<size_t>(per));
+      for (int64_t e = 0; e < experts; ++e) {
+        dequantize_mxfp4(static_cast<const uint8_t*>(blocks.data) + e * out_rows * groups * 16,
+                         static_cast<const uint8_t*>(scales.data) + e * out_rows * groups, out_rows, groups,
+                         scratch.data(), blocks.name.c_str());
+        put(c, static_cast<size_t>(e * per), scratch.data(), scratch.size());
+      }
       sources.push_back({parameter, stem + "_blocks + _scales", detail::concat("MXFP4 ", shape_text(blocks.shape)),
-                         "dequantized MXFP4 → fp32"});
-      return v.data();
+                         std::string("dequantized MXFP4 → ") + target_name()});
+      return c;
     };
-    const float* gu = dequantize("gate_up", x + "gate_up_proj", 2 * f, d);
-    WeightView g{gu, DType::kF32, experts, 2 * f, d};
+    const Converted gu = dequantize("gate_up", x + "gate_up_proj", 2 * f, d);
+    WeightView g{gu.data, gu.dtype, experts, 2 * f, d};
     g.expert_stride = 2 * f * d;
     g.row_stride = 2 * d;
     g.col_stride = 1;
-    g.up_data = gu + d;
+    g.up_data = static_cast<const uint8_t*>(gu.data) + static_cast<size_t>(d) * (gu.dtype == DType::kBF16 ? 2 : 4);
     params.gate_up = g;
-    params.down = WeightView{dequantize("down", x + "down_proj", d, f), DType::kF32, experts, d, f};
+    const Converted dn = dequantize("down", x + "down_proj", d, f);
+    params.down = WeightView{dn.data, dn.dtype, experts, d, f};
   }
 
   void load_experts(const std::string& mlp) {
