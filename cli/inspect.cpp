@@ -1,6 +1,6 @@
 // `moekit inspect --model DIR`: every decoder layer of a checkpoint (MoE or dense, and why),
 // the MoE layer's configuration as moekit derives it from config.json, and per layer the MLP's
-// stored tensors, their dtypes and bytes.
+// stored tensors, their dtypes and bytes; with --layer N, how that layer's parameters load.
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -68,6 +68,18 @@ void inspect(const std::string& dir) {
   }
 }
 
+// One layer as moekit loads it: per parameter the tensors read, their stored dtype and layout
+// and whether they are borrowed in place or converted (pretrained.h).
+void inspect_layer(const std::string& dir, const std::string& name) {
+  const PretrainedLayer layer = PretrainedLayer::load(dir, name);
+  std::cout << "layer " << layer.layer().name << " (" << layer.layer().prefix << "):\n";
+  std::cout << std::left << std::setw(22) << "parameter" << std::setw(40) << "stored" << "how  [tensors]\n";
+  for (const LoadedParameter& p : layer.sources()) {
+    std::cout << std::left << std::setw(22) << p.parameter << std::setw(40) << p.stored << p.how << "  [" << p.tensors
+              << "]\n";
+  }
+}
+
 }  // namespace
 
 void add_inspect_command(CLI::App& app) {
@@ -76,7 +88,13 @@ void add_inspect_command(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   add_text_option(*cmd, "--model", *dir, "DIR", "a checkpoint directory (config.json and model.safetensors or "
                                                 "model.safetensors.index.json)", "the checkpoint")->required();
-  cmd->callback([dir] { inspect(*dir); });
+  auto layer = std::make_shared<std::string>();
+  add_text_option(*cmd, "--layer", *layer, "N", "a layer index (Switch: N, encoder.N or decoder.N)",
+                  "also show how this MoE layer's parameters load: borrowed where they lie or converted");
+  cmd->callback([dir, layer] {
+    inspect(*dir);
+    if (!layer->empty()) inspect_layer(*dir, *layer);
+  });
 }
 
 }  // namespace moekit::cli

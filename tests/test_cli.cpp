@@ -710,6 +710,12 @@ TEST_F(CliForward, WritesTheLayersOutputAndRoutingForACheckpoint) {
   EXPECT_EQ(stats["num_dropped"], 4);
   EXPECT_EQ(result.metadata().at("layer"), "decoder.1");
 
+  const RunResult how = run({"inspect", "--model", model, "--layer", "decoder.1"});
+  ASSERT_EQ(how.exit_code, 0) << how.err;
+  EXPECT_NE(how.out.find("layer decoder.1 (decoder.block.1.layer.2.mlp):"), std::string::npos) << how.out;
+  EXPECT_NE(how.out.find("borrowed (one pointer per expert)  [decoder.block.1.layer.2.mlp.experts.expert_{0..3}.wi.weight]"),
+            std::string::npos) << how.out;
+
   const RunResult dense = run({"forward", "--model", model, "--layer", "0", "--input", in.string(), "--output",
                                out.string()});
   EXPECT_EQ(dense.exit_code, 2);

@@ -349,7 +349,8 @@ struct PretrainedLayer::Impl {
         b[static_cast<size_t>(e * 2 * f + f + i)] = gub[static_cast<size_t>(e * 2 * f + 2 * i + 1)];
       }
     }
-    sources.back().how += ", reordered gate first";
+    LoadedParameter& bias = sources.back();
+    bias.how = bias.how == "borrowed" ? "copied, reordered gate first" : bias.how + ", reordered gate first";
     params.gate_up_bias = b;
     params.down_bias = floats("down_bias", x + "down_proj_bias", {experts, d});
   }
