@@ -12,6 +12,8 @@ packages=(
   libgmock-dev
   libbenchmark-dev  # Google Benchmark
   libcli11-dev      # CLI11, header-only: the moekit command's flag parser
+  clang             # the fuzz targets (scripts/fuzz.sh): libFuzzer is clang's
+  libclang-rt-dev   # clang's runtimes: libFuzzer, ASan, UBSan (not pulled in without recommends)
   git
   ca-certificates
 )

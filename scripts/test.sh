@@ -29,6 +29,9 @@ stage "Python package: pip install . into .venv-python, then pytest (tests/pytho
 bash scripts/python_env.sh
 .venv-python/bin/python -m pytest -q tests/python
 
+stage "fuzz: libFuzzer targets, 30 s each (build-fuzz/, clang; docs/fuzzing.md)"
+bash scripts/fuzz.sh 30
+
 stage "ASan+UBSan build (build-asan/)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOEKIT_SANITIZE=ON -DMOEKIT_BUILD_TESTS=ON
 cmake --build build-asan -j "$jobs"
