@@ -10,6 +10,7 @@
 #include "io/routing_config.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "moekit/quant.h"
 
 namespace moekit {
 
@@ -17,6 +18,9 @@ const char* dtype_name(DType dtype) {
   switch (dtype) {
     case DType::kF32: return "fp32";
     case DType::kBF16: return "bf16";
+    case DType::kInt8: return "int8";
+    case DType::kInt4: return "int4";
+    case DType::kMxfp4: return "mxfp4";
   }
   return "unknown";
 }
@@ -53,8 +57,20 @@ void MoeLayerConfig::validate() const {
   if (shared_expert_gate && num_shared_experts == 0) {
     throw_config_error("shared_expert_gate", "false when num_shared_experts is 0", "true");
   }
-  if (dtype != DType::kF32 && dtype != DType::kBF16) {
-    throw_config_error("dtype", "fp32 or bf16", static_cast<int>(dtype));
+  const int dt = static_cast<int>(dtype);
+  if (dt < 0 || dt > static_cast<int>(DType::kMxfp4)) {
+    throw_config_error("dtype", "fp32, bf16, int8, int4 or mxfp4", dt);
+  }
+  if (is_quantized(dtype)) {
+    // The quantized formats group the input dimension of both expert GEMMs by 32.
+    if (d_model % kQuantGroup != 0) {
+      throw_config_error("d_model", detail::concat("a multiple of ", kQuantGroup, " for dtype ", dtype_name(dtype)), d_model);
+    }
+    for (const auto& [key, width] : {std::pair{"d_ff", d_ff}, std::pair{"shared_d_ff", effective_shared_d_ff()}}) {
+      if (width % kQuantGroup != 0) {
+        throw_config_error(key, detail::concat("a multiple of ", kQuantGroup, " for dtype ", dtype_name(dtype)), width);
+      }
+    }
   }
   if (backend != Backend::kCpu && backend != Backend::kCuda) {
     throw_config_error("backend", "cpu or cuda", static_cast<int>(backend));
@@ -106,6 +122,9 @@ constexpr EnumName<DType> kDTypeNames[] = {
     {DType::kF32, "float32"},
     {DType::kBF16, "bf16"},
     {DType::kBF16, "bfloat16"},
+    {DType::kInt8, "int8"},
+    {DType::kInt4, "int4"},
+    {DType::kMxfp4, "mxfp4"},
 };
 
 constexpr EnumName<Backend> kBackendNames[] = {

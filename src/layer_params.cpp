@@ -1,12 +1,15 @@
 // Parameters of the layer: owned storage, views, and their shape checks.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <string>
 
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "moekit/quant.h"
 
 namespace moekit {
 
@@ -106,6 +109,13 @@ float weight_element(const WeightView& w, int64_t e, int64_t r, int64_t c) {
 
 void copy_weight(const WeightView& w, std::vector<float>& out) {
   if (w.empty()) return;
+  if (is_quantized(w.dtype)) {  // the values the codes stand for
+    const int64_t cb = quantized_code_bytes(w.dtype, w.cols), sb = quantized_scale_bytes(w.dtype, w.cols);
+    for (int64_t r = 0; r < w.experts * w.rows; ++r)
+      dequantize_row(w.dtype, static_cast<const uint8_t*>(w.data) + r * cb, static_cast<const uint8_t*>(w.scales) + r * sb,
+                     w.cols, out.data() + r * w.cols);
+    return;
+  }
   for (int64_t e = 0; e < w.experts; ++e)
     for (int64_t r = 0; r < w.rows; ++r)
       for (int64_t c = 0; c < w.cols; ++c) out[static_cast<size_t>((e * w.rows + r) * w.cols + c)] = weight_element(w, e, r, c);
@@ -168,8 +178,46 @@ void check_vector_param(const char* name, std::span<const float> v, bool wanted,
   }
 }
 
+// A quantized view: the layer's format, contiguous, scales given and finite (a NaN or infinite
+// scale would make every weight of its row or group NaN).
+void check_quantized_weight(const char* name, const WeightView& w, DType layer_dtype) {
+  if (w.dtype != layer_dtype) {
+    throw_input_error(detail::concat("params.", name, " dtype"),
+                      detail::concat(dtype_name(layer_dtype), " (quantized weights compute only in their own format)"),
+                      dtype_name(w.dtype));
+  }
+  if (w.scales == nullptr) throw_input_error(detail::concat("params.", name, ".scales"), "a pointer", "null");
+  if (w.expert_stride != 0 || w.row_stride != 0 || w.col_stride != 0 || w.up_data != nullptr ||
+      !w.expert_data.empty() || !w.expert_up_data.empty()) {
+    throw_input_error(detail::concat("params.", name), "a contiguous quantized stack (no strides, up half or per-expert pointers)",
+                      "a strided or split view");
+  }
+  const int64_t rows = w.experts * w.rows;
+  const auto* sc = static_cast<const uint8_t*>(w.scales);
+  const int64_t groups = w.cols / kQuantGroup;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < (w.dtype == DType::kInt8 ? 1 : groups); ++g) {
+      float s = 0;
+      if (w.dtype == DType::kInt8) {
+        std::memcpy(&s, sc + 4 * r, 4);
+      } else if (w.dtype == DType::kInt4) {
+        uint16_t b;
+        std::memcpy(&b, sc + 2 * (r * groups + g), 2);
+        s = fp16_to_float(b);
+      } else {
+        s = sc[r * groups + g] == 0xffu ? std::numeric_limits<float>::quiet_NaN() : 1.0f;
+      }
+      if (!std::isfinite(s)) {
+        throw_input_error(detail::concat("params.", name, ".scales[", r / w.rows, ", ", r % w.rows,
+                                         w.dtype == DType::kInt8 ? "" : detail::concat(", group ", g), "]"),
+                          "a finite scale", s);
+      }
+    }
+  }
+}
+
 void check_weight_param(const char* name, const WeightView& w, bool wanted, int64_t experts,
-                        int64_t rows, int64_t cols, const char* why) {
+                        int64_t rows, int64_t cols, const char* why, DType layer_dtype) {
   if (w.empty() != !wanted) {
     throw_input_error(detail::concat("params.", name),
                       wanted ? detail::concat("a ", shape_text(experts, rows, cols), " weight") : detail::concat("none (", why, ")"),
@@ -180,8 +228,13 @@ void check_weight_param(const char* name, const WeightView& w, bool wanted, int6
     throw_input_error(detail::concat("params.", name, " shape"), shape_text(experts, rows, cols),
                       shape_text(w.experts, w.rows, w.cols));
   }
+  if (is_quantized(w.dtype)) {
+    check_quantized_weight(name, w, layer_dtype);
+    return;
+  }
   if (w.dtype != DType::kF32 && w.dtype != DType::kBF16) {
-    throw_input_error(detail::concat("params.", name, " dtype"), "fp32 or bf16", static_cast<int>(w.dtype));
+    throw_input_error(detail::concat("params.", name, " dtype"), "fp32, bf16 or the layer's quantized format",
+                      static_cast<int>(w.dtype));
   }
   for (const auto& [part, list, base] : {std::tuple{"expert_data", w.expert_data, w.data},
                                          std::tuple{"expert_up_data", w.expert_up_data, w.up_data}}) {
@@ -209,16 +262,16 @@ void check_moe_params(const MoeLayerConfig& c, const MoeParams& p) {
   check_vector_param("router_bias", p.router_bias, c.router_bias, c.router_rows(), "router_bias is false");
   check_matrix_param("router_noise_weight", p.router_noise_weight, c.routing.noisy_gating, num_experts, d,
                      "noisy_gating is false");
-  check_weight_param("gate_up", p.gate_up, true, num_experts, c.gate_up_rows(), d, "");
-  check_weight_param("down", p.down, true, num_experts, d, c.d_ff, "");
+  check_weight_param("gate_up", p.gate_up, true, num_experts, c.gate_up_rows(), d, "", c.dtype);
+  check_weight_param("down", p.down, true, num_experts, d, c.d_ff, "", c.dtype);
   check_vector_param("gate_up_bias", p.gate_up_bias, c.expert_bias, num_experts * c.gate_up_rows(),
                      "expert_bias is false");
   check_vector_param("down_bias", p.down_bias, c.expert_bias, num_experts * d, "expert_bias is false");
   const bool shared = c.has_shared();
   check_weight_param("shared_gate_up", p.shared_gate_up, shared, 1, c.shared_gate_up_rows(), d,
-                     "num_shared_experts is 0");
+                     "num_shared_experts is 0", c.dtype);
   check_weight_param("shared_down", p.shared_down, shared, 1, d, c.effective_shared_d_ff(),
-                     "num_shared_experts is 0");
+                     "num_shared_experts is 0", c.dtype);
   check_vector_param("shared_gate_up_bias", p.shared_gate_up_bias, shared && c.expert_bias,
                      c.shared_gate_up_rows(), "no shared expert biases");
   check_vector_param("shared_down_bias", p.shared_down_bias, shared && c.expert_bias, d,

@@ -113,7 +113,7 @@ struct MoeLayerConfig {
 MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
 
 // Non-owning view of a weight stack [experts, rows, cols], fp32 or bf16 (bf16: the upper 16
-// bits of an IEEE fp32, as uint16). Element (e, r, c) is at
+// bits of an IEEE fp32, as uint16), or quantized (see `scales`). Element (e, r, c) is at
 //   data + e·expert_stride + r·row_stride + c·col_stride      (in elements of dtype)
 // where a stride of 0 means the contiguous row-major default (rows·cols, cols, 1). Strides let
 // a layer read a layout other than its own in place (per-expert tensors at any distance, a down
@@ -140,6 +140,11 @@ struct WeightView {
   // above. Empty: the stack layout. `data` must still point at expert 0.
   std::span<const void* const> expert_data = {};
   std::span<const void* const> expert_up_data = {};
+  // Quantized weights (dtype int8, int4, mxfp4; quant.h): `data` holds the codes and `scales`
+  // the scales, both contiguous stacks (expert e, row r at e·rows + r rows of
+  // quantized_code_bytes(dtype, cols) and quantized_scale_bytes(dtype, cols) bytes); strides,
+  // up_data and the per-expert lists must be left at their defaults.
+  const void* scales = nullptr;
   bool empty() const { return data == nullptr; }
   int64_t expert_step() const { return expert_stride != 0 ? expert_stride : rows * cols; }
   int64_t row_step() const { return row_stride != 0 ? row_stride : cols; }

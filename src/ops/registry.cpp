@@ -18,6 +18,7 @@ const char* backend_name(Backend backend) {
 
 namespace cpu {
 std::unique_ptr<ops::ExpertFfn> make_cpu_expert_ffn(const ops::ExpertFfnConfig& config);
+std::unique_ptr<ops::ExpertFfn> make_cpu_quant_expert_ffn(const ops::ExpertFfnConfig& config);  // inference only
 }
 
 namespace ops {
@@ -33,6 +34,9 @@ struct ExpertFfnEntry {
 constexpr ExpertFfnEntry kExpertFfns[] = {
     {Backend::kCpu, DType::kF32, &cpu::make_cpu_expert_ffn},
     {Backend::kCpu, DType::kBF16, &cpu::make_cpu_expert_ffn},
+    {Backend::kCpu, DType::kInt8, &cpu::make_cpu_quant_expert_ffn},
+    {Backend::kCpu, DType::kInt4, &cpu::make_cpu_quant_expert_ffn},
+    {Backend::kCpu, DType::kMxfp4, &cpu::make_cpu_quant_expert_ffn},
 };
 
 }  // namespace

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "moekit/quant.h"
+
 namespace moekit::ops {
 
 namespace {
@@ -10,6 +12,13 @@ size_t dtype_bytes(DType d) { return d == DType::kBF16 ? 2 : 4; }
 
 ExpertWeight expert_weight(const WeightView& w, int64_t e) {
   ExpertWeight x;
+  if (is_quantized(w.dtype)) {
+    x.dtype = w.dtype;
+    x.data = static_cast<const uint8_t*>(w.data) + e * w.rows * quantized_code_bytes(w.dtype, w.cols);
+    x.scales = static_cast<const uint8_t*>(w.scales) + e * w.rows * quantized_scale_bytes(w.dtype, w.cols);
+    x.row_stride = quantized_code_bytes(w.dtype, w.cols);  // bytes
+    return x;
+  }
   const int64_t offset = e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
   const auto at = [&](std::span<const void* const> per_expert, const void* base) -> const void* {
     if (!per_expert.empty()) return per_expert[static_cast<size_t>(e)];

@@ -29,6 +29,9 @@ struct ExpertWeight {
   int64_t col_stride = 1;
   const void* up_data = nullptr;
   int64_t up_row = 0;
+  // Quantized (int8, int4, mxfp4): data holds the codes, scales the scales, row r of each at
+  // r · quantized_code_bytes / quantized_scale_bytes (quant.h); no strides, no up half.
+  const void* scales = nullptr;
   // Rows contiguous and in one part: what a reader of W row by row in place needs.
   bool rows_contiguous() const { return col_stride == 1 && up_data == nullptr; }
 };

@@ -1,0 +1,277 @@
+// CPU implementation of the grouped expert FFN (src/ops/expert_ffn.h) for quantized weights
+// (int8, int4, mxfp4), inference only.
+//
+// Weights: a group whose views are already in the layer's format (a quantized checkpoint
+// layer, borrowed) is read where it lies; fp32 or bf16 views are quantized per expert when
+// tokens first reach it (quantize_row, the rules of quant.h), kept until invalidate(), like the
+// fp32/bf16 path's packing.
+// Forward, per group e with rows R_e:
+//   q(x)  = the token rows rounded to int8 (once per token, not per assignment)
+//   pre   = q(X[R_e]) · W_gate_upᵀ + b_gate_up          quant_dot, fp32 out
+//   h     = act(pre)                                    fp32
+//   y     = w ⊙ (q(h) · W_downᵀ + b_down)               quant_dot, the combine weight as a row scale
+// Work is cut into (group, row block, weight-row block) tiles of equal weight-row counts, pulled
+// from one queue: the weight bytes a tile streams are the same for every expert, so an expert
+// with one token and one with nine keep both cores busy. Every output element is written by one
+// tile with a fixed summation order: bitwise the same for any thread count.
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "cpu/activation.h"
+#include "cpu/exec.h"
+#include "cpu/gemm.h"
+#include "cpu/quant_kernels.h"
+#include "moekit/error.h"
+#include "moekit/quant.h"
+#include "ops/expert_ffn.h"
+
+namespace moekit::cpu {
+namespace {
+
+using ops::Group;
+using ops::OpContext;
+using ops::RowSpace;
+
+// The weights of one expert matrix [rows, cols] in the layer's format: borrowed or owned here.
+struct QuantWeight {
+  QuantMatrix m;
+  std::vector<uint8_t> codes, scales;  // owned when quantized here
+};
+
+// Element (r, c) of an fp32/bf16 expert weight (strides, up half elsewhere) as float.
+float element(const ops::ExpertWeight& w, int64_t r, int64_t c) {
+  const bool up = w.up_data != nullptr && r >= w.up_row;
+  const auto* base = static_cast<const uint8_t*>(up ? w.up_data : w.data);
+  const int64_t i = (up ? r - w.up_row : r) * w.row_stride + c * w.col_stride;
+  if (w.dtype == moekit::DType::kBF16) {
+    uint16_t b;
+    std::memcpy(&b, base + 2 * i, 2);
+    return bf16_to_float(b);
+  }
+  float f;
+  std::memcpy(&f, base + 4 * i, 4);
+  return f;
+}
+
+class CpuQuantExpertFfn final : public ops::ExpertFfn {
+ public:
+  explicit CpuQuantExpertFfn(const ops::ExpertFfnConfig& c) : c_(c) {}
+
+  void invalidate() override {
+    std::fill(valid_.begin(), valid_.end(), 0);
+    for (auto& w : gate_up_) w = QuantWeight{};
+    for (auto& w : down_) w = QuantWeight{};
+  }
+
+  ConstMatrixView<float> forward(const OpContext& ctx, const RowSpace& rs, ops::ExpertFfnSaved* saved) override;
+
+  ops::ExpertFfnBackwardResult backward(const OpContext&, const RowSpace&, ops::ExpertFfnSaved&,
+                                        std::span<const ops::ExpertGrads>) override {
+    throw_config_error("dtype", "fp32 or bf16 for a backward (quantized experts run inference only)",
+                       dtype_name(c_.weight_format));
+  }
+
+ private:
+  void prepare_weights(const OpContext& ctx, const RowSpace& rs);
+  QuantWeight make_weight(const ops::ExpertWeight& w, int64_t rows, int64_t cols, const char* name) const;
+  // Quantized rows of every distinct A source (hidden_states, slot inputs), once per row.
+  void quantize_inputs(const OpContext& ctx, const RowSpace& rs);
+
+  ops::ExpertFfnConfig c_;
+  std::vector<uint8_t> valid_;
+  std::vector<QuantWeight> gate_up_, down_;
+  // Quantized A rows: per distinct source pointer its first row in a_q_ / a_d_.
+  std::vector<int8_t> a_q_, h_q_;
+  std::vector<float> a_d_, h_d_;
+  std::map<const float*, int64_t> a_first_;
+  Workspace h_ws_, y_ws_;
+  std::vector<std::vector<float>> scratch_;  // per thread: the gate and up dots of one tile
+};
+
+QuantWeight CpuQuantExpertFfn::make_weight(const ops::ExpertWeight& w, int64_t rows, int64_t cols,
+                                           const char* name) const {
+  const moekit::DType f = c_.weight_format;
+  QuantWeight q;
+  q.m.format = f;
+  q.m.cols = cols;
+  q.m.code_bytes = quantized_code_bytes(f, cols);
+  q.m.scale_bytes = quantized_scale_bytes(f, cols);
+  if (w.dtype == f) {  // borrowed where it lies
+    q.m.codes = static_cast<const uint8_t*>(w.data);
+    q.m.scales = static_cast<const uint8_t*>(w.scales);
+    return q;
+  }
+  q.codes.resize(static_cast<size_t>(rows * q.m.code_bytes));
+  q.scales.resize(static_cast<size_t>(rows * q.m.scale_bytes));
+  std::vector<float> row(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) row[static_cast<size_t>(c)] = element(w, r, c);
+    quantize_row(f, row.data(), cols, q.codes.data() + r * q.m.code_bytes, q.scales.data() + r * q.m.scale_bytes,
+                 name, r);
+  }
+  q.m.codes = q.codes.data();
+  q.m.scales = q.scales.data();
+  return q;
+}
+
+void CpuQuantExpertFfn::prepare_weights(const OpContext& ctx, const RowSpace& rs) {
+  const size_t groups = rs.groups.size();
+  if (valid_.size() != groups) {
+    valid_.assign(groups, 0);
+    gate_up_.assign(groups, QuantWeight{});
+    down_.assign(groups, QuantWeight{});
+  }
+  std::vector<size_t> todo;
+  for (size_t gi = 0; gi < groups; ++gi)
+    if (rs.groups[gi].num_rows > 0 && !valid_[gi]) todo.push_back(gi);
+  run_tasks(ctx, static_cast<int64_t>(todo.size()), [&](int64_t i, int) {
+    const size_t gi = todo[static_cast<size_t>(i)];
+    const Group& g = rs.groups[gi];
+    const bool shared = g.expert == c_.num_groups - 1 && rs.routed_rows < rs.total_rows;
+    const std::string at = shared ? std::string("[shared]") : detail::concat("[expert ", g.expert, "]");
+    gate_up_[gi] = make_weight(g.w_gate_up, g.gu_cols, c_.d_model, ((shared ? "shared_gate_up" : "gate_up") + at).c_str());
+    down_[gi] = make_weight(g.w_down, c_.d_model, g.d_ff, ((shared ? "shared_down" : "down") + at).c_str());
+    valid_[gi] = 1;
+  });
+}
+
+void CpuQuantExpertFfn::quantize_inputs(const OpContext& ctx, const RowSpace& rs) {
+  const int64_t d = c_.d_model, spr = activation_scales_per_row(c_.weight_format, d);
+  // Rows each source needs: the largest token index read from it, plus one.
+  std::map<const float*, int64_t> rows_of;
+  for (const Group& g : rs.groups) {
+    if (g.num_rows == 0) continue;
+    int64_t need = g.num_rows;
+    if (g.a_rows) need = *std::max_element(g.a_rows, g.a_rows + g.num_rows) + 1;
+    int64_t& r = rows_of[g.a];
+    r = std::max(r, need);
+  }
+  a_first_.clear();
+  int64_t total = 0;
+  std::vector<std::pair<const float*, int64_t>> rows;  // (row pointer, destination row)
+  for (const auto& [src, n] : rows_of) {
+    a_first_[src] = total;
+    for (int64_t r = 0; r < n; ++r) rows.emplace_back(src + r * d, total + r);
+    total += n;
+  }
+  a_q_.resize(static_cast<size_t>(total * d));
+  a_d_.resize(static_cast<size_t>(total * spr));
+  run_blocks(ctx, static_cast<int64_t>(rows.size()), 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const auto& [x, dst] = rows[static_cast<size_t>(i)];
+      quantize_activation_row(ctx.isa, c_.weight_format, x, d, a_q_.data() + dst * d, a_d_.data() + dst * spr);
+    }
+  });
+}
+
+ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const RowSpace& rs, ops::ExpertFfnSaved* saved) {
+  if (saved != nullptr) {
+    throw_config_error("dtype", "fp32 or bf16 for a training forward (quantized experts run inference only)",
+                       dtype_name(c_.weight_format));
+  }
+  const moekit::DType f = c_.weight_format;
+  const int64_t d = c_.d_model;
+  prepare_weights(ctx, rs);
+  ctx.phase("pack_experts");
+  quantize_inputs(ctx, rs);
+  ctx.phase("quantize_x");
+
+  // GEMM 1 and the activation: h [rows, d_ff] per group at h_offset.
+  float* h = h_ws_.get<float>(rs.h_size);
+  const bool gated = is_gated(c_.activation);
+  const auto tiles1 = make_tiles(
+      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
+      [&](int64_t g) { return rs.groups[g].d_ff; }, ctx.num_threads);
+  scratch_.resize(static_cast<size_t>(ctx.num_threads));
+  const int64_t spr_x = activation_scales_per_row(f, d);
+  run_tiles(ctx, tiles1, [&](const Tile& t, int thread) {
+    const Group& g = rs.groups[static_cast<size_t>(t.group)];
+    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+    std::vector<const int8_t*> q(static_cast<size_t>(rows));
+    std::vector<const float*> dq(static_cast<size_t>(rows));
+    const int64_t first = a_first_.at(g.a);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = first + g.src(t.m0 + i);
+      q[static_cast<size_t>(i)] = a_q_.data() + r * d;
+      dq[static_cast<size_t>(i)] = a_d_.data() + r * spr_x;
+    }
+    std::vector<float>& s = scratch_[static_cast<size_t>(thread)];
+    s.resize(static_cast<size_t>(2 * rows * cols));
+    float* gate = s.data();
+    float* up = s.data() + rows * cols;
+    const QuantMatrix& w = gate_up_[static_cast<size_t>(t.group)].m;
+    quant_dot(ctx.isa, w, t.n0, t.n1, q.data(), dq.data(), rows, gate, cols);
+    if (gated) quant_dot(ctx.isa, w, g.d_ff + t.n0, g.d_ff + t.n1, q.data(), dq.data(), rows, up, cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* gi = gate + i * cols;
+      float* ui = up + i * cols;
+      if (g.b_gate_up) {
+        for (int64_t j = 0; j < cols; ++j) {
+          gi[j] += g.b_gate_up[t.n0 + j];
+          if (gated) ui[j] += g.b_gate_up[g.d_ff + t.n0 + j];
+        }
+      }
+      float* hi = h + g.h_offset + (t.m0 + i) * g.d_ff + t.n0;
+      if (c_.activation == ExpertActivation::kSwiGlu) {
+        swiglu_forward_row(ctx.isa, gi, ui, cols, false, hi);
+      } else {
+        for (int64_t j = 0; j < cols; ++j)
+          hi[j] = activation_forward(c_.activation, gi[j], gated ? ui[j] : 0.0f, c_.activation_constants);
+      }
+    }
+  });
+  ctx.phase("gemm1");
+
+  // h rounded to int8 per row, then GEMM 2: y = scale ⊙ (q(h) · W_downᵀ + b_down).
+  int64_t h_scales = 0;
+  std::vector<int64_t> h_scale_offset(rs.groups.size());
+  for (size_t gi = 0; gi < rs.groups.size(); ++gi) {
+    h_scale_offset[gi] = h_scales;
+    h_scales += rs.groups[gi].num_rows * activation_scales_per_row(f, rs.groups[gi].d_ff);
+  }
+  h_q_.resize(static_cast<size_t>(rs.h_size));
+  h_d_.resize(static_cast<size_t>(std::max<int64_t>(h_scales, 1)));
+  run_tasks(ctx, static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
+    const Group& g = rs.groups[static_cast<size_t>(gi)];
+    const int64_t spr = activation_scales_per_row(f, g.d_ff);
+    for (int64_t i = 0; i < g.num_rows; ++i)
+      quantize_activation_row(ctx.isa, f, h + g.h_offset + i * g.d_ff, g.d_ff, h_q_.data() + g.h_offset + i * g.d_ff,
+                              h_d_.data() + h_scale_offset[static_cast<size_t>(gi)] + i * spr);
+  });
+  ctx.phase("quantize_h");
+
+  MatrixView<float> y{y_ws_.get<float>(rs.total_rows * d), rs.total_rows, d};
+  const auto tiles2 = make_tiles(
+      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
+      [&](int64_t) { return d; }, ctx.num_threads);
+  run_tiles(ctx, tiles2, [&](const Tile& t, int) {
+    const Group& g = rs.groups[static_cast<size_t>(t.group)];
+    const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;
+    const int64_t spr = activation_scales_per_row(f, g.d_ff);
+    std::vector<const int8_t*> q(static_cast<size_t>(rows));
+    std::vector<const float*> dq(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows; ++i) {
+      q[static_cast<size_t>(i)] = h_q_.data() + g.h_offset + (t.m0 + i) * g.d_ff;
+      dq[static_cast<size_t>(i)] = h_d_.data() + h_scale_offset[static_cast<size_t>(t.group)] + (t.m0 + i) * spr;
+    }
+    float* out = y.row(g.row_begin + t.m0) + t.n0;
+    quant_dot(ctx.isa, down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, q.data(), dq.data(), rows, out, d);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* yi = out + i * d;
+      const float sc = g.scale ? g.scale[t.m0 + i] : 1.0f;
+      for (int64_t j = 0; j < cols; ++j) yi[j] = sc * (yi[j] + (g.b_down ? g.b_down[t.n0 + j] : 0.0f));
+    }
+  });
+  ctx.phase("gemm2");
+  return {y.data, y.rows, y.cols};
+}
+
+}  // namespace
+
+std::unique_ptr<ops::ExpertFfn> make_cpu_quant_expert_ffn(const ops::ExpertFfnConfig& config) {
+  return std::make_unique<CpuQuantExpertFfn>(config);
+}
+
+}  // namespace moekit::cpu

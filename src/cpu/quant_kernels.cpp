@@ -1,0 +1,357 @@
+// Quantized expert kernels (quant_kernels.h has the math): scalar and AVX2 paths. The AVX-512
+// paths of this build run the AVX2 code (no VNNI kernel yet).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "cpu/quant_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "moekit/quant.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOEKIT_HAVE_X86 1
+#define MOEKIT_Q256 __attribute__((target("avx2,fma,f16c")))
+#define MOEKIT_Q256_INLINE inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#endif
+
+namespace moekit::cpu {
+namespace {
+
+using moekit::DType;
+
+// The weight levels as int8 per nibble: int4 q = nibble − 8; mxfp4 twice the E2M1 value (so
+// that every level is an integer), the factor 1/2 moved into the group scale.
+constexpr int8_t kInt4Levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
+constexpr int8_t kMxfp4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+const int8_t* levels_of(DType f) { return f == DType::kInt4 ? kInt4Levels : kMxfp4Levels; }
+
+// 2^(e − 128): an E8M0 scale times the 1/2 of the doubled E2M1 levels (exact, subnormal for e < 2).
+struct Mxfp4Scales {
+  float v[256];
+  Mxfp4Scales() {
+    for (int e = 0; e < 256; ++e) v[e] = e == 255 ? NAN : std::ldexp(1.0f, e - 128);
+  }
+};
+const Mxfp4Scales& mxfp4_scales() {
+  static const Mxfp4Scales t;
+  return t;
+}
+
+// Group scales of one weight row as floats (int4: fp16 → fp32; mxfp4: table).
+void group_scales_scalar(DType f, const uint8_t* s, int64_t groups, float* out) {
+  if (f == DType::kInt4) {
+    for (int64_t b = 0; b < groups; ++b) {
+      uint16_t h;
+      std::memcpy(&h, s + 2 * b, 2);
+      out[b] = fp16_to_float(h);
+    }
+  } else {
+    const float* t = mxfp4_scales().v;
+    for (int64_t b = 0; b < groups; ++b) out[b] = t[s[b]];
+  }
+}
+
+// --- scalar -----------------------------------------------------------------------------------
+
+float absmax_scalar(const float* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+void quantize_span_scalar(const float* x, int64_t n, float amax, int8_t* q) {
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+}
+
+void quant_dot_scalar(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
+                      int64_t m, float* out, int64_t ldo) {
+  const int64_t k = w.cols, groups = k / kQuantGroup;
+  std::vector<float> ws(static_cast<size_t>(groups));
+  std::vector<int8_t> wl(static_cast<size_t>(k));
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* c = w.codes + j * w.code_bytes;
+    const uint8_t* s = w.scales + j * w.scale_bytes;
+    if (w.format == DType::kInt8) {
+      float sw;
+      std::memcpy(&sw, s, 4);
+      for (int64_t i = 0; i < m; ++i) {
+        int32_t acc = 0;
+        for (int64_t x = 0; x < k; ++x) acc += int32_t{static_cast<int8_t>(c[x])} * q[i][x];
+        out[i * ldo + (j - n0)] = sw * d[i][0] * static_cast<float>(acc);
+      }
+      continue;
+    }
+    const int8_t* lv = levels_of(w.format);
+    for (int64_t b = 0; b < groups; ++b)
+      for (int64_t t = 0; t < 16; ++t) {
+        const uint8_t byte = c[b * 16 + t];
+        wl[static_cast<size_t>(b * 32 + t)] = lv[byte & 0x0f];
+        wl[static_cast<size_t>(b * 32 + 16 + t)] = lv[byte >> 4];
+      }
+    group_scales_scalar(w.format, s, groups, ws.data());
+    for (int64_t i = 0; i < m; ++i) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < groups; ++b) {
+        int32_t g = 0;
+        for (int64_t t = 0; t < 32; ++t) g += int32_t{wl[static_cast<size_t>(b * 32 + t)]} * q[i][b * 32 + t];
+        acc += ws[static_cast<size_t>(b)] * d[i][b] * static_cast<float>(g);
+      }
+      out[i * ldo + (j - n0)] = acc;
+    }
+  }
+}
+
+// --- AVX2 -------------------------------------------------------------------------------------
+#ifdef MOEKIT_HAVE_X86
+
+MOEKIT_Q256_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+MOEKIT_Q256_INLINE int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+MOEKIT_Q256_INLINE float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 levels of one 4-bit group: elements 0–15 from the low nibbles, 16–31 from the high.
+MOEKIT_Q256_INLINE __m256i unpack_group(const uint8_t* p, __m256i lut) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(b, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  return _mm256_shuffle_epi8(lut, _mm256_set_m128i(hi, lo));
+}
+
+// 8 int32 partial sums of Σ w·a over 32 int8 pairs, given |w| (so vpmaddubsw sees an unsigned
+// operand) and a·sign(w).
+MOEKIT_Q256_INLINE __m256i dot32(__m256i abs_w, __m256i w, __m256i a) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1));
+}
+
+MOEKIT_Q256 float absmax_avx2(const float* x, int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  return hmax(m);
+}
+
+// n a multiple of 32. cvtps rounds half to even (the default MXCSR), as nearbyint does.
+MOEKIT_Q256 void quantize_span_avx2(const float* x, int64_t n, float amax, int8_t* q) {
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m256i order = _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0);
+  for (int64_t i = 0; i < n; i += 32) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
+    const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), inv));
+    const __m256i e = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), inv));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+}
+
+// int8 weights: MR activation rows against one weight row, int32 sums over the whole row.
+template <int MR>
+MOEKIT_Q256 void dot_int8_avx2(const int8_t* w, int64_t k, const int8_t* const* q, int32_t* out) {
+  __m256i acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t x = 0; x < k; x += 32) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + x));
+    const __m256i aw = _mm256_sign_epi8(wv, wv);
+    for (int i = 0; i < MR; ++i)
+      acc[i] = _mm256_add_epi32(acc[i], dot32(aw, wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + x))));
+  }
+  for (int i = 0; i < MR; ++i) out[i] = hsum_i32(acc[i]);
+}
+
+template <bool kUnpacked>
+MOEKIT_Q256_INLINE __m256i group_levels(const uint8_t* codes, const int8_t* unpacked, int64_t b, __m256i lut) {
+  if constexpr (kUnpacked) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unpacked + 32 * b));
+  } else {
+    return unpack_group(codes + 16 * b, lut);
+  }
+}
+
+// 4-bit weights, one weight row: per group the int32 sum is scaled by comb[i·groups + b] =
+// s_b · d_ib and added to fp32 accumulators (two per row, even and odd groups, so that two
+// FMA chains are in flight; summed at the end). `unpacked`: the row's levels as int8 (levels
+// unpacked once per weight row when many activation rows reuse it), else its nibbles.
+template <int MR, bool kUnpacked>
+MOEKIT_Q256 void dot_groups_avx2(const uint8_t* codes, const int8_t* unpacked, int64_t groups, __m256i lut,
+                                 const float* comb, const int8_t* const* q, float* out) {
+  __m256 acc0[MR], acc1[MR];
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 1 < groups; b += 2) {
+    const __m256i w0 = group_levels<kUnpacked>(codes, unpacked, b, lut), w1 = group_levels<kUnpacked>(codes, unpacked, b + 1, lut);
+    const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i p0 = dot32(a0, w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
+      const __m256i p1 = dot32(a1, w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b + 32)));
+      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(comb + i * groups + b + 1), acc1[i]);
+    }
+  }
+  if (b < groups) {
+    const __m256i w0 = group_levels<kUnpacked>(codes, unpacked, b, lut);
+    const __m256i a0 = _mm256_sign_epi8(w0, w0);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i p0 = dot32(a0, w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
+      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+}
+
+MOEKIT_Q256 void group_scales_avx2(DType f, const uint8_t* s, int64_t groups, float* out) {
+  if (f == DType::kInt4 && groups % 8 == 0) {
+    for (int64_t b = 0; b < groups; b += 8)
+      _mm256_storeu_ps(out + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * b))));
+    return;
+  }
+  group_scales_scalar(f, s, groups, out);
+}
+
+constexpr int kMr = 4;
+
+template <bool kUnpacked>
+MOEKIT_Q256 void dot_groups_rows(int mr, const uint8_t* codes, const int8_t* unpacked, int64_t groups, __m256i lut,
+                                 const float* comb, const int8_t* const* q, float* out) {
+  switch (mr) {
+    case 1: dot_groups_avx2<1, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
+    case 2: dot_groups_avx2<2, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
+    case 3: dot_groups_avx2<3, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
+    default: dot_groups_avx2<4, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
+  }
+}
+
+MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
+                                const float* const* d, int64_t m, float* out, int64_t ldo) {
+  const int64_t k = w.cols, groups = k / kQuantGroup;
+  if (w.format == DType::kInt8) {
+    for (int64_t j = n0; j < n1; ++j) {
+      const auto* wr = reinterpret_cast<const int8_t*>(w.codes + j * w.code_bytes);
+      float sw;
+      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
+      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
+        int32_t sums[kMr];
+        switch (mr) {
+          case 1: dot_int8_avx2<1>(wr, k, q + i0, sums); break;
+          case 2: dot_int8_avx2<2>(wr, k, q + i0, sums); break;
+          case 3: dot_int8_avx2<3>(wr, k, q + i0, sums); break;
+          default: dot_int8_avx2<4>(wr, k, q + i0, sums); break;
+        }
+        for (int i = 0; i < mr; ++i) out[(i0 + i) * ldo + (j - n0)] = sw * d[i0 + i][0] * static_cast<float>(sums[i]);
+      }
+    }
+    return;
+  }
+  alignas(32) int8_t lv16[32];
+  std::memcpy(lv16, levels_of(w.format), 16);
+  std::memcpy(lv16 + 16, levels_of(w.format), 16);
+  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
+  // Stack scratch for the common widths; heap beyond.
+  std::vector<float> heap;
+  float stack[kMr * 256];
+  float* comb = groups <= 256 ? stack : (heap.resize(static_cast<size_t>(kMr * groups)), heap.data());
+  std::vector<float> ws(static_cast<size_t>(groups));
+  const bool unpack = m > kMr;  // rows reuse the weight row: unpack its levels once
+  std::vector<int8_t> levels(unpack ? static_cast<size_t>(k) : 0);
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* codes = w.codes + j * w.code_bytes;
+    group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
+    if (unpack)
+      for (int64_t b = 0; b < groups; ++b)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), unpack_group(codes + 16 * b, lut));
+    for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
+      for (int i = 0; i < mr; ++i) {
+        const float* di = d[i0 + i];
+        float* ci = comb + i * groups;
+        int64_t b = 0;
+        for (; b + 8 <= groups; b += 8)
+          _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws.data() + b), _mm256_loadu_ps(di + b)));
+        for (; b < groups; ++b) ci[b] = ws[static_cast<size_t>(b)] * di[b];
+      }
+      float sums[kMr];
+      if (unpack) {
+        dot_groups_rows<true>(mr, codes, levels.data(), groups, lut, comb, q + i0, sums);
+      } else {
+        dot_groups_rows<false>(mr, codes, nullptr, groups, lut, comb, q + i0, sums);
+      }
+      for (int i = 0; i < mr; ++i) out[(i0 + i) * ldo + (j - n0)] = sums[i];
+    }
+  }
+}
+
+#endif  // MOEKIT_HAVE_X86
+
+bool vector_path(Isa isa) {
+#ifdef MOEKIT_HAVE_X86
+  return isa != Isa::kScalar;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+}  // namespace
+
+int64_t activation_scales_per_row(moekit::DType format, int64_t cols) {
+  return format == moekit::DType::kInt8 ? 1 : cols / kQuantGroup;
+}
+
+void quantize_activation_row(Isa isa, moekit::DType format, const float* x, int64_t cols, int8_t* q, float* d) {
+  const bool vec = vector_path(isa);
+  auto absmax = [&](const float* p, int64_t n) {
+#ifdef MOEKIT_HAVE_X86
+    if (vec) return absmax_avx2(p, n);
+#endif
+    return absmax_scalar(p, n);
+  };
+  auto span = [&](const float* p, int64_t n, float amax, int8_t* out) {
+#ifdef MOEKIT_HAVE_X86
+    if (vec) return quantize_span_avx2(p, n, amax, out);
+#endif
+    quantize_span_scalar(p, n, amax, out);
+  };
+  if (format == moekit::DType::kInt8) {
+    const float amax = absmax(x, cols);
+    d[0] = amax / 127.0f;
+    span(x, cols, amax, q);
+    return;
+  }
+  for (int64_t b = 0; b < cols / kQuantGroup; ++b) {
+    const float amax = absmax(x + b * kQuantGroup, kQuantGroup);
+    d[b] = amax / 127.0f;
+    span(x + b * kQuantGroup, kQuantGroup, amax, q + b * kQuantGroup);
+  }
+}
+
+void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
+               int64_t m, float* out, int64_t ldo) {
+  if (m <= 0 || n1 <= n0) return;
+#ifdef MOEKIT_HAVE_X86
+  if (vector_path(isa)) return quant_dot_avx2(w, n0, n1, q, d, m, out, ldo);
+#endif
+  quant_dot_scalar(w, n0, n1, q, d, m, out, ldo);
+}
+
+}  // namespace moekit::cpu

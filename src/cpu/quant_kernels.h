@@ -1,0 +1,53 @@
+// Kernels of the quantized expert FFN (int8, int4, mxfp4 weights; include/moekit/quant.h has
+// the formats): activation rows rounded to int8, and dot products of those rows with quantized
+// weight rows, integer products summed exactly in int32 and scaled into fp32.
+//
+// Activations: a row x [cols] becomes q [cols] int8 and scales d:
+//   per row (int8 weights):           d = max|x| / 127,          q_c = rne(x_c · (127 / max|x|))
+//   per group of 32 (int4, mxfp4):    d_b = max_{c∈b}|x_c| / 127, q_c = rne(x_c · (127 / max_b))
+// (0 for an all-zero row or group), so |x_c − d·q_c| ≤ d/2 (+ one fp32 rounding of the product).
+// Dots, weight row w with per-row scale s (int8) or group scales s_b (int4: fp16; mxfp4:
+// 2^(e−127)/2 with the E2M1 values doubled to the integers ±{0, 1, 2, 3, 4, 6, 8, 12}):
+//   int8:         out = s · d · Σ_c q_c · w_c                       (one int32 sum per row)
+//   int4, mxfp4:  out = Σ_b (s_b · d_b) · Σ_{c∈b} q_c · w_c          (int32 per group, fp32 Σ_b)
+// The int32 sums are exact (|q|, |w| ≤ 127: a group adds at most 32 · 127² < 2^19). The AVX2
+// path multiplies |w| (unsigned) by q·sign(w) with vpmaddubsw, which cannot saturate for
+// these ranges (2 · 127 · 127 < 2^15), then widens pairs with vpmaddwd. The fp32 sums run
+// in a fixed order per output, independent of threads; ISA paths may differ in it.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/gemm.h"
+#include "moekit/backend.h"
+
+namespace moekit::cpu {
+
+// Scales per activation row for weights of `format`: 1 (int8) or cols / 32.
+int64_t activation_scales_per_row(moekit::DType format, int64_t cols);
+
+// One row x [cols] → q [cols], d [activation_scales_per_row].
+void quantize_activation_row(Isa isa, moekit::DType format, const float* x, int64_t cols, int8_t* q, float* d);
+
+// Quantized weight rows of one matrix: row j's codes at codes + j·code_bytes, scales at
+// scales + j·scale_bytes (quantized_code_bytes / quantized_scale_bytes of quant.h).
+struct QuantMatrix {
+  moekit::DType format = moekit::DType::kInt8;
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;
+  int64_t cols = 0;
+  int64_t code_bytes = 0;
+  int64_t scale_bytes = 0;
+};
+
+// out[i·ldo + j] = dot(activation row i, weight row n0 + j) for i < m, j < n1 − n0.
+// Activation row i: q[i] [cols] and its scales d[i] [activation_scales_per_row] (pointers, so
+// that an expert's rows are read where the token's quantized row lies: no gather copy).
+void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1,
+               const int8_t* const* q,  // [m] rows of [cols]
+               const float* const* d,   // [m] rows of [scales per row]
+               int64_t m,
+               float* out,              // [m, ldo]
+               int64_t ldo);
+
+}  // namespace moekit::cpu
