@@ -17,6 +17,10 @@
 //                         (MoeLayer::last_phases()).
 //   memory_read_gbps      a streaming read of a 1 GiB buffer on all threads (memory-bound shapes,
 //                         or --memory-read).
+//   output_rel_error      bf16 and the quantized formats: ‖y − y_fp32‖₂ / ‖y_fp32‖₂ against the
+//                         fp32 layer on the same weights and hidden states.
+// For the quantized formats (int8, int4, mxfp4) the dense GEMM is fp32 (dense_dtype) and
+// weight_bytes_touched counts codes and scales.
 //
 // Memory-bound rule: tokens · top_k ≤ 2 · experts, i.e. at most two token rows per expert on
 // average. Each weight byte then feeds ≤ 1 FLOP (fp32) or ≤ 2 (bf16), far below what the
@@ -52,6 +56,7 @@
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "moekit/quant.h"
 #include "moekit/routing.h"
 #include "ops/router.h"
 
@@ -81,8 +86,9 @@ void declare_options(CLI::App& bench, BenchOptions& o) {
   add_int_option(bench, "--d-ff", o.d_ff, 1, kMaxDim, "expert intermediate size")->required();
   add_int_option(bench, "--experts", o.experts, 1, 1 << 16, "number of experts")->required();
   add_int_option(bench, "--top-k", o.top_k, 1, 1 << 16, "experts per token, at most --experts")->required();
-  add_choice_option(bench, "--dtype", o.dtype, {{"fp32", "float32"}, {"bf16", "bfloat16"}},
-                    "weights and GEMM inputs (fp32 accumulation either way)")
+  add_choice_option(bench, "--dtype", o.dtype, {{"fp32", "float32"}, {"bf16", "bfloat16"}, {"int8"}, {"int4"}, {"mxfp4"}},
+                    "expert weights and GEMM inputs (fp32 accumulation either way; int8, int4, mxfp4: "
+                    "quantized experts, inference only)")
       ->capture_default_str();
   add_int_option(bench, "--threads", o.threads, 1, 1024, "threads (default: all cores)");
   add_switch(bench, "--backward", o.backward, "also time training steps (weight update, forward, backward)");
@@ -100,6 +106,8 @@ void declare_options(CLI::App& bench, BenchOptions& o) {
 // What the flags cannot check one at a time.
 void finish_options(BenchOptions& o) {
   if (o.top_k > o.experts) reject("--top-k", "at most --experts (" + std::to_string(o.experts) + ")", std::to_string(o.top_k));
+  if (o.backward && (o.dtype == "int8" || o.dtype == "int4" || o.dtype == "mxfp4"))
+    reject("--backward", "fp32 or bf16 (quantized experts run inference only)", o.dtype);
   if (o.threads == 0) o.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
@@ -302,7 +310,9 @@ double memory_read_gbps(Pool pool, int repeats) {
 }
 
 void run_bench(const BenchOptions& o) {
-  const DType dtype = o.dtype == "bf16" ? DType::kBF16 : DType::kF32;
+  DType dtype = DType::kF32;
+  for (const DType d : {DType::kF32, DType::kBF16, DType::kInt8, DType::kInt4, DType::kMxfp4})
+    if (o.dtype == dtype_name(d)) dtype = d;
 
   MoeLayerConfig config;
   config.routing = routing_config_from_preset(o.preset);
@@ -380,11 +390,31 @@ void run_bench(const BenchOptions& o) {
 
   // Which experts received tokens, and the bytes of their weights.
   const RoutingPlan& plan = last.routing.plan;
-  const int64_t elt = dtype == DType::kBF16 ? 2 : 4;
-  const int64_t expert_weight_elems = config.gate_up_rows() * o.d_model + o.d_model * o.d_ff;
+  // Bytes of one expert's weights in the layer's format (codes and scales when quantized).
+  auto matrix_bytes = [&](int64_t rows, int64_t cols) -> int64_t {
+    if (is_quantized(dtype)) return rows * (quantized_code_bytes(dtype, cols) + quantized_scale_bytes(dtype, cols));
+    return rows * cols * (dtype == DType::kBF16 ? 2 : 4);
+  };
+  const int64_t expert_bytes = matrix_bytes(config.gate_up_rows(), o.d_model) + matrix_bytes(o.d_model, o.d_ff);
   int64_t experts_active = 0;
   for (int64_t e = 0; e < plan.num_experts; ++e) experts_active += plan.tokens_for_expert(e) > 0;
-  const int64_t weight_bytes_touched = experts_active * expert_weight_elems * elt;
+  const int64_t weight_bytes_touched = experts_active * expert_bytes;
+  // The output against the fp32 layer on the same weights (the same seed draws the same
+  // parameters): ‖y − y_fp32‖₂ / ‖y_fp32‖₂.
+  double output_rel_error = 0;
+  if (dtype != DType::kF32) {
+    MoeLayerConfig c32 = config;
+    c32.dtype = DType::kF32;
+    MoeLayer ref(c32, o.seed);
+    const Matrix<float> y32 = ref.forward(x).output;
+    double num = 0, den = 0;
+    for (size_t i = 0; i < y32.values.size(); ++i) {
+      const double diff = double(last.output.values[i]) - double(y32.values[i]);
+      num += diff * diff;
+      den += double(y32.values[i]) * double(y32.values[i]);
+    }
+    output_rel_error = den > 0 ? std::sqrt(num / den) : 0.0;
+  }
   const int64_t num_kept = plan.num_kept();
 
   // Phase 2, the yardsticks. The router + plan: the fp32 router GEMM on a packed weight, then
@@ -477,6 +507,8 @@ void run_bench(const BenchOptions& o) {
     j["memory_read_gbps"] = read_gbps;
     j["weight_gbps_over_read"] = weight_gbps / read_gbps;
   }
+  j["output_rel_error"] = output_rel_error;
+  j["dense_dtype"] = dtype == DType::kBF16 ? "bf16" : "fp32";
   j["peak_rss_mb"] = rss_mb;
 
   if (o.json) {
@@ -513,6 +545,7 @@ void run_bench(const BenchOptions& o) {
     row("weights streamed", num(weight_gbps, "%.1f GB/s"));
     row("memory read (1 GiB)", num(read_gbps, "%.1f GB/s") + num(weight_gbps / read_gbps, "  (weights at %.2f of it)"));
   }
+  if (dtype != DType::kF32) row("output vs fp32 layer", num(output_rel_error, "%.2e relative L2"));
   row("peak RSS", num(rss_mb, "%.1f MB"));
 }
 

@@ -6,7 +6,6 @@
 //   a dot of G groups (int32 sums exact, one fp32 product of scales per group, fp32 FMA per
 //   group and a final horizontal sum): |dot̂ − dot| ≤ γ_{G+4} · Σ_c |x̃_c · w̃_c| (x̃, w̃ the
 //   values the codes stand for, so no quantization error enters: it is the same on both sides).
-//   The int8 format has one int32 sum per row (exact), converted and scaled: γ_3 of the same sum.
 // The layer adds what rounding h costs (half a step of its group or row, d/2, plus the product
 // x·(127/amax) rounded, 2u|x|), the activation's fp32 evaluation, and how an error in the
 // pre-activations moves silu(g)·u (|silu'| ≤ 1.1): see layer_bound().
@@ -33,7 +32,7 @@ const DType kFormats[] = {DType::kInt8, DType::kInt4, DType::kMxfp4};
 
 // The activation rounding by its definition (quant_kernels.h), in the same fp32 operations.
 void reference_activation(DType f, const float* x, int64_t cols, std::vector<int8_t>& q, std::vector<float>& d) {
-  const int64_t span = f == DType::kInt8 ? cols : 32;
+  const int64_t span = 32;  // every format (quant_kernels.h)
   q.resize(static_cast<size_t>(cols));
   d.resize(static_cast<size_t>(cols / span));
   for (int64_t b = 0; b < cols / span; ++b) {
@@ -46,7 +45,7 @@ void reference_activation(DType f, const float* x, int64_t cols, std::vector<int
 }
 
 std::vector<double> dequantized_activation(DType f, const std::vector<int8_t>& q, const std::vector<float>& d) {
-  const size_t span = f == DType::kInt8 ? q.size() : 32;
+  const size_t span = 32;
   std::vector<double> out(q.size());
   for (size_t i = 0; i < q.size(); ++i) out[i] = double(d[i / span]) * q[i];
   return out;
@@ -119,7 +118,7 @@ TEST(QuantKernel, DotsMatchExactDotsOfTheCodedValuesWithinTheFp32Bound) {
           qp.push_back(aq[static_cast<size_t>(i)].data());
           dp.push_back(ad[static_cast<size_t>(i)].data());
         }
-        const double g = f == DType::kInt8 ? gamma_n(3) : gamma_n(double(k / 32) + 4);
+        const double g = gamma_n(double(k / 32) + 4);
         for (const cpu::Isa isa : cpu::supported_isas()) {
           std::vector<float> out(static_cast<size_t>(m * n), NAN);
           cpu::quant_dot(isa, qw.m, 0, n, qp.data(), dp.data(), m, out.data(), n);
@@ -180,8 +179,8 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
     gu.push_back(quantize_matrix(f, std::vector<float>(t.gate_up.begin() + e * 2 * ff * d, t.gate_up.begin() + (e + 1) * 2 * ff * d), 2 * ff, d));
     dn.push_back(quantize_matrix(f, std::vector<float>(t.down.begin() + e * d * ff, t.down.begin() + (e + 1) * d * ff), d, ff));
   }
-  const double g1 = f == DType::kInt8 ? gamma_n(3) : gamma_n(double(d / 32) + 4);
-  const double g2 = f == DType::kInt8 ? gamma_n(3) : gamma_n(double(ff / 32) + 4);
+  const double g1 = gamma_n(double(d / 32) + 4);
+  const double g2 = gamma_n(double(ff / 32) + 4);
   const int64_t T = x.rows;
   ref.assign(static_cast<size_t>(T * d), 0.0);
   bound.assign(static_cast<size_t>(T * d), 0.0);
@@ -219,7 +218,7 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
       }
       // h rounded: half a step of its span (the step from the largest |ĥ| the bound allows),
       // plus the rounding of x·(127/amax).
-      const int64_t span = f == DType::kInt8 ? ff : 32;
+      const int64_t span = 32;
       std::vector<double> hr(static_cast<size_t>(ff));
       for (int64_t b0 = 0; b0 < ff; b0 += span) {
         double amax = 0;

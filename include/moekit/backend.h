@@ -16,8 +16,8 @@ enum class Backend {
 //   kBF16: weights stored bf16, activations rounded to bf16 at each GEMM input, fp32
 //          accumulation and fp32 output (the bf16 of PyTorch autocast).
 //   kInt8, kInt4, kMxfp4: quantized expert weights (quant.h: the formats and how they are
-//          chosen), for inference: activations are rounded to int8 per token (int8) or per
-//          group of 32 (int4, mxfp4) at each GEMM input, integer products, fp32 accumulation
+//          chosen), for inference: activations are rounded to int8 per token in groups of
+//          32 (a scale per group) at each GEMM input, integer products, fp32 accumulation
 //          and fp32 output. A layer of such a dtype has no backward.
 enum class DType { kF32, kBF16, kInt8, kInt4, kMxfp4 };
 

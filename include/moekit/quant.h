@@ -47,14 +47,16 @@ void dequantize_mxfp4(const uint8_t* blocks,  // [num_rows, groups, 16]
 // row by row along its input dimension; every format needs cols % 32 == 0.
 //
 //   int8:  q ∈ [−127, 127] (int8, one byte per weight), one fp32 scale per row:
-//            w ≈ s_r · q,   s_r = max_c |w_rc| / 127,   q = round_half_even(w / s_r).
+//            w ≈ s_r · q,   s_r = max_c |w_rc| / 127,   q = round_half_even(w / s_r)
+//          (the quotient in double, so that the nearest level is found).
 //          With 255 levels clipping never lowers the squared error measurably: absmax it is.
 //   int4:  groups of 32 along cols, q ∈ [−8, 7], one fp16 scale per group (Q4_0's bytes: 18
 //          per 32 weights, 4.5 bits): w ≈ s_g · q. Symmetric, as Q4_0: no zero point to store
 //          or to correct for in the integer dot product. The scale is the one of 17 candidates
 //          s = m / r, r ∈ {−8, −7.875, …, −6} with m the group's element of largest magnitude
 //          (signed, so that it maps to the extra level −8), that minimises Σ (w − s·q)² after
-//          rounding s to fp16 (the first on ties). r = −8 is Q4_0's rule.
+//          rounding s to fp16 (the first on ties; candidates whose scale overflows fp16 are
+//          skipped, and a group where even m / −8 does is an InputError). r = −8 is Q4_0's rule.
 //   mxfp4: groups of 32, FP4 E2M1 values ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, one E8M0 exponent per
 //          group (4.25 bits; OCP Microscaling, as gpt-oss stores its experts): w ≈ 2^(e−127)·v.
 //          e is the one of {e₀, e₀ + 1}, e₀ = ⌊log₂ max|w|⌋ − 2 (the OCP rule), that minimises

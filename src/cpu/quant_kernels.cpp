@@ -80,21 +80,18 @@ void quant_dot_scalar(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t
     if (w.format == DType::kInt8) {
       float sw;
       std::memcpy(&sw, s, 4);
-      for (int64_t i = 0; i < m; ++i) {
-        int32_t acc = 0;
-        for (int64_t x = 0; x < k; ++x) acc += int32_t{static_cast<int8_t>(c[x])} * q[i][x];
-        out[i * ldo + (j - n0)] = sw * d[i][0] * static_cast<float>(acc);
-      }
-      continue;
+      std::fill(ws.begin(), ws.end(), sw);
+      std::memcpy(wl.data(), c, static_cast<size_t>(k));
+    } else {
+      const int8_t* lv = levels_of(w.format);
+      for (int64_t b = 0; b < groups; ++b)
+        for (int64_t t = 0; t < 16; ++t) {
+          const uint8_t byte = c[b * 16 + t];
+          wl[static_cast<size_t>(b * 32 + t)] = lv[byte & 0x0f];
+          wl[static_cast<size_t>(b * 32 + 16 + t)] = lv[byte >> 4];
+        }
+      group_scales_scalar(w.format, s, groups, ws.data());
     }
-    const int8_t* lv = levels_of(w.format);
-    for (int64_t b = 0; b < groups; ++b)
-      for (int64_t t = 0; t < 16; ++t) {
-        const uint8_t byte = c[b * 16 + t];
-        wl[static_cast<size_t>(b * 32 + t)] = lv[byte & 0x0f];
-        wl[static_cast<size_t>(b * 32 + 16 + t)] = lv[byte >> 4];
-      }
-    group_scales_scalar(w.format, s, groups, ws.data());
     for (int64_t i = 0; i < m; ++i) {
       float acc = 0.0f;
       for (int64_t b = 0; b < groups; ++b) {
@@ -165,20 +162,6 @@ MOEKIT_Q256 void quantize_span_avx2(const float* x, int64_t n, float amax, int8_
   }
 }
 
-// int8 weights: MR activation rows against one weight row, int32 sums over the whole row.
-template <int MR>
-MOEKIT_Q256 void dot_int8_avx2(const int8_t* w, int64_t k, const int8_t* const* q, int32_t* out) {
-  __m256i acc[MR];
-  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
-  for (int64_t x = 0; x < k; x += 32) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + x));
-    const __m256i aw = _mm256_sign_epi8(wv, wv);
-    for (int i = 0; i < MR; ++i)
-      acc[i] = _mm256_add_epi32(acc[i], dot32(aw, wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + x))));
-  }
-  for (int i = 0; i < MR; ++i) out[i] = hsum_i32(acc[i]);
-}
-
 template <bool kUnpacked>
 MOEKIT_Q256_INLINE __m256i group_levels(const uint8_t* codes, const int8_t* unpacked, int64_t b, __m256i lut) {
   if constexpr (kUnpacked) {
@@ -244,25 +227,6 @@ MOEKIT_Q256 void dot_groups_rows(int mr, const uint8_t* codes, const int8_t* unp
 MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
                                 const float* const* d, int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
-  if (w.format == DType::kInt8) {
-    for (int64_t j = n0; j < n1; ++j) {
-      const auto* wr = reinterpret_cast<const int8_t*>(w.codes + j * w.code_bytes);
-      float sw;
-      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
-      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
-        int32_t sums[kMr];
-        switch (mr) {
-          case 1: dot_int8_avx2<1>(wr, k, q + i0, sums); break;
-          case 2: dot_int8_avx2<2>(wr, k, q + i0, sums); break;
-          case 3: dot_int8_avx2<3>(wr, k, q + i0, sums); break;
-          default: dot_int8_avx2<4>(wr, k, q + i0, sums); break;
-        }
-        for (int i = 0; i < mr; ++i) out[(i0 + i) * ldo + (j - n0)] = sw * d[i0 + i][0] * static_cast<float>(sums[i]);
-      }
-    }
-    return;
-  }
   alignas(32) int8_t lv16[32];
   std::memcpy(lv16, levels_of(w.format), 16);
   std::memcpy(lv16 + 16, levels_of(w.format), 16);
@@ -272,12 +236,21 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
   float stack[kMr * 256];
   float* comb = groups <= 256 ? stack : (heap.resize(static_cast<size_t>(kMr * groups)), heap.data());
   std::vector<float> ws(static_cast<size_t>(groups));
-  const bool unpack = m > kMr;  // rows reuse the weight row: unpack its levels once
-  std::vector<int8_t> levels(unpack ? static_cast<size_t>(k) : 0);
+  const bool int8 = w.format == DType::kInt8;
+  // int8 codes are the levels; 4-bit rows that many activation rows reuse are unpacked once.
+  const bool unpack = int8 || m > kMr;
+  std::vector<int8_t> levels(unpack && !int8 ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* codes = w.codes + j * w.code_bytes;
-    group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
-    if (unpack)
+    const int8_t* lv = int8 ? reinterpret_cast<const int8_t*>(codes) : levels.data();
+    if (int8) {
+      float sw;
+      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
+      std::fill(ws.begin(), ws.end(), sw);
+    } else {
+      group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
+    }
+    if (unpack && !int8)
       for (int64_t b = 0; b < groups; ++b)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), unpack_group(codes + 16 * b, lut));
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
@@ -292,7 +265,7 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
       }
       float sums[kMr];
       if (unpack) {
-        dot_groups_rows<true>(mr, codes, levels.data(), groups, lut, comb, q + i0, sums);
+        dot_groups_rows<true>(mr, codes, lv, groups, lut, comb, q + i0, sums);
       } else {
         dot_groups_rows<false>(mr, codes, nullptr, groups, lut, comb, q + i0, sums);
       }
@@ -314,11 +287,9 @@ bool vector_path(Isa isa) {
 
 }  // namespace
 
-int64_t activation_scales_per_row(moekit::DType format, int64_t cols) {
-  return format == moekit::DType::kInt8 ? 1 : cols / kQuantGroup;
-}
+int64_t activation_scales_per_row(moekit::DType, int64_t cols) { return cols / kQuantGroup; }
 
-void quantize_activation_row(Isa isa, moekit::DType format, const float* x, int64_t cols, int8_t* q, float* d) {
+void quantize_activation_row(Isa isa, moekit::DType, const float* x, int64_t cols, int8_t* q, float* d) {
   const bool vec = vector_path(isa);
   auto absmax = [&](const float* p, int64_t n) {
 #ifdef MOEKIT_HAVE_X86
@@ -332,12 +303,6 @@ void quantize_activation_row(Isa isa, moekit::DType format, const float* x, int6
 #endif
     quantize_span_scalar(p, n, amax, out);
   };
-  if (format == moekit::DType::kInt8) {
-    const float amax = absmax(x, cols);
-    d[0] = amax / 127.0f;
-    span(x, cols, amax, q);
-    return;
-  }
   for (int64_t b = 0; b < cols / kQuantGroup; ++b) {
     const float amax = absmax(x + b * kQuantGroup, kQuantGroup);
     d[b] = amax / 127.0f;

@@ -108,7 +108,9 @@ void quantize_int8(const float* w, int64_t cols, uint8_t* codes, uint8_t* scales
   const float s = amax / 127.0f;
   std::memcpy(scales, &s, 4);
   for (int64_t c = 0; c < cols; ++c) {
-    const float q = s > 0.0f ? std::nearbyint(w[c] / s) : 0.0f;
+    // The quotient in double: an fp32 quotient can round to k + ½ when w/s is just below it,
+    // and rounding that half to even would pick the farther level.
+    const float q = s > 0.0f ? static_cast<float>(std::nearbyint(double(w[c]) / double(s))) : 0.0f;
     codes[c] = static_cast<uint8_t>(static_cast<int8_t>(std::fmax(-127.0f, std::fmin(127.0f, q))));
   }
 }
@@ -125,16 +127,14 @@ void quantize_int4_group(const float* w, uint8_t* codes, uint16_t* scale, const 
   for (int64_t i = 0; i < kQuantGroup; ++i)
     if (std::fabs(w[i]) > std::fabs(m)) m = w[i];
   uint16_t best = 0;
+  bool found = m == 0.0f;  // an all-zero group keeps the scale +0
   if (m != 0.0f) {
     double best_err = std::numeric_limits<double>::infinity();
     for (int i = 0; i <= 16; ++i) {
       const float r = -8.0f + 0.125f * static_cast<float>(i);
       const uint16_t bits = float_to_fp16(m / r);
       const float s = fp16_to_float(bits);
-      if (!std::isfinite(s)) {
-        throw_input_error(detail::concat(name, "[", row, ", ", col0, ":", col0 + kQuantGroup, "]"),
-                          "weights whose int4 scale fits in fp16 (|w| <= 458752)", m);
-      }
+      if (!std::isfinite(s)) continue;  // this candidate's scale overflows fp16
       double err = 0.0;
       for (int64_t j = 0; j < kQuantGroup; ++j) {
         const double d = double(w[j]) - double(s) * int4_level(w[j], s);
@@ -143,8 +143,13 @@ void quantize_int4_group(const float* w, uint8_t* codes, uint16_t* scale, const 
       if (err < best_err) {
         best_err = err;
         best = bits;
+        found = true;
       }
     }
+  }
+  if (!found) {  // every candidate overflowed fp16, even m / −8
+    throw_input_error(detail::concat(name, "[", row, ", ", col0, ":", col0 + kQuantGroup, "]"),
+                      "weights whose int4 scale m / 8 fits in fp16 (|m| < 524160)", m);
   }
   *scale = best;
   const float s = fp16_to_float(best);
