@@ -1,6 +1,9 @@
 // `moekit forward --model DIR --layer N --input IN.safetensors --output OUT.safetensors
-// [--dtype fp32|bf16] [--threads T]`: one MoE layer of a checkpoint (pretrained.h) on the
-// hidden states of IN; OUT holds what the layer computed and how it routed.
+// [--dtype fp32|bf16 | --quantize int8|int4|mxfp4] [--save-layer FILE] [--threads T]`: one MoE
+// layer of a checkpoint (pretrained.h) on the hidden states of IN; OUT holds what the layer
+// computed and how it routed. --quantize runs the experts quantized (quant.h); --save-layer
+// writes the layer as loaded (quantized codes included, layer_file.h), and `--model FILE` runs
+// such a file again without --layer and without quantizing again.
 //
 //   IN:  hidden_states [tokens, d_model] (one sequence) or [batch, seq, d_model] (each row a
 //        sequence: capacity and losses per sequence where the family's scopes say so);
@@ -11,6 +14,8 @@
 //        "stats" (the routing statistics as `moekit route` prints them), "aux_loss",
 //        "z_loss", "layer", "model_type", "dtype".
 #include <algorithm>
+#include <filesystem>
+#include <optional>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -21,6 +26,7 @@
 #include "commands.h"
 #include "flags.h"
 #include "moekit/error.h"
+#include "moekit/layer_file.h"
 #include "moekit/pretrained.h"
 #include "moekit/quant.h"
 #include "moekit/safetensors.h"
@@ -31,7 +37,7 @@ namespace moekit::cli {
 namespace {
 
 struct ForwardArgs {
-  std::string model, layer, input, output, dtype = "fp32";
+  std::string model, layer, input, output, dtype = "fp32", quantize, save_layer;
   int threads = 1;
 };
 
@@ -74,12 +80,44 @@ Matrix<float> read_hidden_states(const SafetensorsFile& in, int64_t d_model, int
   return x;  // the layer checks it for NaN/Inf, naming the element
 }
 
-void run_forward(const ForwardArgs& a) {
+// The layer to run: one of a checkpoint directory, or a layer file.
+struct LoadedLayer {
+  std::optional<PretrainedLayer> pretrained;
+  std::optional<LayerFile> file;
+  std::string name, model_type;
+  MoeLayer& moe() { return pretrained ? pretrained->moe() : file->moe(); }
+};
+
+LoadedLayer load_layer(const ForwardArgs& a) {
+  LoadedLayer l;
+  if (std::filesystem::is_regular_file(a.model)) {
+    if (!a.layer.empty()) reject("--layer", "not given with a layer file as --model (it holds one layer)", a.layer);
+    if (!a.quantize.empty()) reject("--quantize", "not given with a layer file (its dtype is saved)", a.quantize);
+    l.file.emplace(LayerFile::open(a.model, a.threads));
+    const auto& meta = l.file->metadata();
+    l.name = meta.count("layer") ? meta.at("layer") : "";
+    l.model_type = meta.count("model_type") ? meta.at("model_type") : "";
+    return l;
+  }
+  if (a.layer.empty()) reject("--layer", "a layer index with a checkpoint directory as --model", "none");
   PretrainedOptions options;
   options.dtype = a.dtype == "bf16" ? DType::kBF16 : DType::kF32;
+  for (const DType q : {DType::kInt8, DType::kInt4, DType::kMxfp4})
+    if (a.quantize == dtype_name(q)) options.dtype = q;
   options.num_threads = a.threads;
-  PretrainedLayer layer = PretrainedLayer::load(a.model, a.layer, options);
-  const MoeLayerConfig& c = layer.config();
+  l.pretrained.emplace(PretrainedLayer::load(a.model, a.layer, options));
+  l.name = l.pretrained->layer().name;
+  l.model_type = l.pretrained->family().model_type;
+  return l;
+}
+
+void run_forward(const ForwardArgs& a) {
+  if (!a.quantize.empty() && a.dtype != "fp32") reject("--dtype", "not given with --quantize", a.dtype);
+  LoadedLayer layer = load_layer(a);
+  const MoeLayerConfig& c = layer.moe().config();
+  if (!a.save_layer.empty()) {
+    save_layer_file(layer.moe(), a.save_layer, {{"model_type", layer.model_type}, {"layer", layer.name}});
+  }
   const SafetensorsFile in = SafetensorsFile::open(a.input);
   int64_t sequence_length = 0;
   const Matrix<float> x = read_hidden_states(in, c.d_model, &sequence_length);
@@ -116,16 +154,17 @@ void run_forward(const ForwardArgs& a) {
       {"stats", routing_stats_json(r.routing.stats).dump()},
       {"aux_loss", detail::concat(r.routing.losses.aux_loss)},
       {"z_loss", detail::concat(r.routing.losses.z_loss)},
-      {"layer", layer.layer().name},
-      {"model_type", layer.family().model_type},
-      {"dtype", a.dtype},
+      {"layer", layer.name},
+      {"model_type", layer.model_type},
+      {"dtype", dtype_name(c.dtype)},
   };
   write_safetensors(a.output, out, metadata);
   const RoutingStats& s = r.routing.stats;
-  std::cerr << "moekit forward: " << layer.family().model_type << " layer " << layer.layer().name << ", " << tokens
+  std::cerr << "moekit forward: " << layer.model_type << " layer " << layer.name << ", " << tokens
             << " tokens" << (sequence_length ? detail::concat(" (", tokens / sequence_length, " sequences)") : "")
             << ", " << c.num_experts() << " experts, top-" << c.routing.num_experts_per_tok << ", " << s.num_dropped
-            << " dropped, " << a.dtype << " → " << a.output << "\n";
+            << " dropped, " << dtype_name(c.dtype) << " → " << a.output
+            << (a.save_layer.empty() ? "" : ", layer saved to " + a.save_layer) << "\n";
 }
 
 }  // namespace
@@ -134,16 +173,21 @@ void add_forward_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("forward", "Run one MoE layer of a checkpoint on hidden states from a "
                                                  "safetensors file; write its output and routing");
   auto a = std::make_shared<ForwardArgs>();
-  add_text_option(*cmd, "--model", a->model, "DIR", "a checkpoint directory", "the checkpoint (config.json and "
-                                                                           "model.safetensors or its index)")->required();
+  add_text_option(*cmd, "--model", a->model, "DIR", "a checkpoint directory or a layer file",
+                  "the checkpoint (config.json and model.safetensors or its index), or a layer file "
+                  "written by --save-layer")->required();
   add_text_option(*cmd, "--layer", a->layer, "N", "a layer index (Switch: N, encoder.N or decoder.N)",
-                  "the MoE layer (moekit inspect --model DIR lists them)")->required();
+                  "the MoE layer of a checkpoint (moekit inspect --model DIR lists them)");
   add_text_option(*cmd, "--input", a->input, "IN", "a safetensors file",
                   "hidden_states [tokens, d_model] or [batch, seq, d_model]")->required();
   add_text_option(*cmd, "--output", a->output, "OUT", "a path", "where to write output, router_logits, "
                                                                 "topk_indices, topk_weights, topk_kept")->required();
   add_choice_option(*cmd, "--dtype", a->dtype, {{"fp32", "float32"}, {"bf16", "bfloat16"}},
                     "precision of the expert computation (default fp32; not the stored dtype)");
+  add_choice_option(*cmd, "--quantize", a->quantize, {{"int8"}, {"int4"}, {"mxfp4"}},
+                    "run the experts with quantized weights (inference; quantized as the layer loads)");
+  add_text_option(*cmd, "--save-layer", a->save_layer, "FILE", "a path",
+                  "also write the layer as loaded (quantized codes included) to FILE, for --model FILE");
   add_int_option(*cmd, "--threads", a->threads, 1, 1024, "threads (results do not depend on it)");
   cmd->callback([a] { run_forward(*a); });
 }

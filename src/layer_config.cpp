@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "io/json.h"
 #include "io/routing_config.h"
 #include "moekit/error.h"
@@ -171,6 +173,34 @@ MoeLayerConfig moe_layer_config_from_json(const std::string& json_text) {
   reader.reject_unknown_keys();
   c.validate();
   return c;
+}
+
+std::string moe_layer_config_to_json(const MoeLayerConfig& c) {
+  // The routing keys as routing_config_to_json writes them, then the layer's own: the object
+  // moe_layer_config_from_json reads back to the same config.
+  nlohmann::ordered_json out = nlohmann::ordered_json::parse(routing_config_to_json(c.routing));
+  auto name_of = [](auto value, const auto& names) {
+    for (const auto& n : names)
+      if (n.value == value) return std::string(n.name);
+    return std::string("unknown");
+  };
+  out["d_model"] = c.d_model;
+  out["d_ff"] = c.d_ff;
+  out["activation"] = name_of(c.activation, kActivationNames);
+  if (c.activation == ExpertActivation::kSwiGluClamped) {
+    out["clamp_limit"] = c.activation_constants.clamp_limit;
+    out["clamp_alpha"] = c.activation_constants.clamp_alpha;
+  }
+  out["router_bias"] = c.router_bias;
+  out["expert_bias"] = c.expert_bias;
+  out["num_shared_experts"] = c.num_shared_experts;
+  out["shared_d_ff"] = c.shared_d_ff;
+  out["shared_expert_gate"] = c.shared_expert_gate;
+  out["selection_bias"] = c.selection_bias;
+  out["dtype"] = dtype_name(c.dtype);
+  out["backend"] = backend_name(c.backend);
+  out["num_threads"] = c.num_threads;
+  return out.dump(2);
 }
 
 }  // namespace moekit

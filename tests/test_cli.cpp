@@ -17,6 +17,7 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include "moekit/quant.h"
 #include "moekit/safetensors.h"
 
 namespace {
@@ -729,6 +730,81 @@ TEST_F(CliForward, WritesTheLayersOutputAndRoutingForACheckpoint) {
   EXPECT_EQ(shape.exit_code, 2);
   EXPECT_NE(shape.err.find("hidden_states shape: expected [tokens, 32] or [batch, seq, 32], got [3, 5]"),
             std::string::npos) << shape.err;
+}
+
+
+TEST_F(CliForward, QuantizesAndSavesALayerThatLoadsBackWithoutQuantizing) {
+  // gpt-oss's MXFP4 checkpoint: quantized to mxfp4 as it loads, its experts get back the
+  // checkpoint's own codes and exponents (the stored values are what the rule of quant.h picks
+  // for them), so the experts compute natively on the weights as shipped.
+  const std::string model = std::string(MOEKIT_FIXTURE_DIR) + "/models/gpt_oss_mxfp4";
+  const SafetensorsFile io = SafetensorsFile::open(model + "/moe_io.safetensors");
+  const TensorView& hs = io.at("0.hidden_states");
+  const fs::path in = dir_ / "in.safetensors", out = dir_ / "out.safetensors", again = dir_ / "again.safetensors",
+                 saved = dir_ / "layer.safetensors";
+  write_safetensors(in.string(), {{"hidden_states", hs.dtype, hs.shape, hs.data}});
+  const RunResult r = run({"forward", "--model", model, "--layer", "0", "--quantize", "mxfp4", "--input", in.string(),
+                           "--output", out.string(), "--save-layer", saved.string()});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("mxfp4 → "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("layer saved to"), std::string::npos) << r.err;
+
+  const SafetensorsFile ckpt = SafetensorsFile::open(model + "/model.safetensors");
+  const SafetensorsFile layer = SafetensorsFile::open(saved.string());
+  EXPECT_EQ(layer.metadata().at("model_type"), "gpt_oss");
+  const int64_t E = 4, d = 64, f = 96;
+  for (const auto& [ours, theirs, rows, cols] :
+       {std::tuple{"gate_up", "gate_up_proj", 2 * f, d}, std::tuple{"down", "down_proj", d, f}}) {
+    const std::string prefix = std::string("model.layers.0.mlp.experts.") + theirs;
+    const auto* blocks = static_cast<const uint8_t*>(ckpt.at(prefix + "_blocks").data);
+    const auto* scales = static_cast<const uint8_t*>(ckpt.at(prefix + "_scales").data);
+    const auto* codes = static_cast<const uint8_t*>(layer.at(std::string(ours) + ".codes").data);
+    const auto* exps = static_cast<const uint8_t*>(layer.at(std::string(ours) + ".scales").data);
+    const int64_t groups = cols / 32;
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t row = 0; row < rows; ++row) {
+        // moekit's gate rows come first, then the up rows; gpt-oss interleaves them.
+        const int64_t src = std::string(ours) == "gate_up" ? (row < f ? 2 * row : 2 * (row - f) + 1) : row;
+        std::vector<uint8_t> expect(static_cast<size_t>(cols / 2));
+        repack_gpt_oss_mxfp4_row(blocks + (e * rows + src) * groups * 16, scales + (e * rows + src) * groups, cols,
+                                 expect.data(), "blocks");
+        // The same codes, except that a stored −0 (nibble 8) comes back as +0 (nibble 0):
+        // quantizing writes zero without a sign. Same values.
+        auto plus_zero = [](uint8_t b) {
+          const uint8_t lo = (b & 0x0f) == 8 ? 0 : (b & 0x0f), hi = (b >> 4) == 8 ? 0 : (b >> 4);
+          return static_cast<uint8_t>(lo | (hi << 4));
+        };
+        for (int64_t i = 0; i < cols / 2; ++i) {
+          ASSERT_EQ(plus_zero(expect[static_cast<size_t>(i)]), codes[(e * rows + row) * (cols / 2) + i])
+              << ours << " expert " << e << " row " << row << " byte " << i;
+        }
+        ASSERT_EQ(0, std::memcmp(scales + (e * rows + src) * groups, exps + (e * rows + row) * groups, static_cast<size_t>(groups)))
+            << ours << " expert " << e << " row " << row;
+      }
+    }
+  }
+
+  // The saved layer runs again with neither --layer nor quantizing: bitwise the same output.
+  const RunResult r2 = run({"forward", "--model", saved.string(), "--input", in.string(), "--output", again.string()});
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  const SafetensorsFile second = SafetensorsFile::open(again.string());
+  const TensorView& b = second.at("output");
+  const SafetensorsFile first = SafetensorsFile::open(out.string());
+  const TensorView& a2 = first.at("output");
+  ASSERT_EQ(a2.bytes, b.bytes);
+  EXPECT_EQ(0, std::memcmp(a2.data, b.data, static_cast<size_t>(b.bytes)));
+  EXPECT_EQ(second.metadata().at("dtype"), "mxfp4");
+
+  // Errors: --layer with a layer file; a family whose widths the groups of 32 do not divide.
+  const RunResult both = run({"forward", "--model", saved.string(), "--layer", "0", "--input", in.string(), "--output",
+                              again.string()});
+  EXPECT_EQ(both.exit_code, 2);
+  EXPECT_NE(both.err.find("--layer"), std::string::npos) << both.err;
+  const std::string mixtral = std::string(MOEKIT_FIXTURE_DIR) + "/models/mixtral";
+  const RunResult narrow = run({"forward", "--model", mixtral, "--layer", "0", "--quantize", "int4", "--input",
+                                in.string(), "--output", again.string()});
+  EXPECT_EQ(narrow.exit_code, 2);
+  EXPECT_NE(narrow.err.find("d_ff: expected a multiple of 32 for dtype int4, got 40"), std::string::npos) << narrow.err;
 }
 
 }  // namespace

@@ -20,6 +20,8 @@
 #include "cpu/quant_kernels.h"
 #include "moekit/error.h"
 #include "moekit/layer.h"
+#include "moekit/layer_file.h"
+#include "moekit/safetensors.h"
 #include "moekit/quant.h"
 
 namespace moekit {
@@ -365,6 +367,83 @@ TEST(QuantLayer, BadInputIsRejectedWithTheArgumentNamed) {
     ADD_FAILURE() << "a NaN scale was accepted";
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("gate_up.scales"), std::string::npos) << e.what();
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Layer files.
+
+TEST(LayerFile, EveryDtypeSavesAndLoadsBackToBitwiseTheSameOutputs) {
+  for (const DType f : {DType::kF32, DType::kBF16, DType::kInt8, DType::kInt4, DType::kMxfp4}) {
+    MoeLayerConfig c = quant_config(f, true);
+    c.num_shared_experts = 1;
+    c.shared_d_ff = 64;
+    c.shared_expert_gate = true;
+    c.router_bias = true;
+    c.selection_bias = true;
+    c.routing.scoring_func = ScoringFunc::kSigmoid;
+    MoeLayer layer(c, uint64_t{8});
+    randomize(layer.parameters(), c, 8);
+    layer.refresh_packed_weights();
+    Matrix<float> x(50, c.d_model);
+    const std::vector<float> v = random_vector(x.values.size(), 1.0, 12);
+    std::copy(v.begin(), v.end(), x.values.begin());
+    const Matrix<float> y = layer.forward(x.cview()).output;
+    const std::string path = ::testing::TempDir() + "/moekit_layer_" + dtype_name(f) + ".safetensors";
+    save_layer_file(layer, path, {{"note", "kept"}});
+    LayerFile file = LayerFile::open(path, 2);
+    EXPECT_EQ(moe_layer_config_to_json(file.config()), moe_layer_config_to_json([&] {
+                MoeLayerConfig k = c;
+                k.num_threads = 2;
+                return k;
+              }()));
+    EXPECT_EQ(file.metadata().at("note"), "kept");
+    const Matrix<float> y2 = file.moe().forward(x.cview()).output;
+    EXPECT_EQ(0, std::memcmp(y.values.data(), y2.values.data(), 4 * y.values.size())) << dtype_name(f);
+    if (is_quantized(f)) {
+      // The loaded layer reads the codes in the mapping: nothing was quantized again.
+      EXPECT_EQ(file.moe().params().gate_up.dtype, f);
+      // And a loaded layer saves the same bytes again.
+      const std::string path2 = path + ".again";
+      save_layer_file(file.moe(), path2);
+      const SafetensorsFile a = SafetensorsFile::open(path), b = SafetensorsFile::open(path2);
+      for (const char* name : {"gate_up.codes", "gate_up.scales", "down.scales", "shared_down.codes"}) {
+        ASSERT_EQ(a.at(name).bytes, b.at(name).bytes) << name;
+        EXPECT_EQ(0, std::memcmp(a.at(name).data, b.at(name).data, static_cast<size_t>(a.at(name).bytes))) << name;
+      }
+    }
+  }
+}
+
+TEST(LayerFile, FaultsNameTheFileAndTheTensor) {
+  const std::string dir = ::testing::TempDir();
+  const std::vector<float> w(4 * 64);
+  write_safetensors(dir + "/plain.safetensors", {{"router_weight", TensorDType::kF32, {4, 64}, w.data()}});
+  try {
+    LayerFile::open(dir + "/plain.safetensors");
+    ADD_FAILURE() << "a file without the layer metadata was opened";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("a moekit layer file"), std::string::npos) << e.what();
+  }
+  MoeLayerConfig c = quant_config(DType::kInt4, false);
+  MoeLayer layer(c, uint64_t{1});
+  const std::string path = dir + "/int4.safetensors";
+  save_layer_file(layer, path);
+  // The same file with down.codes one row short.
+  const SafetensorsFile good = SafetensorsFile::open(path);
+  std::vector<TensorToWrite> tensors;
+  for (const TensorView& t : good.tensors()) {
+    std::vector<int64_t> shape = t.shape;
+    if (t.name == "down.codes") shape[1] -= 1;
+    tensors.push_back({t.name, t.dtype, shape, t.data});
+  }
+  write_safetensors(dir + "/short.safetensors", tensors, good.metadata());
+  try {
+    LayerFile::open(dir + "/short.safetensors");
+    ADD_FAILURE() << "a short tensor was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("down.codes shape: expected [6, 64, 48], got [6, 63, 48]"), std::string::npos) << e.what();
   }
 }
 

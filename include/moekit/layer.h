@@ -111,6 +111,9 @@ struct MoeLayerConfig {
 // shared_d_ff [shared_expert_intermediate_size], shared_expert_gate, dtype (fp32|float32|bf16|
 // bfloat16), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
 MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
+// The JSON object of `config` (routing and layer keys) that moe_layer_config_from_json reads
+// back to the same config.
+std::string moe_layer_config_to_json(const MoeLayerConfig& config);
 
 // Non-owning view of a weight stack [experts, rows, cols], fp32 or bf16 (bf16: the upper 16
 // bits of an IEEE fp32, as uint16), or quantized (see `scales`). Element (e, r, c) is at

@@ -218,37 +218,55 @@ def _flatten_tokens(hidden_states, d_model: int, sequence_length: int):
     return hidden_states, sequence_length, shape
 
 
-def load_layer(path: Union[str, "os.PathLike[str]"], layer: Union[int, str], *, dtype: str = "fp32",
+def load_layer(path: Union[str, "os.PathLike[str]"], layer: Union[int, str, None] = None, *, dtype: str = "fp32",
                num_threads: int = 1) -> "MoeLayer":
-    """One MoE layer of a Hugging Face checkpoint directory, ready to run.
+    """One MoE layer of a Hugging Face checkpoint directory, or a layer file, ready to run.
 
     Parameters
     ----------
     path : str or path
         A checkpoint directory: ``config.json`` and ``model.safetensors`` (or the shards of
         ``model.safetensors.index.json``), as ``save_pretrained`` writes them or the Hub serves
-        them. ``model_type`` one of :func:`model_family`'s.
+        them. ``model_type`` one of :func:`model_family`'s. Or a layer file written by
+        :meth:`MoeLayer.save` (or ``moekit forward --save-layer``): then ``layer`` and ``dtype``
+        are not given, the file holds both.
     layer : int or str
         The decoder layer index; for Switch Transformers ``N`` / ``"encoder.N"`` or
         ``"decoder.N"``. A dense layer is a ``ValueError`` saying why it is dense.
-    dtype : ``"fp32"`` or ``"bf16"``
-        The precision the experts compute in (not the stored one).
+    dtype : ``"fp32"``, ``"bf16"``, ``"int8"``, ``"int4"`` or ``"mxfp4"``
+        The precision the experts compute in (not the stored one). The quantized formats run
+        inference only; their weights are quantized as the layer loads (a checkpoint's MXFP4
+        experts come back with their own codes). Save the layer to skip that next time.
 
     Returns
     -------
     MoeLayer
-        In eval mode, borrowing the memory-mapped tensors where their dtype allows (F32, BF16),
-        with F16, FP8 (block scales) and MXFP4 weights converted once at load;
-        :meth:`MoeLayer.sources` says what was done per parameter. Give 3-D hidden states
-        [batch, seq, d_model] for families whose capacity or losses are per sequence (Switch).
+        In eval mode, borrowing the memory-mapped tensors where their dtype allows (F32, BF16,
+        and a layer file's quantized codes), with F16, FP8 (block scales) and MXFP4 weights
+        converted once at load; :meth:`MoeLayer.sources` says what was done per parameter.
+        Give 3-D hidden states [batch, seq, d_model] for families whose capacity or losses are
+        per sequence (Switch).
     """
-    core, info = _moekit.load_pretrained(os.fspath(path), str(layer), dtype, int(num_threads))
     m = MoeLayer.__new__(MoeLayer)
+    m._state = None
+    m.last_routing = None
+    if os.path.isfile(os.fspath(path)):
+        if layer is not None:
+            raise ValueError(f"layer: not given with a layer file (it holds one layer), got {layer!r}")
+        if dtype != "fp32":
+            raise ValueError(f"dtype: not given with a layer file (its dtype is saved), got {dtype!r}")
+        core, config_json, meta = _moekit.load_layer_file(os.fspath(path), int(num_threads))
+        m._config = json.loads(config_json)
+        m._core = core
+        m.model_type = meta.get("model_type", "")
+        m.layer_name = meta.get("layer", "")
+        return m
+    if layer is None:
+        raise ValueError("layer: expected a layer index with a checkpoint directory, got None")
+    core, info = _moekit.load_pretrained(os.fspath(path), str(layer), dtype, int(num_threads))
     m._config = json.loads(info["layer_config_json"])
     m._config["dtype"] = dtype
     m._core = core
-    m._state = None
-    m.last_routing = None
     m.model_type = info["model_type"]
     m.layer_name = info["layer"]
     return m
@@ -262,7 +280,8 @@ class MoeLayer:
     config : dict or path
         Layer keys (``d_model`` / ``hidden_size``, ``d_ff`` / ``intermediate_size``,
         ``activation`` / ``hidden_act``, ``router_bias``, ``expert_bias``,
-        ``num_shared_experts``, ``shared_expert_gate``, ``dtype`` fp32 | bf16, ``num_threads``)
+        ``num_shared_experts``, ``shared_expert_gate``, ``dtype`` fp32 | bf16 | int8 | int4 | mxfp4
+        (the last three: quantized experts, inference only), ``num_threads``)
         and any routing key, in one dict (see the C++ ``moe_layer_config_from_json``).
     seed : int
         Owned parameters are initialised from it (PyTorch nn.Linear's rule).
@@ -322,6 +341,16 @@ class MoeLayer:
     def isa(self) -> str:
         """The kernel path in use (``avx512bf16``, ``avx2``, ``scalar``, ...)."""
         return self._core.isa
+
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the layer (configuration and parameters, quantized codes included) to one
+        safetensors file that :func:`load_layer` reads back without quantizing again."""
+        meta = {}
+        if getattr(self, "model_type", ""):
+            meta["model_type"] = self.model_type
+        if getattr(self, "layer_name", ""):
+            meta["layer"] = self.layer_name
+        self._core.save(os.fspath(path), meta)
 
     def forward(self, hidden_states, *, token_mask=None, sequence_length: int = 0, labels=None):
         """Run the layer.

@@ -4,12 +4,14 @@
 // wrong dtype → TypeError). The Python package (python/moekit/) builds the friendly API on it.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +24,7 @@
 #include "moekit/error.h"
 #include "moekit/layer.h"
 #include "moekit/model_family.h"
+#include "moekit/layer_file.h"
 #include "moekit/pretrained.h"
 #include "moekit/routing.h"
 
@@ -360,6 +363,11 @@ class Layer {
       : layer_(std::make_unique<MoeLayer>(std::move(pretrained.moe()))),
         pretrained_(std::make_unique<PretrainedLayer>(std::move(pretrained))) {}
 
+  // A layer file (layer_file.h): the layer borrows the file's mapping, which this object keeps.
+  explicit Layer(LayerFile&& file)
+      : layer_(std::make_unique<MoeLayer>(std::move(file.moe()))),
+        file_(std::make_unique<LayerFile>(std::move(file))) {}
+
   const MoeLayerConfig& config() const { return layer_->config(); }
 
   // The parameters the layer computes with, copied into fp32 arrays of the stacked layout
@@ -480,6 +488,7 @@ class Layer {
   std::unique_ptr<MoeLayer> layer_;
   std::vector<nb::object> keep_;  // the borrowed arrays
   std::unique_ptr<PretrainedLayer> pretrained_;  // a checkpoint's mapping and conversions
+  std::unique_ptr<LayerFile> file_;              // a layer file's mapping
   std::vector<std::vector<const void*>> pointer_lists_;  // per-expert weights given as lists
 };
 
@@ -544,9 +553,17 @@ NB_MODULE(_moekit, m) {
 
   m.def("load_pretrained", [](const std::string& dir, const std::string& layer, const std::string& dtype,
                               int num_threads) {
-    if (dtype != "fp32" && dtype != "bf16") throw nb::value_error(("dtype: expected 'fp32' or 'bf16', got '" + dtype + "'").c_str());
     PretrainedOptions options;
-    options.dtype = dtype == "bf16" ? DType::kBF16 : DType::kF32;
+    bool known = false;
+    for (const DType d : {DType::kF32, DType::kBF16, DType::kInt8, DType::kInt4, DType::kMxfp4}) {
+      if (dtype == dtype_name(d)) {
+        options.dtype = d;
+        known = true;
+      }
+    }
+    if (!known) {
+      throw nb::value_error(("dtype: expected 'fp32', 'bf16', 'int8', 'int4' or 'mxfp4', got '" + dtype + "'").c_str());
+    }
     options.num_threads = num_threads;
     std::unique_ptr<Layer> result;
     std::string model_type, name, layer_config;
@@ -564,6 +581,22 @@ NB_MODULE(_moekit, m) {
     info["layer_config_json"] = layer_config;
     return nb::make_tuple(nb::cast(result.release(), nb::rv_policy::take_ownership), info);
   }, "dir"_a, "layer"_a, "dtype"_a = "fp32", "num_threads"_a = 1);
+
+  m.def("load_layer_file", [](const std::string& path, int num_threads) {
+    std::unique_ptr<Layer> result;
+    std::string config_json;
+    std::map<std::string, std::string> m;
+    {
+      nb::gil_scoped_release release;
+      LayerFile f = LayerFile::open(path, num_threads);
+      config_json = moe_layer_config_to_json(f.config());
+      m = f.metadata();
+      result = std::make_unique<Layer>(std::move(f));
+    }
+    nb::dict meta;
+    for (const auto& [k, v] : m) meta[k.c_str()] = v;
+    return nb::make_tuple(nb::cast(result.release(), nb::rv_policy::take_ownership), config_json, meta);
+  }, "path"_a, "num_threads"_a = 0);
 
   m.def("pooled_array", [](const std::vector<size_t>& shape, const std::string& dtype) {
     if (dtype != "float32" && dtype != "bfloat16") {
@@ -596,6 +629,10 @@ NB_MODULE(_moekit, m) {
       .def_prop_ro("d_model", [](Layer& l) { return l.layer().config().d_model; })
       .def_prop_ro("dtype", [](Layer& l) { return std::string(dtype_name(l.layer().config().dtype)); })
       .def("zero_grad", [](Layer& l) { l.layer().zero_grad(); })
+      .def("save", [](Layer& l, const std::string& path, const std::map<std::string, std::string>& metadata) {
+        nb::gil_scoped_release release;
+        save_layer_file(l.layer(), path, metadata);
+      }, "path"_a, "metadata"_a = std::map<std::string, std::string>{})
       .def("parameters", [](nb::handle self) {
         Layer& l = nb::cast<Layer&>(self);
         return Layer::tensor_views(l.layer().parameters(), self);
