@@ -4,8 +4,12 @@
 //
 // Bounds, with u = 2⁻²⁴ and γ_n = n·u / (1 − n·u):
 //   a dot of G groups (int32 sums exact, one fp32 product of scales per group, fp32 FMA per
-//   group and a final horizontal sum): |dot̂ − dot| ≤ γ_{G+4} · Σ_c |x̃_c · w̃_c| (x̃, w̃ the
-//   values the codes stand for, so no quantization error enters: it is the same on both sides).
+//   group and a final horizontal sum): |dot̂ − dot| ≤ γ_{G+4} · Σ_c |x̃_c| · (|w̃_c| + 2·o_c)
+//   (x̃, w̃ the values the codes stand for, so no quantization error enters: it is the same on
+//   both sides). o_c = 0 for int8; for the 4-bit formats the AVX2 path sums (level + offset) ·
+//   q and subtracts offset · Σ q afterwards, both in fp32: o_c = offset · |s_b| is the size of
+//   the offset in weight units (int4: 8·|s_b|; mxfp4: 12 · 2^(e−128), the doubled levels' unit),
+//   which both of those sums carry.
 // The layer adds what rounding h costs (half a step of its group or row, d/2, plus the product
 // x·(127/amax) rounded, 2u|x|), the activation's fp32 evaluation, and how an error in the
 // pre-activations moves silu(g)·u (|silu'| ≤ 1.1): see layer_bound().
@@ -56,7 +60,10 @@ std::vector<double> dequantized_activation(DType f, const std::vector<int8_t>& q
 struct QuantizedRows {
   std::vector<uint8_t> codes, scales;
   cpu::QuantMatrix m;
-  std::vector<double> values;  // [rows, cols] what the codes stand for
+  std::vector<double> values;   // [rows, cols] what the codes stand for
+  std::vector<double> offsets;  // [rows, cols] o_c of the file comment
+  // |w̃_c| + 2·o_c: what an element contributes to the dots' rounding bound.
+  double magnitude(size_t i) const { return std::fabs(values[i]) + 2 * offsets[i]; }
 };
 
 QuantizedRows quantize_matrix(DType f, const std::vector<float>& w, int64_t rows, int64_t cols) {
@@ -69,6 +76,18 @@ QuantizedRows quantize_matrix(DType f, const std::vector<float>& w, int64_t rows
     quantize_row(f, w.data() + r * cols, cols, q.codes.data() + r * cb, q.scales.data() + r * sb, "w", r);
     dequantize_row(f, q.codes.data() + r * cb, q.scales.data() + r * sb, cols, row.data());
     q.values.insert(q.values.end(), row.begin(), row.end());
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t g = c / 32;
+      double o = 0;
+      if (f == DType::kInt4) {
+        uint16_t h;
+        std::memcpy(&h, q.scales.data() + r * sb + 2 * g, 2);
+        o = 8.0 * std::fabs(double(fp16_to_float(h)));
+      } else if (f == DType::kMxfp4) {
+        o = 12.0 * std::ldexp(1.0, int(q.scales[static_cast<size_t>(r * sb + g)]) - 128);
+      }
+      q.offsets.push_back(o);
+    }
   }
   q.m = {f, q.codes.data(), q.scales.data(), cols, cb, sb};
   return q;
@@ -130,7 +149,7 @@ TEST(QuantKernel, DotsMatchExactDotsOfTheCodedValuesWithinTheFp32Bound) {
               double exact = 0, mag = 0;
               for (int64_t c = 0; c < k; ++c) {
                 exact += xv[static_cast<size_t>(c)] * qw.values[static_cast<size_t>(j * k + c)];
-                mag += std::fabs(xv[static_cast<size_t>(c)] * qw.values[static_cast<size_t>(j * k + c)]);
+                mag += std::fabs(xv[static_cast<size_t>(c)]) * qw.magnitude(static_cast<size_t>(j * k + c));
               }
               EXPECT_LE(std::fabs(out[static_cast<size_t>(i * n + j)] - exact), g * mag)
                   << dtype_name(f) << " " << cpu::isa_name(isa) << " k=" << k << " m=" << m << " (" << i << ", " << j << ")";
@@ -205,7 +224,7 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
           double v = 0, mag = 0;
           for (int64_t cc = 0; cc < d; ++cc) {
             v += xv[static_cast<size_t>(cc)] * gu[static_cast<size_t>(e)].values[static_cast<size_t>(r * d + cc)];
-            mag += std::fabs(xv[static_cast<size_t>(cc)] * gu[static_cast<size_t>(e)].values[static_cast<size_t>(r * d + cc)]);
+            mag += std::fabs(xv[static_cast<size_t>(cc)]) * gu[static_cast<size_t>(e)].magnitude(static_cast<size_t>(r * d + cc));
           }
           const double b = c.expert_bias ? t.gate_up_bias[static_cast<size_t>(e * 2 * ff + r)] : 0.0;
           pre[p] = v + b;
@@ -235,7 +254,8 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
           const double wv = dn[static_cast<size_t>(e)].values[static_cast<size_t>(i * ff + j)];
           v += wv * h[static_cast<size_t>(j)];
           prop += std::fabs(wv) * hr[static_cast<size_t>(j)];
-          mag += std::fabs(wv) * (std::fabs(h[static_cast<size_t>(j)]) + hr[static_cast<size_t>(j)]);
+          mag += dn[static_cast<size_t>(e)].magnitude(static_cast<size_t>(i * ff + j)) *
+                 (std::fabs(h[static_cast<size_t>(j)]) + hr[static_cast<size_t>(j)]);
         }
         const double b = c.expert_bias ? t.down_bias[static_cast<size_t>(e * d + i)] : 0.0;
         const double y = w * (v + b);

@@ -30,6 +30,12 @@ constexpr int8_t kMxfp4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
 
 const int8_t* levels_of(DType f) { return f == DType::kInt4 ? kInt4Levels : kMxfp4Levels; }
 
+// The AVX2 path multiplies 4-bit levels as unsigned bytes, level + offset ∈ [0, 24] (int4: the
+// nibble itself, offset 8; mxfp4: offset 12), so vpmaddubsw needs no sign fix-up, and removes
+// offset · Σ_b (s_b · d_b) · Σ_{c∈b} q_c afterwards (2 · 24 · 127 < 2^15: no saturation).
+constexpr uint8_t kMxfp4Unsigned[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+int level_offset(DType f) { return f == DType::kInt4 ? 8 : 12; }
+
 // 2^(e − 128): an E8M0 scale times the 1/2 of the doubled E2M1 levels (exact, subnormal for e < 2).
 struct Mxfp4Scales {
   float v[256];
@@ -126,19 +132,21 @@ MOEKIT_Q256_INLINE float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The 32 levels of one 4-bit group: elements 0–15 from the low nibbles, 16–31 from the high.
+// The 32 unsigned levels of one 4-bit group: elements 0–15 from the low nibbles, 16–31 from the
+// high; through `lut` (mxfp4) or the nibbles themselves (int4).
+template <bool kLut>
 MOEKIT_Q256_INLINE __m256i unpack_group(const uint8_t* p, __m256i lut) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i lo = _mm_and_si128(b, mask);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-  return _mm256_shuffle_epi8(lut, _mm256_set_m128i(hi, lo));
-}
-
-// 8 int32 partial sums of Σ w·a over 32 int8 pairs, given |w| (so vpmaddubsw sees an unsigned
-// operand) and a·sign(w).
-MOEKIT_Q256_INLINE __m256i dot32(__m256i abs_w, __m256i w, __m256i a) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1));
+  const __m256i n = _mm256_set_m128i(hi, lo);
+  if constexpr (kLut) {
+    return _mm256_shuffle_epi8(lut, n);
+  } else {
+    (void)lut;
+    return n;
+  }
 }
 
 MOEKIT_Q256 float absmax_avx2(const float* x, int64_t n) {
@@ -162,40 +170,54 @@ MOEKIT_Q256 void quantize_span_avx2(const float* x, int64_t n, float amax, int8_
   }
 }
 
-template <bool kUnpacked>
-MOEKIT_Q256_INLINE __m256i group_levels(const uint8_t* codes, const int8_t* unpacked, int64_t b, __m256i lut) {
-  if constexpr (kUnpacked) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unpacked + 32 * b));
+// Where a weight row's levels come from.
+enum class Levels { kSignedBytes, kUnsignedBytes, kNibbles, kNibblesLut };
+
+template <Levels kL>
+MOEKIT_Q256_INLINE __m256i group_levels(const uint8_t* codes, const int8_t* bytes, int64_t b, __m256i lut) {
+  if constexpr (kL == Levels::kNibbles || kL == Levels::kNibblesLut) {
+    (void)bytes;
+    return unpack_group<kL == Levels::kNibblesLut>(codes + 16 * b, lut);
   } else {
-    return unpack_group(codes + 16 * b, lut);
+    (void)codes;
+    (void)lut;
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * b));
   }
 }
 
-// 4-bit weights, one weight row: per group the int32 sum is scaled by comb[i·groups + b] =
-// s_b · d_ib and added to fp32 accumulators (two per row, even and odd groups, so that two
-// FMA chains are in flight; summed at the end). `unpacked`: the row's levels as int8 (levels
-// unpacked once per weight row when many activation rows reuse it), else its nibbles.
-template <int MR, bool kUnpacked>
-MOEKIT_Q256 void dot_groups_avx2(const uint8_t* codes, const int8_t* unpacked, int64_t groups, __m256i lut,
+// 8 int32 partial sums of Σ level·a over a group: signed levels (int8) through |w| and
+// a·sign(w) (vpmaddubsw wants one unsigned operand), unsigned ones (4-bit, offset) directly.
+template <Levels kL>
+MOEKIT_Q256_INLINE __m256i group_dot(__m256i w, __m256i a) {
+  if constexpr (kL == Levels::kSignedBytes) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)), _mm256_set1_epi16(1));
+  } else {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+  }
+}
+
+// One weight row against MR activation rows: per group the int32 sum is scaled by
+// comb[i·groups + b] = s_b · d_ib and added to fp32 accumulators (two per row, even and odd
+// groups, so that two FMA chains are in flight; summed at the end).
+template <int MR, Levels kL>
+MOEKIT_Q256 void dot_groups_avx2(const uint8_t* codes, const int8_t* bytes, int64_t groups, __m256i lut,
                                  const float* comb, const int8_t* const* q, float* out) {
   __m256 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 1 < groups; b += 2) {
-    const __m256i w0 = group_levels<kUnpacked>(codes, unpacked, b, lut), w1 = group_levels<kUnpacked>(codes, unpacked, b + 1, lut);
-    const __m256i a0 = _mm256_sign_epi8(w0, w0), a1 = _mm256_sign_epi8(w1, w1);
+    const __m256i w0 = group_levels<kL>(codes, bytes, b, lut), w1 = group_levels<kL>(codes, bytes, b + 1, lut);
     for (int i = 0; i < MR; ++i) {
-      const __m256i p0 = dot32(a0, w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
-      const __m256i p1 = dot32(a1, w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b + 32)));
+      const __m256i p0 = group_dot<kL>(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
+      const __m256i p1 = group_dot<kL>(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b + 32)));
       acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
       acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(comb + i * groups + b + 1), acc1[i]);
     }
   }
   if (b < groups) {
-    const __m256i w0 = group_levels<kUnpacked>(codes, unpacked, b, lut);
-    const __m256i a0 = _mm256_sign_epi8(w0, w0);
+    const __m256i w0 = group_levels<kL>(codes, bytes, b, lut);
     for (int i = 0; i < MR; ++i) {
-      const __m256i p0 = dot32(a0, w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
+      const __m256i p0 = group_dot<kL>(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
       acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
     }
   }
@@ -213,36 +235,50 @@ MOEKIT_Q256 void group_scales_avx2(DType f, const uint8_t* s, int64_t groups, fl
 
 constexpr int kMr = 4;
 
-template <bool kUnpacked>
-MOEKIT_Q256 void dot_groups_rows(int mr, const uint8_t* codes, const int8_t* unpacked, int64_t groups, __m256i lut,
+template <Levels kL>
+MOEKIT_Q256 void dot_groups_rows(int mr, const uint8_t* codes, const int8_t* bytes, int64_t groups, __m256i lut,
                                  const float* comb, const int8_t* const* q, float* out) {
   switch (mr) {
-    case 1: dot_groups_avx2<1, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
-    case 2: dot_groups_avx2<2, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
-    case 3: dot_groups_avx2<3, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
-    default: dot_groups_avx2<4, kUnpacked>(codes, unpacked, groups, lut, comb, q, out); break;
+    case 1: dot_groups_avx2<1, kL>(codes, bytes, groups, lut, comb, q, out); break;
+    case 2: dot_groups_avx2<2, kL>(codes, bytes, groups, lut, comb, q, out); break;
+    case 3: dot_groups_avx2<3, kL>(codes, bytes, groups, lut, comb, q, out); break;
+    default: dot_groups_avx2<4, kL>(codes, bytes, groups, lut, comb, q, out); break;
   }
+}
+
+MOEKIT_Q256 float dot_floats(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
 }
 
 MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
                                 const float* const* d, int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
-  alignas(32) int8_t lv16[32];
-  std::memcpy(lv16, levels_of(w.format), 16);
-  std::memcpy(lv16 + 16, levels_of(w.format), 16);
-  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
-  // Stack scratch for the common widths; heap beyond.
-  std::vector<float> heap;
-  float stack[kMr * 256];
-  float* comb = groups <= 256 ? stack : (heap.resize(static_cast<size_t>(kMr * groups)), heap.data());
-  std::vector<float> ws(static_cast<size_t>(groups));
   const bool int8 = w.format == DType::kInt8;
-  // int8 codes are the levels; 4-bit rows that many activation rows reuse are unpacked once.
-  const bool unpack = int8 || m > kMr;
-  std::vector<int8_t> levels(unpack && !int8 ? static_cast<size_t>(k) : 0);
+  const bool mxfp4 = w.format == DType::kMxfp4;
+  alignas(32) uint8_t lv16[32];
+  std::memcpy(lv16, kMxfp4Unsigned, 16);
+  std::memcpy(lv16 + 16, kMxfp4Unsigned, 16);
+  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
+  std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
+  // 4-bit: Σ_{c∈b} q_c per activation row and group, for the offset correction.
+  std::vector<float> qsum(int8 ? 0 : static_cast<size_t>(m * groups));
+  for (int64_t i = 0; i < m && !int8; ++i)
+    for (int64_t b = 0; b < groups; ++b) {
+      int32_t t = 0;
+      for (int64_t c = 0; c < 32; ++c) t += q[i][32 * b + c];
+      qsum[static_cast<size_t>(i * groups + b)] = static_cast<float>(t);
+    }
+  const float offset = int8 ? 0.0f : static_cast<float>(level_offset(w.format));
+  // 4-bit rows that several activation rows reuse are unpacked once (int8 codes are the levels).
+  const bool unpack = !int8 && m > kMr;
+  std::vector<int8_t> levels(unpack ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* codes = w.codes + j * w.code_bytes;
-    const int8_t* lv = int8 ? reinterpret_cast<const int8_t*>(codes) : levels.data();
     if (int8) {
       float sw;
       std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
@@ -250,26 +286,38 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
     } else {
       group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
     }
-    if (unpack && !int8)
-      for (int64_t b = 0; b < groups; ++b)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), unpack_group(codes + 16 * b, lut));
+    if (unpack) {
+      for (int64_t b = 0; b < groups; ++b) {
+        const __m256i u = mxfp4 ? unpack_group<true>(codes + 16 * b, lut) : unpack_group<false>(codes + 16 * b, lut);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), u);
+      }
+    }
+    const int8_t* bytes = int8 ? reinterpret_cast<const int8_t*>(codes) : levels.data();
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
       for (int i = 0; i < mr; ++i) {
         const float* di = d[i0 + i];
-        float* ci = comb + i * groups;
+        float* ci = comb.data() + i * groups;
         int64_t b = 0;
         for (; b + 8 <= groups; b += 8)
           _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws.data() + b), _mm256_loadu_ps(di + b)));
         for (; b < groups; ++b) ci[b] = ws[static_cast<size_t>(b)] * di[b];
       }
       float sums[kMr];
-      if (unpack) {
-        dot_groups_rows<true>(mr, codes, lv, groups, lut, comb, q + i0, sums);
+      if (int8) {
+        dot_groups_rows<Levels::kSignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
+      } else if (unpack) {
+        dot_groups_rows<Levels::kUnsignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
+      } else if (mxfp4) {
+        dot_groups_rows<Levels::kNibblesLut>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       } else {
-        dot_groups_rows<false>(mr, codes, nullptr, groups, lut, comb, q + i0, sums);
+        dot_groups_rows<Levels::kNibbles>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       }
-      for (int i = 0; i < mr; ++i) out[(i0 + i) * ldo + (j - n0)] = sums[i];
+      for (int i = 0; i < mr; ++i) {
+        float v = sums[i];
+        if (!int8) v -= offset * dot_floats(comb.data() + i * groups, qsum.data() + (i0 + i) * groups, groups);
+        out[(i0 + i) * ldo + (j - n0)] = v;
+      }
     }
   }
 }
