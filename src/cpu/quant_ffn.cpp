@@ -10,6 +10,10 @@
 //   pre   = q(X[R_e]) · W_gate_upᵀ + b_gate_up          quant_dot, fp32 out
 //   h     = act(pre)                                    fp32
 //   y     = w ⊙ (q(h) · W_downᵀ + b_down)               quant_dot, the combine weight as a row scale
+// Experts with at least kPanelRows rows (prefill) take the panel path instead (quant_kernels.h):
+// per block of weight rows, the codes are dequantized into an fp32 scratch, packed as the fp32
+// GEMM's B and multiplied with the fp32 rows in place (GEMM 1 fuses the activation; GEMM 2 takes
+// h unrounded), so the whole weight is never held in fp32.
 // Work is cut into (group, row block, weight-row block) tiles of equal weight-row counts, pulled
 // from one queue: the weight bytes a tile streams are the same for every expert, so an expert
 // with one token and one with nine keep both cores busy. Every output element is written by one
@@ -88,7 +92,95 @@ class CpuQuantExpertFfn final : public ops::ExpertFfn {
   std::map<const float*, int64_t> a_first_;
   Workspace h_ws_, y_ws_;
   std::vector<std::vector<float>> scratch_;  // per thread: the gate and up dots of one tile
+  // Panel path, per thread: a dequantized weight block, its pack, its bias block.
+  std::vector<std::vector<float>> panel_w_, panel_bias_;
+  std::vector<Workspace> panel_pack_;
+  void panel_gemm1(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, float* h, int thread);
+  void panel_gemm2(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, const float* h,
+                   MatrixView<float> y, int thread);
 };
+
+// Width of a panel tile in output columns (h columns in GEMM 1, d_model columns in GEMM 2).
+constexpr int64_t kPanelCols = 128;
+
+// The panels' type: bf16 where the CPU multiplies bf16 natively (vdpbf16ps: twice the fp32
+// FMA rate; the activations and the dequantized weights are then rounded to bf16, as a bf16
+// layer's are: exact for mxfp4's values, one rounding of 2⁻⁹ for int8's and int4's), else fp32.
+DType panel_dtype(Isa isa) { return isa == Isa::kAvx512Bf16 ? DType::kBF16 : DType::kF32; }
+
+Activation epilogue_activation(ExpertActivation a) {
+  switch (a) {
+    case ExpertActivation::kSwiGlu: return Activation::kSiluMul;
+    case ExpertActivation::kSwiGluClamped: return Activation::kSiluMulClamped;
+    case ExpertActivation::kGelu: return Activation::kGelu;
+    case ExpertActivation::kGeluErf: return Activation::kGeluErf;
+    case ExpertActivation::kRelu: return Activation::kRelu;
+  }
+  return Activation::kNone;
+}
+
+// h[:, n0:n1] = act(X[R] · W_gate_upᵀ + b) for the gate rows [n0, n1) (and up rows d_ff + [n0, n1)).
+void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0,
+                                    int64_t n1, float* h, int thread) {
+  const int64_t d = c_.d_model, nb = n1 - n0;
+  const bool gated = is_gated(c_.activation);
+  const int64_t rows = gated ? 2 * nb : nb;
+  std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
+  wb.resize(static_cast<size_t>(rows * d));
+  for (int64_t r = 0; r < nb; ++r) {
+    dequantize_weight_row(ctx.isa, w, n0 + r, wb.data() + r * d);
+    if (gated) dequantize_weight_row(ctx.isa, w, g.d_ff + n0 + r, wb.data() + (nb + r) * d);
+  }
+  std::vector<float>& bias = panel_bias_[static_cast<size_t>(thread)];
+  if (g.b_gate_up) {
+    bias.resize(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < nb; ++r) {
+      bias[static_cast<size_t>(r)] = g.b_gate_up[n0 + r];
+      if (gated) bias[static_cast<size_t>(nb + r)] = g.b_gate_up[g.d_ff + n0 + r];
+    }
+  }
+  const Operand b{wb.data(), DType::kF32, 1, d};  // W [rows, d] as the logical B [d, rows]
+  const DType pd = panel_dtype(ctx.isa);
+  const size_t bytes = PackedWeight::packed_bytes(d, rows, pd, ctx.isa, gated);
+  const PackedWeight pack = PackedWeight::pack_operand(b, d, rows, pd, ctx.isa, gated,
+                                                       panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
+  GemmProblem q;
+  q.m = g.num_rows;
+  q.n = nb;
+  q.k = d;
+  q.a = {g.a, DType::kF32, d, 1, g.a_rows};
+  q.c = h + g.h_offset + n0;
+  q.ldc = g.d_ff;
+  q.epilogue.activation = epilogue_activation(c_.activation);
+  q.epilogue.bias = g.b_gate_up ? bias.data() : nullptr;
+  q.epilogue.clamp_limit = float(c_.activation_constants.clamp_limit);
+  q.epilogue.clamp_alpha = float(c_.activation_constants.clamp_alpha);
+  gemm_packed(q, pack, 0, g.num_rows, 0, nb);
+}
+
+// y[:, n0:n1] = scale ⊙ (h · W_downᵀ + b) for the down rows [n0, n1).
+void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0,
+                                    int64_t n1, const float* h, MatrixView<float> y, int thread) {
+  const int64_t f = g.d_ff, nb = n1 - n0;
+  std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
+  wb.resize(static_cast<size_t>(nb * f));
+  for (int64_t r = 0; r < nb; ++r) dequantize_weight_row(ctx.isa, w, n0 + r, wb.data() + r * f);
+  const Operand b{wb.data(), DType::kF32, 1, f};
+  const DType pd = panel_dtype(ctx.isa);
+  const size_t bytes = PackedWeight::packed_bytes(f, nb, pd, ctx.isa, false);
+  const PackedWeight pack = PackedWeight::pack_operand(b, f, nb, pd, ctx.isa, false,
+                                                       panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
+  GemmProblem q;
+  q.m = g.num_rows;
+  q.n = nb;
+  q.k = f;
+  q.a = {h + g.h_offset, DType::kF32, f, 1};
+  q.c = y.row(g.row_begin) + n0;
+  q.ldc = c_.d_model;
+  q.epilogue.bias = g.b_down ? g.b_down + n0 : nullptr;
+  q.epilogue.row_scale = g.scale;
+  gemm_packed(q, pack, 0, g.num_rows, 0, nb);
+}
 
 QuantWeight CpuQuantExpertFfn::make_weight(const ops::ExpertWeight& w, int64_t rows, int64_t cols,
                                            const char* name) const {
@@ -181,10 +273,30 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
   // GEMM 1 and the activation: h [rows, d_ff] per group at h_offset.
   float* h = h_ws_.get<float>(rs.h_size);
   const bool gated = is_gated(c_.activation);
+  auto panel = [&](int64_t g) { return rs.groups[static_cast<size_t>(g)].num_rows >= kPanelRows; };
+  auto dot_rows = [&](int64_t g) { return panel(g) ? int64_t{0} : rs.groups[static_cast<size_t>(g)].num_rows; };
   const auto tiles1 = make_tiles(
-      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-      [&](int64_t g) { return rs.groups[g].d_ff; }, ctx.num_threads);
+      static_cast<int64_t>(rs.groups.size()), dot_rows, [&](int64_t g) { return rs.groups[g].d_ff; }, ctx.num_threads);
+  // Panel tiles: (group, column block), every row of the group.
+  auto panel_tiles = [&](auto cols_of) {
+    std::vector<Tile> t;
+    for (size_t gi = 0; gi < rs.groups.size(); ++gi) {
+      if (!panel(static_cast<int64_t>(gi))) continue;
+      const int64_t n = cols_of(rs.groups[gi]);
+      for (int64_t n0 = 0; n0 < n; n0 += kPanelCols)
+        t.push_back({static_cast<int32_t>(gi), 0, rs.groups[gi].num_rows, n0, std::min(n, n0 + kPanelCols)});
+    }
+    return t;
+  };
   scratch_.resize(static_cast<size_t>(ctx.num_threads));
+  panel_w_.resize(static_cast<size_t>(ctx.num_threads));
+  panel_bias_.resize(static_cast<size_t>(ctx.num_threads));
+  panel_pack_.resize(static_cast<size_t>(ctx.num_threads));
+  const std::vector<Tile> panel1 = panel_tiles([](const Group& g) { return g.d_ff; });
+  run_tiles(ctx, panel1, [&](const Tile& t, int thread) {
+    panel_gemm1(ctx, rs.groups[static_cast<size_t>(t.group)], gate_up_[static_cast<size_t>(t.group)].m, t.n0, t.n1, h,
+                thread);
+  });
   const int64_t spr_x = activation_scales_per_row(f, d);
   run_tiles(ctx, tiles1, [&](const Tile& t, int thread) {
     const Group& g = rs.groups[static_cast<size_t>(t.group)];
@@ -235,6 +347,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
   h_d_.resize(static_cast<size_t>(std::max<int64_t>(h_scales, 1)));
   run_tasks(ctx, static_cast<int64_t>(rs.groups.size()), [&](int64_t gi, int) {
     const Group& g = rs.groups[static_cast<size_t>(gi)];
+    if (panel(gi)) return;  // the panel path reads h in fp32
     const int64_t spr = activation_scales_per_row(f, g.d_ff);
     for (int64_t i = 0; i < g.num_rows; ++i)
       quantize_activation_row(ctx.isa, f, h + g.h_offset + i * g.d_ff, g.d_ff, h_q_.data() + g.h_offset + i * g.d_ff,
@@ -243,9 +356,13 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
   ctx.phase("quantize_h");
 
   MatrixView<float> y{y_ws_.get<float>(rs.total_rows * d), rs.total_rows, d};
+  const std::vector<Tile> panel2 = panel_tiles([&](const Group&) { return d; });
+  run_tiles(ctx, panel2, [&](const Tile& t, int thread) {
+    panel_gemm2(ctx, rs.groups[static_cast<size_t>(t.group)], down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, h, y,
+                thread);
+  });
   const auto tiles2 = make_tiles(
-      static_cast<int64_t>(rs.groups.size()), [&](int64_t g) { return rs.groups[g].num_rows; },
-      [&](int64_t) { return d; }, ctx.num_threads);
+      static_cast<int64_t>(rs.groups.size()), dot_rows, [&](int64_t) { return d; }, ctx.num_threads);
   run_tiles(ctx, tiles2, [&](const Tile& t, int) {
     const Group& g = rs.groups[static_cast<size_t>(t.group)];
     const int64_t rows = t.m1 - t.m0, cols = t.n1 - t.n0;

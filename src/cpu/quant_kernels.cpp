@@ -322,6 +322,40 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
   }
 }
 
+MOEKIT_Q256 void dequantize_row_avx2(const QuantMatrix& w, int64_t row, float* out) {
+  const int64_t groups = w.cols / kQuantGroup;
+  const uint8_t* codes = w.codes + row * w.code_bytes;
+  const uint8_t* sc = w.scales + row * w.scale_bytes;
+  alignas(32) int8_t lv16[32];
+  if (w.format != DType::kInt8) {
+    std::memcpy(lv16, levels_of(w.format), 16);
+    std::memcpy(lv16 + 16, levels_of(w.format), 16);
+  }
+  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
+  for (int64_t b = 0; b < groups; ++b) {
+    __m256i lv;
+    float s;
+    if (w.format == DType::kInt8) {
+      lv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * b));
+      std::memcpy(&s, sc, 4);
+    } else {
+      lv = unpack_group<true>(codes + 16 * b, lut);  // signed levels through the table
+      if (w.format == DType::kInt4) {
+        uint16_t h;
+        std::memcpy(&h, sc + 2 * b, 2);
+        s = fp16_to_float(h);
+      } else {
+        s = mxfp4_scales().v[sc[b]];
+      }
+    }
+    const __m256 sv = _mm256_set1_ps(s);
+    const __m128i lo = _mm256_castsi256_si128(lv), hi = _mm256_extracti128_si256(lv, 1);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int p = 0; p < 4; ++p)
+      _mm256_storeu_ps(out + 32 * b + 8 * p, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[p])), sv));
+  }
+}
+
 #endif  // MOEKIT_HAVE_X86
 
 bool vector_path(Isa isa) {
@@ -365,6 +399,15 @@ void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1, const int8
   if (vector_path(isa)) return quant_dot_avx2(w, n0, n1, q, d, m, out, ldo);
 #endif
   quant_dot_scalar(w, n0, n1, q, d, m, out, ldo);
+}
+
+void dequantize_weight_row(Isa isa, const QuantMatrix& w, int64_t row, float* out) {
+#ifdef MOEKIT_HAVE_X86
+  if (vector_path(isa)) return dequantize_row_avx2(w, row, out);
+#endif
+  // The scalar path: the definition itself. (mxfp4: doubled levels times 2^(e−128) equal the
+  // E2M1 value times 2^(e−127), both exact.)
+  dequantize_row(w.format, w.codes + row * w.code_bytes, w.scales + row * w.scale_bytes, w.cols, out);
 }
 
 }  // namespace moekit::cpu

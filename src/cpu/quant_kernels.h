@@ -50,4 +50,17 @@ void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1,
                float* out,              // [m, ldo]
                int64_t ldo);
 
+// The values of one quantized weight row as fp32, exactly dequantize_row's (quant.h), with the
+// vector path where the ISA has one: out [cols].
+void dequantize_weight_row(Isa isa, const QuantMatrix& w, int64_t row, float* out);
+
+// Experts with at least this many rows (prefill) do not run the integer dots: their quantized
+// weights are dequantized block by block into the fp32 GEMM's panels (bf16 panels where the CPU
+// has AVX512-BF16; no copy of the whole weight is kept), and the GEMM micro-kernel multiplies
+// the activations unrounded to int8. On AVX2
+// an integer dot of a group costs about what fp32 FMAs over it cost (vpmaddubsw saturates, so
+// there is no 4-operand int8 accumulate as VNNI's vpdpbusd), and the register-blocked fp32
+// kernel reuses each loaded value across a 6 × 16 tile: for many rows it is the faster kernel.
+inline constexpr int64_t kPanelRows = 16;
+
 }  // namespace moekit::cpu
