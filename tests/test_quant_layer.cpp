@@ -6,10 +6,10 @@
 //   a dot of G groups (int32 sums exact, one fp32 product of scales per group, fp32 FMA per
 //   group and a final horizontal sum): |dot̂ − dot| ≤ γ_{G+4} · Σ_c |x̃_c| · (|w̃_c| + 2·o_c)
 //   (x̃, w̃ the values the codes stand for, so no quantization error enters: it is the same on
-//   both sides). o_c = 0 for int8; for the 4-bit formats the AVX2 path sums (level + offset) ·
-//   q and subtracts offset · Σ q afterwards, both in fp32: o_c = offset · |s_b| is the size of
-//   the offset in weight units (int4: 8·|s_b|; mxfp4: 12 · 2^(e−128), the doubled levels' unit),
-//   which both of those sums carry.
+//   both sides). The vector paths sum (level + offset) · q and subtract offset · Σ q
+//   afterwards, both in fp32: o_c = offset · |s_b| is the size of the offset in weight units
+//   (int8 on VNNI: 128·|s_r|; int4: 8·|s_b|; mxfp4: 12 · 2^(e−128), the doubled levels' unit),
+//   which both of those sums carry (the AVX2 int8 path has none: the bound is looser there).
 // The layer adds what rounding h costs (half a step of its group or row, d/2, plus the product
 // x·(127/amax) rounded, 2u|x|), the activation's fp32 evaluation, and how an error in the
 // pre-activations moves silu(g)·u (|silu'| ≤ 1.1): see layer_bound().
@@ -79,7 +79,11 @@ QuantizedRows quantize_matrix(DType f, const std::vector<float>& w, int64_t rows
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t g = c / 32;
       double o = 0;
-      if (f == DType::kInt4) {
+      if (f == DType::kInt8) {  // the VNNI path adds 128 to the int8 levels
+        float sw;
+        std::memcpy(&sw, q.scales.data() + r * sb, 4);
+        o = 128.0 * std::fabs(double(sw));
+      } else if (f == DType::kInt4) {
         uint16_t h;
         std::memcpy(&h, q.scales.data() + r * sb + 2 * g, 2);
         o = 8.0 * std::fabs(double(fp16_to_float(h)));

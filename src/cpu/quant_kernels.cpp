@@ -1,5 +1,6 @@
-// Quantized expert kernels (quant_kernels.h has the math): scalar and AVX2 paths. The AVX-512
-// paths of this build run the AVX2 code (no VNNI kernel yet).
+// Quantized expert kernels (quant_kernels.h has the math): scalar, AVX2 and, for the AVX-512
+// ISA paths on CPUs with AVX512-VNNI, vpdpbusd dots (the activation rounding and the
+// dequantization run the AVX2 code on every vector path).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "cpu/quant_kernels.h"
@@ -199,35 +200,56 @@ MOEKIT_Q256_INLINE __m256i group_dot(__m256i w, __m256i a) {
 // One weight row against MR activation rows: per group the int32 sum is scaled by
 // comb[i·groups + b] = s_b · d_ib and added to fp32 accumulators (two per row, even and odd
 // groups, so that two FMA chains are in flight; summed at the end).
+// One weight row against MR activation rows: per group the int32 sum is scaled by
+// comb[i·groups + b] = s_b · d_ib and added to fp32 accumulators, kAcc per row (groups
+// kAcc·p … kAcc·p + kAcc − 1) so that as many FMA chains are in flight (one row, decode, would
+// otherwise wait on the FMA latency every group); 16 ymm registers hold 4 × 2 or 2 × 4.
 template <int MR, Levels kL>
 MOEKIT_Q256 void dot_groups_avx2(const uint8_t* codes, const int8_t* bytes, int64_t groups, __m256i lut,
                                  const float* comb, const int8_t* const* q, float* out) {
-  __m256 acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  constexpr int kAcc = MR <= 2 ? 4 : 2;
+  __m256 acc[MR][kAcc];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < kAcc; ++u) acc[i][u] = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 1 < groups; b += 2) {
-    const __m256i w0 = group_levels<kL>(codes, bytes, b, lut), w1 = group_levels<kL>(codes, bytes, b + 1, lut);
-    for (int i = 0; i < MR; ++i) {
-      const __m256i p0 = group_dot<kL>(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
-      const __m256i p1 = group_dot<kL>(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b + 32)));
-      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(comb + i * groups + b + 1), acc1[i]);
-    }
+  for (; b + kAcc <= groups; b += kAcc) {
+    __m256i w[kAcc];
+    for (int u = 0; u < kAcc; ++u) w[u] = group_levels<kL>(codes, bytes, b + u, lut);
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < kAcc; ++u) {
+        const __m256i p = group_dot<kL>(w[u], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * (b + u))));
+        acc[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(comb + i * groups + b + u), acc[i][u]);
+      }
   }
-  if (b < groups) {
+  for (; b < groups; ++b) {
     const __m256i w0 = group_levels<kL>(codes, bytes, b, lut);
     for (int i = 0; i < MR; ++i) {
       const __m256i p0 = group_dot<kL>(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
-      acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc0[i]);
+      acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(comb + i * groups + b), acc[i][0]);
     }
   }
-  for (int i = 0; i < MR; ++i) out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i]));
+  for (int i = 0; i < MR; ++i) {
+    __m256 t = acc[i][0];
+    for (int u = 1; u < kAcc; ++u) t = _mm256_add_ps(t, acc[i][u]);
+    out[i] = hsum(t);
+  }
 }
 
 MOEKIT_Q256 void group_scales_avx2(DType f, const uint8_t* s, int64_t groups, float* out) {
   if (f == DType::kInt4 && groups % 8 == 0) {
     for (int64_t b = 0; b < groups; b += 8)
       _mm256_storeu_ps(out + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * b))));
+    return;
+  }
+  if (f == DType::kMxfp4 && groups % 8 == 0) {
+    // 2^(e − 128) has the biased exponent e − 1 (e ≥ 1); e = 0 is the subnormal 2^−128. (0xff,
+    // NaN, is rejected when the weights are checked.)
+    for (int64_t b = 0; b < groups; b += 8) {
+      const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + b)));
+      const __m256i bits = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+      const __m256i zero = _mm256_cmpeq_epi32(e, _mm256_setzero_si256());
+      _mm256_storeu_ps(out + b, _mm256_castsi256_ps(_mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00200000), zero)));
+    }
     return;
   }
   group_scales_scalar(f, s, groups, out);
@@ -322,6 +344,180 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
   }
 }
 
+// --- AVX-512 VNNI ------------------------------------------------------------------------------
+// vpdpbusd multiplies unsigned by signed bytes and adds groups of four into int32 without
+// saturating: every format's levels go in as unsigned bytes (level + offset: int8 + 128, int4
+// + 8, mxfp4 + 12) and the offset's share, offset · Σ_b (s_b · d_b) · Σ_{c∈b} q_c, is removed
+// once per output, as on AVX2. One zmm holds two groups (64 weights).
+#define MOEKIT_Q512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define MOEKIT_Q512_INLINE inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+// The unsigned levels of groups b and b + 1: [b: elements 0–31 | b + 1: elements 0–31].
+// 0 int8 (bytes), 1 int4 (nibbles), 2 mxfp4 (nibbles through the table), 3 unsigned levels
+// unpacked beforehand.
+template <int kFormat>
+MOEKIT_Q512_INLINE __m512i pair_levels(const uint8_t* codes, const uint8_t* bytes, int64_t b, __m512i lut) {
+  if constexpr (kFormat == 0) {  // int8: the codes + 128, as unsigned bytes
+    (void)bytes;
+    (void)lut;
+    return _mm512_xor_si512(_mm512_loadu_si512(codes + 32 * b), _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else if constexpr (kFormat == 3) {  // levels unpacked beforehand
+    (void)codes;
+    (void)lut;
+    return _mm512_loadu_si512(bytes + 32 * b);
+  } else {
+    (void)bytes;
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * b));
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(raw, mask), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    // 128-bit lanes [b lo, b+1 lo, b hi, b+1 hi] → [b lo, b hi, b+1 lo, b+1 hi].
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    if constexpr (kFormat == 2) z = _mm512_shuffle_epi8(lut, z);
+    return z;
+  }
+}
+
+MOEKIT_Q512_INLINE __m512 pair_scale(const float* comb, int64_t b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(comb + b)), _mm256_broadcast_ss(comb + b + 1), 1);
+}
+
+MOEKIT_Q512_INLINE float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// Four accumulators per row (pairs 4p … 4p + 3), so that four FMA chains are in flight: with
+// one row (decode) a single chain would wait on the FMA latency every pair.
+template <int MR, int kFormat>
+MOEKIT_Q512 void dot_pairs_vnni(const uint8_t* codes, const uint8_t* bytes, int64_t groups, __m512i lut,
+                                const float* comb, const int8_t* const* q, float* out) {
+  constexpr int kAcc = 4;
+  __m512 acc[MR][kAcc];
+  for (int i = 0; i < MR; ++i)
+    for (int u = 0; u < kAcc; ++u) acc[i][u] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t b = 0;
+  for (; b + 2 * kAcc <= groups; b += 2 * kAcc) {
+    __m512i w[kAcc];
+    for (int u = 0; u < kAcc; ++u) w[u] = pair_levels<kFormat>(codes, bytes, b + 2 * u, lut);
+    for (int i = 0; i < MR; ++i)
+      for (int u = 0; u < kAcc; ++u) {
+        const __m512i p = _mm512_dpbusd_epi32(zero, w[u], _mm512_loadu_si512(q[i] + 32 * (b + 2 * u)));
+        acc[i][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(comb + i * groups, b + 2 * u), acc[i][u]);
+      }
+  }
+  for (; b + 1 < groups; b += 2) {
+    const __m512i w = pair_levels<kFormat>(codes, bytes, b, lut);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i p = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(q[i] + 32 * b));
+      acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(comb + i * groups, b), acc[i][0]);
+    }
+  }
+  float tail[MR] = {};
+  if (b < groups) {  // an odd last group, in ymm
+    __m256i w;
+    if constexpr (kFormat == 0) {
+      w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * b)),
+                           _mm256_set1_epi8(static_cast<char>(0x80)));
+    } else if constexpr (kFormat == 3) {
+      w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * b));
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * b));
+      const __m128i mask = _mm_set1_epi8(0x0f);
+      w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+      if constexpr (kFormat == 2) w = _mm256_shuffle_epi8(_mm512_castsi512_si256(lut), w);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[i] + 32 * b)));
+      tail[i] = hsum(_mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(comb[i * groups + b])));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    out[i] = hsum512(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]))) + tail[i];
+}
+
+template <int kFormat>
+MOEKIT_Q512 void dot_pairs_rows(int mr, const uint8_t* codes, const uint8_t* bytes, int64_t groups, __m512i lut,
+                                const float* comb, const int8_t* const* q, float* out) {
+  switch (mr) {
+    case 1: dot_pairs_vnni<1, kFormat>(codes, bytes, groups, lut, comb, q, out); break;
+    case 2: dot_pairs_vnni<2, kFormat>(codes, bytes, groups, lut, comb, q, out); break;
+    case 3: dot_pairs_vnni<3, kFormat>(codes, bytes, groups, lut, comb, q, out); break;
+    default: dot_pairs_vnni<4, kFormat>(codes, bytes, groups, lut, comb, q, out); break;
+  }
+}
+
+MOEKIT_Q512 void quant_dot_vnni(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
+                                const float* const* d, int64_t m, float* out, int64_t ldo) {
+  const int64_t k = w.cols, groups = k / kQuantGroup;
+  const bool int8 = w.format == DType::kInt8;
+  const bool mxfp4 = w.format == DType::kMxfp4;
+  alignas(64) uint8_t lv64[64];
+  for (int r = 0; r < 4; ++r) std::memcpy(lv64 + 16 * r, kMxfp4Unsigned, 16);
+  const __m512i lut = _mm512_load_si512(lv64);
+  std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
+  std::vector<float> qsum(static_cast<size_t>(m * groups));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t b = 0; b < groups; ++b) {
+      int32_t t = 0;
+      for (int64_t c = 0; c < 32; ++c) t += q[i][32 * b + c];
+      qsum[static_cast<size_t>(i * groups + b)] = static_cast<float>(t);
+    }
+  const float offset = int8 ? 128.0f : static_cast<float>(level_offset(w.format));
+  // 4-bit rows that several activation rows reuse are unpacked once.
+  const bool unpack = !int8 && m > kMr;
+  std::vector<uint8_t> levels(unpack ? static_cast<size_t>(k) : 0);
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* codes = w.codes + j * w.code_bytes;
+    if (int8) {
+      float sw;
+      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
+      std::fill(ws.begin(), ws.end(), sw);
+    } else {
+      group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
+      if (unpack) {
+        for (int64_t b = 0; b < groups; ++b) {
+          const __m256i u = mxfp4 ? unpack_group<true>(codes + 16 * b, _mm512_castsi512_si256(lut))
+                                  : unpack_group<false>(codes + 16 * b, _mm512_castsi512_si256(lut));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), u);
+        }
+      }
+    }
+    for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
+      for (int i = 0; i < mr; ++i) {
+        const float* di = d[i0 + i];
+        float* ci = comb.data() + i * groups;
+        int64_t b = 0;
+        for (; b + 8 <= groups; b += 8)
+          _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws.data() + b), _mm256_loadu_ps(di + b)));
+        for (; b < groups; ++b) ci[b] = ws[static_cast<size_t>(b)] * di[b];
+      }
+      float sums[kMr];
+      if (int8) {
+        dot_pairs_rows<0>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
+      } else if (unpack) {
+        dot_pairs_rows<3>(mr, codes, levels.data(), groups, lut, comb.data(), q + i0, sums);
+      } else if (mxfp4) {
+        dot_pairs_rows<2>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
+      } else {
+        dot_pairs_rows<1>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
+      }
+      for (int i = 0; i < mr; ++i)
+        out[(i0 + i) * ldo + (j - n0)] =
+            sums[i] - offset * dot_floats(comb.data() + i * groups, qsum.data() + (i0 + i) * groups, groups);
+    }
+  }
+}
+
+bool cpu_has_vnni() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+
 MOEKIT_Q256 void dequantize_row_avx2(const QuantMatrix& w, int64_t row, float* out) {
   const int64_t groups = w.cols / kQuantGroup;
   const uint8_t* codes = w.codes + row * w.code_bytes;
@@ -396,6 +592,7 @@ void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1, const int8
                int64_t m, float* out, int64_t ldo) {
   if (m <= 0 || n1 <= n0) return;
 #ifdef MOEKIT_HAVE_X86
+  if (vector_path(isa) && isa >= Isa::kAvx512 && cpu_has_vnni()) return quant_dot_vnni(w, n0, n1, q, d, m, out, ldo);
   if (vector_path(isa)) return quant_dot_avx2(w, n0, n1, q, d, m, out, ldo);
 #endif
   quant_dot_scalar(w, n0, n1, q, d, m, out, ldo);
