@@ -736,7 +736,7 @@ TEST(LayerInput, RejectsMismatchedParameters) {
   expect_error<InputError>([&] { MoeLayer bad(c, p); }, {"params.shared_gate", "empty", "length 32"});
   p = good;
   p.gate_up.dtype = static_cast<DType>(7);
-  expect_error<InputError>([&] { MoeLayer bad(c, p); }, {"params.gate_up dtype", "fp32 or bf16", "7"});
+  expect_error<InputError>([&] { MoeLayer bad(c, p); }, {"params.gate_up dtype", "fp32, bf16 or the layer's quantized format", "7"});
 }
 
 TEST(LayerConfig, ValidatesFields) {
@@ -747,8 +747,8 @@ TEST(LayerConfig, ValidatesFields) {
   c.shared_expert_gate = true;
   expect_error<ConfigError>([&] { c.validate(); }, {"shared_expert_gate", "num_shared_experts is 0"});
   c = make_config(4, 2, 8, 6);
-  c.dtype = static_cast<DType>(3);
-  expect_error<ConfigError>([&] { c.validate(); }, {"dtype", "fp32 or bf16", "3"});
+  c.dtype = static_cast<DType>(7);
+  expect_error<ConfigError>([&] { c.validate(); }, {"dtype", "fp32, bf16, int8, int4 or mxfp4", "7"});
   c = make_config(4, 2, 8, 6);
   c.num_threads = 0;
   expect_error<ConfigError>([&] { MoeLayer bad(c, uint64_t{1}); }, {"num_threads", "[1, 1024]", "0"});

@@ -10,6 +10,17 @@ float maybe_round(float v, bool round_bf16) { return round_bf16 ? bf16_to_float(
 bool vector_path(Isa isa) { return isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16; }
 }  // namespace
 
+Activation epilogue_activation(ExpertActivation a) {
+  switch (a) {
+    case ExpertActivation::kSwiGlu: return Activation::kSiluMul;
+    case ExpertActivation::kSwiGluClamped: return Activation::kSiluMulClamped;
+    case ExpertActivation::kGelu: return Activation::kGelu;
+    case ExpertActivation::kGeluErf: return Activation::kGeluErf;
+    case ExpertActivation::kRelu: return Activation::kRelu;
+  }
+  return Activation::kNone;
+}
+
 void swiglu_forward_row(Isa isa, const float* g, const float* u, int64_t n, bool round_bf16, float* h) {
   if (vector_path(isa) && detail_gemm::swiglu_forward_avx512(g, u, n, round_bf16, h)) return;
   const ActivationConstants k;

@@ -9,8 +9,12 @@
 #include <cstdint>
 
 #include "gemm.h"
+#include "moekit/experts.h"
 
 namespace moekit::cpu {
+
+// The GEMM epilogue that applies an expert activation (gated ones as the paired kSiluMul*).
+Activation epilogue_activation(ExpertActivation a);
 
 // h[j] = silu(g[j]) · u[j], j < n; rounded to bf16 (kept in fp32) when round_bf16.
 void swiglu_forward_row(Isa isa, const float* g,  // [n]

@@ -31,16 +31,6 @@ constexpr int64_t kWeightRowsInPlace = 4;
 
 DType to_cpu(moekit::DType d) { return d == moekit::DType::kBF16 ? DType::kBF16 : DType::kF32; }
 
-Activation epilogue_activation(ExpertActivation a) {
-  switch (a) {
-    case ExpertActivation::kSwiGlu: return Activation::kSiluMul;
-    case ExpertActivation::kSwiGluClamped: return Activation::kSiluMulClamped;
-    case ExpertActivation::kGelu: return Activation::kGelu;
-    case ExpertActivation::kGeluErf: return Activation::kGeluErf;
-    case ExpertActivation::kRelu: return Activation::kRelu;
-  }
-  return Activation::kNone;
-}
 
 float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 

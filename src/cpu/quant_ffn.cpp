@@ -95,6 +95,7 @@ class CpuQuantExpertFfn final : public ops::ExpertFfn {
   // Panel path, per thread: a dequantized weight block, its pack, its bias block.
   std::vector<std::vector<float>> panel_w_, panel_bias_;
   std::vector<Workspace> panel_pack_;
+  PackedWeight pack_panel(const OpContext& ctx, const float* w, int64_t rows, int64_t cols, bool paired, int thread);
   void panel_gemm1(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, float* h, int thread);
   void panel_gemm2(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, const float* h,
                    MatrixView<float> y, int thread);
@@ -108,15 +109,15 @@ constexpr int64_t kPanelCols = 128;
 // layer's are: exact for mxfp4's values, one rounding of 2⁻⁹ for int8's and int4's), else fp32.
 DType panel_dtype(Isa isa) { return isa == Isa::kAvx512Bf16 ? DType::kBF16 : DType::kF32; }
 
-Activation epilogue_activation(ExpertActivation a) {
-  switch (a) {
-    case ExpertActivation::kSwiGlu: return Activation::kSiluMul;
-    case ExpertActivation::kSwiGluClamped: return Activation::kSiluMulClamped;
-    case ExpertActivation::kGelu: return Activation::kGelu;
-    case ExpertActivation::kGeluErf: return Activation::kGeluErf;
-    case ExpertActivation::kRelu: return Activation::kRelu;
-  }
-  return Activation::kNone;
+
+// A dequantized weight block W [rows, cols] (row-major) as the GEMM's B [cols, rows], packed
+// into this thread's panel memory.
+PackedWeight CpuQuantExpertFfn::pack_panel(const OpContext& ctx, const float* w, int64_t rows, int64_t cols, bool paired,
+                                           int thread) {
+  const DType pd = panel_dtype(ctx.isa);
+  const size_t bytes = PackedWeight::packed_bytes(cols, rows, pd, ctx.isa, paired);
+  return PackedWeight::pack_operand(Operand{w, DType::kF32, 1, cols}, cols, rows, pd, ctx.isa, paired,
+                                    panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
 }
 
 // h[:, n0:n1] = act(X[R] · W_gate_upᵀ + b) for the gate rows [n0, n1) (and up rows d_ff + [n0, n1)).
@@ -139,11 +140,7 @@ void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const 
       if (gated) bias[static_cast<size_t>(nb + r)] = g.b_gate_up[g.d_ff + n0 + r];
     }
   }
-  const Operand b{wb.data(), DType::kF32, 1, d};  // W [rows, d] as the logical B [d, rows]
-  const DType pd = panel_dtype(ctx.isa);
-  const size_t bytes = PackedWeight::packed_bytes(d, rows, pd, ctx.isa, gated);
-  const PackedWeight pack = PackedWeight::pack_operand(b, d, rows, pd, ctx.isa, gated,
-                                                       panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
+  const PackedWeight pack = pack_panel(ctx, wb.data(), rows, d, gated, thread);
   GemmProblem q;
   q.m = g.num_rows;
   q.n = nb;
@@ -165,11 +162,7 @@ void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const 
   std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
   wb.resize(static_cast<size_t>(nb * f));
   for (int64_t r = 0; r < nb; ++r) dequantize_weight_row(ctx.isa, w, n0 + r, wb.data() + r * f);
-  const Operand b{wb.data(), DType::kF32, 1, f};
-  const DType pd = panel_dtype(ctx.isa);
-  const size_t bytes = PackedWeight::packed_bytes(f, nb, pd, ctx.isa, false);
-  const PackedWeight pack = PackedWeight::pack_operand(b, f, nb, pd, ctx.isa, false,
-                                                       panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
+  const PackedWeight pack = pack_panel(ctx, wb.data(), nb, f, false, thread);
   GemmProblem q;
   q.m = g.num_rows;
   q.n = nb;

@@ -277,60 +277,82 @@ MOEKIT_Q256 float dot_floats(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
-                                const float* const* d, int64_t m, float* out, int64_t ldo) {
-  const int64_t k = w.cols, groups = k / kQuantGroup;
-  const bool int8 = w.format == DType::kInt8;
-  const bool mxfp4 = w.format == DType::kMxfp4;
-  alignas(32) uint8_t lv16[32];
-  std::memcpy(lv16, kMxfp4Unsigned, 16);
-  std::memcpy(lv16 + 16, kMxfp4Unsigned, 16);
-  const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
-  std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
-  // 4-bit: Σ_{c∈b} q_c per activation row and group, for the offset correction.
-  std::vector<float> qsum(int8 ? 0 : static_cast<size_t>(m * groups));
-  for (int64_t i = 0; i < m && !int8; ++i)
+// What both vector paths do around the dots: per activation row and group Σ q (for the offset
+// correction), per weight row its group scales and (4-bit, many rows) its unsigned levels, per
+// chunk of rows the products s_b · d_ib.
+std::vector<float> group_sums(const int8_t* const* q, int64_t m, int64_t groups) {
+  std::vector<float> qsum(static_cast<size_t>(m * groups));
+  for (int64_t i = 0; i < m; ++i)
     for (int64_t b = 0; b < groups; ++b) {
       int32_t t = 0;
       for (int64_t c = 0; c < 32; ++c) t += q[i][32 * b + c];
       qsum[static_cast<size_t>(i * groups + b)] = static_cast<float>(t);
     }
+  return qsum;
+}
+
+MOEKIT_Q256 void weight_row_scales(const QuantMatrix& w, int64_t j, int64_t groups, float* ws) {
+  if (w.format == DType::kInt8) {
+    float sw;
+    std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
+    std::fill(ws, ws + groups, sw);
+  } else {
+    group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws);
+  }
+}
+
+MOEKIT_Q256 __m256i mxfp4_lut256() {
+  alignas(32) uint8_t lv16[32];
+  std::memcpy(lv16, kMxfp4Unsigned, 16);
+  std::memcpy(lv16 + 16, kMxfp4Unsigned, 16);
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
+}
+
+// A 4-bit row's unsigned levels (level + offset), 32 bytes per group.
+MOEKIT_Q256 void unpack_row(DType f, const uint8_t* codes, int64_t groups, void* levels) {
+  const __m256i lut = mxfp4_lut256();
+  auto* out = static_cast<uint8_t*>(levels);
+  for (int64_t b = 0; b < groups; ++b) {
+    const __m256i u = f == DType::kMxfp4 ? unpack_group<true>(codes + 16 * b, lut) : unpack_group<false>(codes + 16 * b, lut);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * b), u);
+  }
+}
+
+MOEKIT_Q256 void chunk_combs(const float* ws, const float* const* d, int mr, int64_t groups, float* comb) {
+  for (int i = 0; i < mr; ++i) {
+    const float* di = d[i];
+    float* ci = comb + i * groups;
+    int64_t b = 0;
+    for (; b + 8 <= groups; b += 8) _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws + b), _mm256_loadu_ps(di + b)));
+    for (; b < groups; ++b) ci[b] = ws[b] * di[b];
+  }
+}
+
+MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
+                                const float* const* d, int64_t m, float* out, int64_t ldo) {
+  const int64_t k = w.cols, groups = k / kQuantGroup;
+  const bool int8 = w.format == DType::kInt8;
+  const __m256i lut = mxfp4_lut256();
+  std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
+  const std::vector<float> qsum = int8 ? std::vector<float>() : group_sums(q, m, groups);
   const float offset = int8 ? 0.0f : static_cast<float>(level_offset(w.format));
   // 4-bit rows that several activation rows reuse are unpacked once (int8 codes are the levels).
   const bool unpack = !int8 && m > kMr;
   std::vector<int8_t> levels(unpack ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* codes = w.codes + j * w.code_bytes;
-    if (int8) {
-      float sw;
-      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
-      std::fill(ws.begin(), ws.end(), sw);
-    } else {
-      group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
-    }
-    if (unpack) {
-      for (int64_t b = 0; b < groups; ++b) {
-        const __m256i u = mxfp4 ? unpack_group<true>(codes + 16 * b, lut) : unpack_group<false>(codes + 16 * b, lut);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), u);
-      }
-    }
+    weight_row_scales(w, j, groups, ws.data());
+    if (unpack) unpack_row(w.format, codes, groups, levels.data());
     const int8_t* bytes = int8 ? reinterpret_cast<const int8_t*>(codes) : levels.data();
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
-      for (int i = 0; i < mr; ++i) {
-        const float* di = d[i0 + i];
-        float* ci = comb.data() + i * groups;
-        int64_t b = 0;
-        for (; b + 8 <= groups; b += 8)
-          _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws.data() + b), _mm256_loadu_ps(di + b)));
-        for (; b < groups; ++b) ci[b] = ws[static_cast<size_t>(b)] * di[b];
-      }
+      chunk_combs(ws.data(), d + i0, mr, groups, comb.data());
       float sums[kMr];
       if (int8) {
         dot_groups_rows<Levels::kSignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       } else if (unpack) {
         dot_groups_rows<Levels::kUnsignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
-      } else if (mxfp4) {
+      } else if (w.format == DType::kMxfp4) {
         dot_groups_rows<Levels::kNibblesLut>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       } else {
         dot_groups_rows<Levels::kNibbles>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
@@ -450,54 +472,28 @@ MOEKIT_Q512 void quant_dot_vnni(const QuantMatrix& w, int64_t n0, int64_t n1, co
                                 const float* const* d, int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
   const bool int8 = w.format == DType::kInt8;
-  const bool mxfp4 = w.format == DType::kMxfp4;
   alignas(64) uint8_t lv64[64];
   for (int r = 0; r < 4; ++r) std::memcpy(lv64 + 16 * r, kMxfp4Unsigned, 16);
   const __m512i lut = _mm512_load_si512(lv64);
   std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
-  std::vector<float> qsum(static_cast<size_t>(m * groups));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t b = 0; b < groups; ++b) {
-      int32_t t = 0;
-      for (int64_t c = 0; c < 32; ++c) t += q[i][32 * b + c];
-      qsum[static_cast<size_t>(i * groups + b)] = static_cast<float>(t);
-    }
+  const std::vector<float> qsum = group_sums(q, m, groups);
   const float offset = int8 ? 128.0f : static_cast<float>(level_offset(w.format));
   // 4-bit rows that several activation rows reuse are unpacked once.
   const bool unpack = !int8 && m > kMr;
   std::vector<uint8_t> levels(unpack ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* codes = w.codes + j * w.code_bytes;
-    if (int8) {
-      float sw;
-      std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
-      std::fill(ws.begin(), ws.end(), sw);
-    } else {
-      group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws.data());
-      if (unpack) {
-        for (int64_t b = 0; b < groups; ++b) {
-          const __m256i u = mxfp4 ? unpack_group<true>(codes + 16 * b, _mm512_castsi512_si256(lut))
-                                  : unpack_group<false>(codes + 16 * b, _mm512_castsi512_si256(lut));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(levels.data() + 32 * b), u);
-        }
-      }
-    }
+    weight_row_scales(w, j, groups, ws.data());
+    if (unpack) unpack_row(w.format, codes, groups, levels.data());
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
-      for (int i = 0; i < mr; ++i) {
-        const float* di = d[i0 + i];
-        float* ci = comb.data() + i * groups;
-        int64_t b = 0;
-        for (; b + 8 <= groups; b += 8)
-          _mm256_storeu_ps(ci + b, _mm256_mul_ps(_mm256_loadu_ps(ws.data() + b), _mm256_loadu_ps(di + b)));
-        for (; b < groups; ++b) ci[b] = ws[static_cast<size_t>(b)] * di[b];
-      }
+      chunk_combs(ws.data(), d + i0, mr, groups, comb.data());
       float sums[kMr];
       if (int8) {
         dot_pairs_rows<0>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
       } else if (unpack) {
         dot_pairs_rows<3>(mr, codes, levels.data(), groups, lut, comb.data(), q + i0, sums);
-      } else if (mxfp4) {
+      } else if (w.format == DType::kMxfp4) {
         dot_pairs_rows<2>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
       } else {
         dot_pairs_rows<1>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
