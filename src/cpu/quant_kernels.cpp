@@ -417,14 +417,22 @@ MOEKIT_Q512 void dot_pairs_vnni(const uint8_t* codes, const uint8_t* bytes, int6
     for (int u = 0; u < kAcc; ++u) acc[i][u] = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   int64_t b = 0;
+  // The scales of four pairs: eight products s_b · d_b in one ymm, each pair's two spread over
+  // its 8 + 8 lanes by one permute.
+  alignas(64) static constexpr int32_t kSpread[4][16] = {
+      {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1}, {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+      {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5}, {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7}};
   for (; b + 2 * kAcc <= groups; b += 2 * kAcc) {
     __m512i w[kAcc];
     for (int u = 0; u < kAcc; ++u) w[u] = pair_levels<kFormat>(codes, bytes, b + 2 * u, lut);
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i) {
+      const __m512 c8 = _mm512_castps256_ps512(_mm256_loadu_ps(comb + i * groups + b));
       for (int u = 0; u < kAcc; ++u) {
         const __m512i p = _mm512_dpbusd_epi32(zero, w[u], _mm512_loadu_si512(q[i] + 32 * (b + 2 * u)));
-        acc[i][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scale(comb + i * groups, b + 2 * u), acc[i][u]);
+        const __m512 sc = _mm512_permutexvar_ps(_mm512_load_si512(kSpread[u]), c8);
+        acc[i][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[i][u]);
       }
+    }
   }
   for (; b + 1 < groups; b += 2) {
     const __m512i w = pair_levels<kFormat>(codes, bytes, b, lut);
