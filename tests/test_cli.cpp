@@ -466,7 +466,7 @@ TEST_F(CliArguments, MissingValueAndMissingFlag) {
 TEST_F(CliArguments, BadDtype) {
   const RunResult r = run(with(kSmallBench, {"--dtype", "fp16"}));
   expect_argument_error(r, "--dtype");
-  EXPECT_EQ(r.err, "moekit: --dtype: expected fp32 or bf16, got 'fp16'\n");
+  EXPECT_EQ(r.err, "moekit: --dtype: expected fp32, bf16, int8, int4 or mxfp4, got 'fp16'\n");
 }
 
 TEST_F(CliArguments, SwitchWithABadValue) {

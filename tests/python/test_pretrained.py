@@ -68,7 +68,7 @@ def test_load_layer_errors_name_the_layer():
         moekit.load_layer(os.path.join(MODELS, "qwen2_moe"), 1)
     with pytest.raises(ValueError, match=r"layer: expected a layer index 0\.\.1, got \"7\""):
         moekit.load_layer(os.path.join(MODELS, "mixtral"), 7)
-    with pytest.raises(ValueError, match="dtype: expected 'fp32' or 'bf16'"):
+    with pytest.raises(ValueError, match="dtype: expected 'fp32', 'bf16', 'int8', 'int4' or 'mxfp4', got 'fp8'"):
         moekit.load_layer(os.path.join(MODELS, "mixtral"), 0, dtype="fp8")
     with pytest.raises(ValueError, match="no-such-dir"):
         moekit.load_layer(os.path.join(MODELS, "no-such-dir"), 0)
