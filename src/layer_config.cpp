@@ -27,6 +27,14 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+const char* backend_name(Backend backend) {
+  switch (backend) {
+    case Backend::kCpu: return "cpu";
+    case Backend::kCuda: return "cuda";
+  }
+  return "unknown";
+}
+
 int64_t MoeLayerConfig::router_rows() const {
   return routing.routing_method == RoutingMethod::kSoftMoe
              ? routing.num_experts * routing.slots_per_expert

@@ -8,14 +8,6 @@
 
 namespace moekit {
 
-const char* backend_name(Backend backend) {
-  switch (backend) {
-    case Backend::kCpu: return "cpu";
-    case Backend::kCuda: return "cuda";
-  }
-  return "unknown";
-}
-
 namespace cpu {
 std::unique_ptr<ops::ExpertFfn> make_cpu_expert_ffn(const ops::ExpertFfnConfig& config);
 std::unique_ptr<ops::ExpertFfn> make_cpu_quant_expert_ffn(const ops::ExpertFfnConfig& config);  // inference only
