@@ -1,7 +1,9 @@
 // Quantized expert kernels (quant_kernels.h has the math): scalar, AVX2 and, for the AVX-512
 // ISA paths on CPUs with AVX512-VNNI, vpdpbusd dots (the activation rounding and the
 // dequantization run the AVX2 code on every vector path).
+// GCC 12 reports its own intrinsic headers (_mm256/_mm512_undefined_*) as (maybe) uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "cpu/quant_kernels.h"
 
