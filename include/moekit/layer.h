@@ -56,177 +56,13 @@
 #include <utility>
 #include <vector>
 
-#include "moekit/backend.h"
-#include "moekit/config.h"
-#include "moekit/experts.h"
+#include "moekit/layer_config.h"
+#include "moekit/params.h"
 #include "moekit/routing.h"
 #include "moekit/tensor.h"
-#include "moekit/weights.h"
+#include "moekit/timing.h"
 
 namespace moekit {
-
-struct MoeLayerConfig {
-  RoutingConfig routing;
-  int64_t d_model = 0;
-  int64_t d_ff = 0;  // hidden width of one routed expert
-  ExpertActivation activation = ExpertActivation::kSwiGlu;
-  ActivationConstants activation_constants;  // swiglu_clamped only
-  bool router_bias = false;                  // the router Linear has a bias
-  bool expert_bias = false;                  // routed and shared expert Linears have biases
-  // Shared experts see every token. They are evaluated as one MLP of width shared_d_ff (HF
-  // Qwen2-MoE shared_expert; DeepSeek's n_shared_experts MLPs of moe_intermediate_size are one
-  // MLP of their summed width). shared_d_ff = 0 means num_shared_experts · d_ff.
-  int64_t num_shared_experts = 0;
-  int64_t shared_d_ff = 0;
-  bool shared_expert_gate = false;  // Qwen2-MoE: shared output × σ(x · w_shared_gate)
-  // The aux-loss-free selection bias (DeepSeek-V3 e_score_correction_bias, Megatron expert
-  // bias) is a parameter of the layer, [num_experts]: owned (initialised from
-  // routing.e_score_correction_bias, else zeros) or borrowed (MoeParams::selection_bias). It
-  // is there when this is set or routing.e_score_correction_bias is given.
-  bool selection_bias = false;
-  DType dtype = DType::kF32;      // weight format of the experts
-  Backend backend = Backend::kCpu;
-  int num_threads = 1;            // threads of the process-wide pool this layer's calls use
-
-  // Derived shapes.
-  int64_t num_experts() const { return routing.num_experts; }
-  // Router rows: num_experts, or num_experts · slots_per_expert for Soft MoE.
-  int64_t router_rows() const;
-  int64_t gate_up_rows() const { return is_gated(activation) ? 2 * d_ff : d_ff; }
-  bool has_shared() const { return num_shared_experts > 0; }
-  bool has_selection_bias() const { return selection_bias || !routing.e_score_correction_bias.empty(); }
-  int64_t effective_shared_d_ff() const;
-  int64_t shared_gate_up_rows() const {
-    return is_gated(activation) ? 2 * effective_shared_d_ff() : effective_shared_d_ff();
-  }
-
-  // Throws ConfigError naming the field, the expected and the actual value.
-  void validate() const;
-};
-
-// Parses a JSON object: the layer keys below plus any routing key (see config.h) in the same
-// object, Hugging Face style. Layer keys (aliases in brackets): d_model [hidden_size],
-// d_ff [intermediate_size, moe_intermediate_size, ffn_hidden_size], activation [hidden_act:
-// silu→swiglu, gelu→gelu_erf, gelu_new/gelu_pytorch_tanh→gelu, relu], clamp_limit
-// [swiglu_limit], clamp_alpha, router_bias, expert_bias, num_shared_experts [n_shared_experts],
-// shared_d_ff [shared_expert_intermediate_size], shared_expert_gate, dtype (fp32|float32|bf16|
-// bfloat16), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
-MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
-// The JSON object of `config` (routing and layer keys) that moe_layer_config_from_json reads
-// back to the same config.
-std::string moe_layer_config_to_json(const MoeLayerConfig& config);
-
-// The parameters a layer computes with, as views of memory it does not own (Python tensors,
-// memory-mapped safetensors). Weights follow the Hugging Face layout (out × in); biases, the
-// router and the shared gate are fp32.
-struct MoeParams {
-  ConstMatrixView<float> router_weight;        // [router_rows, d_model]
-  std::span<const float> router_bias;          // [router_rows] or empty
-  ConstMatrixView<float> router_noise_weight;  // [num_experts, d_model], noisy gating only
-  WeightView gate_up;                          // [num_experts, gate_up_rows, d_model]
-  WeightView down;                             // [num_experts, d_model, d_ff]
-  std::span<const float> gate_up_bias;         // [num_experts · gate_up_rows] or empty
-  std::span<const float> down_bias;            // [num_experts · d_model] or empty
-  WeightView shared_gate_up;                   // [1, shared_gate_up_rows, d_model] or empty
-  WeightView shared_down;                      // [1, d_model, shared_d_ff] or empty
-  std::span<const float> shared_gate_up_bias;  // [shared_gate_up_rows] or empty
-  std::span<const float> shared_down_bias;     // [d_model] or empty
-  std::span<const float> shared_gate;          // [d_model] (the [1, d_model] gate) or empty
-  std::span<const float> selection_bias;       // [num_experts] or empty (has_selection_bias())
-};
-
-// Owning flat storage of every parameter (or gradient), shapes as in MoeParams. Tensors a
-// config does not use are empty.
-template <typename Real>
-struct BasicMoeTensors {
-  std::vector<Real> router_weight;        // [router_rows, d_model]
-  std::vector<Real> router_bias;          // [router_rows]
-  std::vector<Real> router_noise_weight;  // [num_experts, d_model]
-  std::vector<Real> gate_up;              // [num_experts, gate_up_rows, d_model]
-  std::vector<Real> down;                 // [num_experts, d_model, d_ff]
-  std::vector<Real> gate_up_bias;         // [num_experts, gate_up_rows]
-  std::vector<Real> down_bias;            // [num_experts, d_model]
-  std::vector<Real> shared_gate_up;       // [shared_gate_up_rows, d_model]
-  std::vector<Real> shared_down;          // [d_model, shared_d_ff]
-  std::vector<Real> shared_gate_up_bias;  // [shared_gate_up_rows]
-  std::vector<Real> shared_down_bias;     // [d_model]
-  std::vector<Real> shared_gate;          // [d_model]
-  std::vector<Real> selection_bias;       // [num_experts] (no gradient: it only selects)
-
-  // Calls fn(name, tensor) for every tensor, in declaration order.
-  template <typename Fn>
-  void for_each(Fn&& fn) {
-    fn("router_weight", router_weight);
-    fn("router_bias", router_bias);
-    fn("router_noise_weight", router_noise_weight);
-    fn("gate_up", gate_up);
-    fn("down", down);
-    fn("gate_up_bias", gate_up_bias);
-    fn("down_bias", down_bias);
-    fn("shared_gate_up", shared_gate_up);
-    fn("shared_down", shared_down);
-    fn("shared_gate_up_bias", shared_gate_up_bias);
-    fn("shared_down_bias", shared_down_bias);
-    fn("shared_gate", shared_gate);
-    fn("selection_bias", selection_bias);
-  }
-  template <typename Fn>
-  void for_each(Fn&& fn) const {
-    const_cast<BasicMoeTensors*>(this)->for_each(
-        [&](const char* name, std::vector<Real>& v) { fn(name, std::as_const(v)); });
-  }
-};
-
-using MoeTensors = BasicMoeTensors<float>;
-
-// Zero-filled tensors of the sizes `config` uses.
-template <typename Real>
-BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& config);
-
-// (name, element count) of every tensor of MoeTensors in declaration order; 0 for a tensor the
-// config does not use.
-std::vector<std::pair<const char*, int64_t>> moe_tensor_sizes(const MoeLayerConfig& config);
-
-// Gradient memory the caller owns (fresh PyTorch .grad tensors, say), fp32, shapes as in
-// MoeTensors; empty spans where the config has no such tensor. backward(…, into) writes the
-// gradients of that one backward there (assigns, never accumulates), so the caller need not
-// clear them first and the layer keeps no gradient memory of its own for that call.
-struct MoeGradBuffers {
-  std::span<float> router_weight;        // [router_rows, d_model]
-  std::span<float> router_bias;          // [router_rows]
-  std::span<float> router_noise_weight;  // [num_experts, d_model]
-  std::span<float> gate_up;              // [num_experts, gate_up_rows, d_model]
-  std::span<float> down;                 // [num_experts, d_model, d_ff]
-  std::span<float> gate_up_bias;         // [num_experts, gate_up_rows]
-  std::span<float> down_bias;            // [num_experts, d_model]
-  std::span<float> shared_gate_up;       // [shared_gate_up_rows, d_model]
-  std::span<float> shared_down;          // [d_model, shared_d_ff]
-  std::span<float> shared_gate_up_bias;  // [shared_gate_up_rows]
-  std::span<float> shared_down_bias;     // [d_model]
-  std::span<float> shared_gate;          // [d_model]
-
-  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there); the
-  // non-const form passes each span by reference, to be set.
-  template <typename Fn>
-  void for_each(Fn&& fn) {
-    fn("router_weight", router_weight);
-    fn("router_bias", router_bias);
-    fn("router_noise_weight", router_noise_weight);
-    fn("gate_up", gate_up);
-    fn("down", down);
-    fn("gate_up_bias", gate_up_bias);
-    fn("down_bias", down_bias);
-    fn("shared_gate_up", shared_gate_up);
-    fn("shared_down", shared_down);
-    fn("shared_gate_up_bias", shared_gate_up_bias);
-    fn("shared_down_bias", shared_down_bias);
-    fn("shared_gate", shared_gate);
-  }
-  template <typename Fn>
-  void for_each(Fn&& fn) const {
-    const_cast<MoeGradBuffers*>(this)->for_each([&](const char* name, std::span<float>& v) { fn(name, v); });
-  }
-};
 
 struct MoeBackwardOptions {
   // Where the parameter gradients go: written (assigned) there; null: accumulated into grads().
@@ -237,9 +73,6 @@ struct MoeBackwardOptions {
   std::optional<double> d_aux_loss;
   std::optional<double> d_z_loss;
 };
-
-// Views of owned gradient tensors as buffers (every tensor of `t` but the selection bias).
-MoeGradBuffers moe_grad_buffers(MoeTensors& t);
 
 // What one training forward keeps for its backward (a copy of hidden_states, the routing
 // result, the pre-activations; see the memory note at the top), taken out of the layer by
@@ -257,24 +90,6 @@ class MoeForwardState {
  private:
   friend class MoeLayer;
   std::unique_ptr<MoeSavedForward> saved_;
-};
-
-// fp32 views of owned tensors (the layout MoeParams expects).
-MoeParams moe_params_view(const MoeLayerConfig& config, const MoeTensors& tensors);
-
-// The parameters behind `params` copied into owned fp32 tensors of MoeTensors' layout, read
-// through the views' strides, split halves and per-expert pointers (bf16 widened exactly): what
-// a front end that owns its parameters (a fine-tuned PyTorch module) starts from.
-MoeTensors moe_tensors_from_params(const MoeLayerConfig& config, const MoeParams& params);
-
-// Throws InputError unless every view has the shape `config` asks for (names the parameter,
-// the expected and the actual shape).
-void check_moe_params(const MoeLayerConfig& config, const MoeParams& params);
-
-// Wall time of one phase of the last forward or backward call (MoeLayer::last_phases()).
-struct PhaseTime {
-  std::string name;
-  double ms = 0;
 };
 
 struct MoeForwardResult {
