@@ -421,15 +421,15 @@ void run_bench(const BenchOptions& o) {
   // route_logits, as the layer's forward runs them before the experts.
   const MoeParams& params = layer.params();
   const int64_t router_rows = config.router_rows();
-  const ops::OpContext router_ctx = ops::cpu_context(o.threads);
-  ops::RouterCache router_cache;
-  ops::router_prepare(router_ctx, params.router_weight, router_cache);
+  const ops::OpContext router_ctx = ops::default_context(o.threads);
+  const std::unique_ptr<ops::RouterCache> router_cache = ops::make_router_cache(router_ctx);
+  ops::router_prepare(router_ctx, params.router_weight, *router_cache);
   RoutingOptions router_options;
   router_options.num_threads = o.threads;
   Matrix<float> logits(o.tokens, router_rows);
   auto run_router = [&] {
     ops::router_forward<float>(router_ctx, x, params.router_weight, params.router_bias, logits.view(),
-                               &router_cache);
+                               router_cache.get());
     const RoutingResult<float> r = route_logits(config.routing, logits.cview(), router_options);
     (void)r;
   };

@@ -1,8 +1,7 @@
-// The MoE layer: parameters (owned or borrowed), caches, and the sequence of op calls of one
-// forward and one backward. The math lives in the ops: src/ops/router.h (router projection),
-// the routing core (include/moekit/routing.h), src/ops/expert_ffn.h (the grouped expert FFN),
-// src/ops/combine.h (token sum, Soft MoE slots, shared gate); docs/architecture.md draws the
-// data flow.
+// The MoE layer: parameters (owned or borrowed), caches, and one forward and one backward as
+// the four stage calls of moekit/stages.h (route → permute → experts → combine, and back). The
+// math lives in the stages' ops (src/ops/) and their backend implementations (src/cpu/);
+// docs/architecture.md draws the data flow.
 #include "moekit/layer.h"
 
 #include <algorithm>
@@ -13,30 +12,26 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/exec.h"
-#include "cpu/gemm.h"
+#include "internal/bf16.h"
+#include "internal/parallel.h"
 #include "internal/random.h"
 #include "moekit/error.h"
-#include "ops/combine.h"
-#include "ops/context.h"
-#include "ops/expert_ffn.h"
-#include "ops/router.h"
-#include "ops/row_space.h"
+#include "moekit/stages.h"
 
 namespace moekit {
 
 // ---------------------------------------------------------------------------------------------
 // The layer: parameters, caches and the sequence of op calls.
 
-// What a training forward keeps for backward.
+// What a training forward keeps for backward: each stage's saved state. The rows' segments
+// point into hidden_states and routing.plan (kept here, moved with the struct, never copied).
 struct MoeSavedForward {
   bool valid = false;
   Matrix<float> hidden_states;  // [num_tokens, d_model]
   RoutingResult<float> routing;
-  bool router_by_op = false;    // logits came from the router op (see forward)
-  ops::ExpertFfnSaved experts;  // the pre-activations
-  Matrix<float> slot_inputs;    // Soft MoE: [routed rows, d_model]
-  Matrix<float> slot_outputs;   // Soft MoE: [routed rows, d_model] (unscaled E(X̃))
+  ExpertRows rows;
+  ExpertsSaved experts;         // the pre-activations
+  CombineSaved combine;         // Soft MoE: the slot outputs
 };
 
 MoeForwardState::MoeForwardState() = default;
@@ -46,27 +41,10 @@ MoeForwardState& MoeForwardState::operator=(MoeForwardState&&) noexcept = defaul
 bool MoeForwardState::empty() const { return saved_ == nullptr || !saved_->valid; }
 
 struct MoeLayer::Impl {
-  explicit Impl(const MoeLayerConfig& c) {
-    ctx.backend = c.backend;
-    ctx.num_threads = std::max(1, c.num_threads);
-    ctx.isa = cpu::active_isa();
-    ctx.timer = &timer;
-    ops::ExpertFfnConfig e;
-    e.backend = c.backend;
-    e.weight_format = c.dtype;
-    e.d_model = c.d_model;
-    e.num_groups = c.num_experts() + (c.has_shared() ? 1 : 0);
-    e.activation = c.activation;
-    e.activation_constants = c.activation_constants;
-    experts = ops::make_expert_ffn(e);
-  }
+  explicit Impl(const MoeLayerConfig& c) : stages(c) {}
 
-  ops::OpContext ctx;
-  ops::PhaseTimer timer;
+  MoeStages stages;               // the backend object, its router and expert caches
   std::vector<PhaseTime> phases;  // of the last forward or backward (last_phases())
-
-  ops::RouterCache router;               // the router weight packed for the router op
-  std::unique_ptr<ops::ExpertFfn> experts;  // the expert FFN for (backend, weight format)
 
   // bf16 rounding of owned fp32 parameters (dtype bf16 only); params_ points here. Filled by
   // params() when stale (bf16_stale[e], index num_experts: shared); the layer itself computes
@@ -108,16 +86,16 @@ void init_uniform(std::vector<float>& v, int64_t fan_in, uint64_t seed, uint64_t
 void round_experts(const MoeLayerConfig& c, const MoeTensors& masters, MoeLayer::Impl& impl,
                    const std::vector<int64_t>& experts) {
   const int64_t gu = c.gate_up_rows() * c.d_model, dn = c.d_model * c.d_ff;
-  cpu::run_tasks(impl.ctx, static_cast<int64_t>(experts.size()), [&](int64_t i, int) {
+  detail::run_parallel(std::max(1, c.num_threads), static_cast<int64_t>(experts.size()), [&](int64_t i, int) {
     const int64_t e = experts[static_cast<size_t>(i)];
     if (e == c.num_experts()) {
-      cpu::float_to_bf16_n(masters.shared_gate_up.data(), impl.shared_gate_up_bf16.data(),
+      detail::float_to_bf16_n(masters.shared_gate_up.data(), impl.shared_gate_up_bf16.data(),
                            static_cast<int64_t>(masters.shared_gate_up.size()));
-      cpu::float_to_bf16_n(masters.shared_down.data(), impl.shared_down_bf16.data(),
+      detail::float_to_bf16_n(masters.shared_down.data(), impl.shared_down_bf16.data(),
                            static_cast<int64_t>(masters.shared_down.size()));
     } else {
-      cpu::float_to_bf16_n(masters.gate_up.data() + e * gu, impl.gate_up_bf16.data() + e * gu, gu);
-      cpu::float_to_bf16_n(masters.down.data() + e * dn, impl.down_bf16.data() + e * dn, dn);
+      detail::float_to_bf16_n(masters.gate_up.data() + e * gu, impl.gate_up_bf16.data() + e * gu, gu);
+      detail::float_to_bf16_n(masters.down.data() + e * dn, impl.down_bf16.data() + e * dn, dn);
     }
   });
   for (int64_t e : experts) impl.bf16_stale[static_cast<size_t>(e)] = 0;
@@ -143,10 +121,6 @@ void check_computed_finite(ConstMatrixView<float> m, const char* name, const cha
   }
 }
 
-RouterParams<float> router_params_of(const MoeParams& p) {
-  return {p.router_weight, p.router_bias, p.router_noise_weight};
-}
-
 void check_hidden_states(const MoeLayerConfig& c, ConstMatrixView<float> x) {  // [num_tokens, d_model]
   if (x.data == nullptr || x.rows <= 0) {
     throw_input_error("hidden_states", "a non-empty [num_tokens, d_model] matrix", shape_text(x.rows, x.cols));
@@ -154,25 +128,6 @@ void check_hidden_states(const MoeLayerConfig& c, ConstMatrixView<float> x) {  /
   if (x.cols != c.d_model) throw_input_error("hidden_states columns", detail::concat(c.d_model, " (d_model)"), x.cols);
   if (x.rows > std::numeric_limits<int32_t>::max()) throw_input_error("hidden_states rows", "< 2^31 tokens", x.rows);
   check_finite_matrix(x, "hidden_states");
-}
-
-// Input jitter and noisy gating change the router's input or add a second projection: the
-// routing core's route_hidden implements them (on the same router op). Otherwise the layer
-// runs the router op itself, on its packed router weight.
-bool router_runs_as_op(const MoeLayerConfig& c) {
-  const bool jitter = c.routing.router_jitter_noise > 0 && (c.routing.training || c.routing.noise_in_eval);
-  return !jitter && !c.routing.noisy_gating;
-}
-
-// The routing core's router gradients (route_hidden's path) added to the layer's.
-void add_router_grads(const RouterGrads<float>& router, Matrix<float>& d_x, const MoeGradBuffers& grads) {
-  auto add = [](std::span<float> dst, std::span<const float> src) {
-    for (size_t i = 0; i < src.size() && i < dst.size(); ++i) dst[i] += src[i];
-  };
-  add(std::span<float>(d_x.values), router.d_hidden_states.values);
-  add(grads.router_weight, router.d_weight.values);
-  add(grads.router_bias, router.d_bias);
-  add(grads.router_noise_weight, router.d_noise_weight.values);
 }
 
 }  // namespace
@@ -219,7 +174,7 @@ MoeLayer& MoeLayer::operator=(MoeLayer&&) noexcept = default;
 void MoeLayer::set_num_threads(int num_threads) {
   if (num_threads < 1 || num_threads > 1024) throw_input_error("num_threads", "in [1, 1024]", num_threads);
   config_.num_threads = num_threads;
-  impl_->ctx.num_threads = num_threads;
+  impl_->stages.set_num_threads(num_threads);
 }
 
 void MoeLayer::set_training(bool training) {
@@ -257,7 +212,7 @@ const MoeParams& MoeLayer::params() const {
   return params_;
 }
 
-const char* MoeLayer::isa_name() const { return cpu::isa_name(impl_->ctx.isa); }
+const char* MoeLayer::isa_name() const { return impl_->stages.kernel_path(); }
 
 const std::vector<PhaseTime>& MoeLayer::last_phases() const { return impl_->phases; }
 
@@ -343,127 +298,59 @@ void MoeLayer::refresh_packed_weights() {
       }
     }
   }
-  impl_->router.invalidate();
-  impl_->experts->invalidate();
+  impl_->stages.invalidate_weights();
   impl_->saved = MoeSavedForward{};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward:
-//   logits = router(x)                      (ops/router.h; route_hidden's own projection when
-//                                            input jitter or noisy gating is on)
-//   plan   = route(logits)                  (the routing core)
-//   X̃     = soft_dispatch(x)               (Soft MoE only: slot inputs)
-//   y      = expert_ffn(row space of plan)  (ops/expert_ffn.h; combine weights as row scales)
-//   out    = token_sum(y) | soft_combine(y) (ops/combine.h)
+// Forward: the four stages (moekit/stages.h).
+//   routing = route(x)                       router op, routing method → plan, losses, stats
+//   rows    = permute(plan)                  expert-major index lists (Soft MoE: slot inputs)
+//   y       = experts(rows)                  grouped FFN, combine weights as row scales
+//   out     = combine(y)                     fixed choice-order token sum (Soft MoE: slots)
 
 MoeForwardResult MoeLayer::forward(ConstMatrixView<float> hidden_states, const RoutingOptions& options) {
   const MoeLayerConfig& c = config_;
   Impl& impl = *impl_;
-  const ops::OpContext& ctx = impl.ctx;
-  const int64_t d = c.d_model;
+  MoeStages& stages = impl.stages;
   check_hidden_states(c, hidden_states);
-  impl.timer.start(&impl.phases);
   const bool training = saves_for_backward();  // keep what backward needs (pre-activations, ...)
+  if (training) stages.require_training();     // an inference-only weight format: before any work
+  stages.start_timing(&impl.phases);
   impl.saved = MoeSavedForward{};
-  if (training) impl.saved.experts.pre_activations = std::move(impl.spare_pre_activations);
-  const bool router_by_op = router_runs_as_op(c);
-  if (router_by_op) ops::router_prepare(ctx, params_.router_weight, impl.router);  // route_hidden reads W as it is
-  ctx.phase("pack_router");
-
-  RoutingOptions routing_options = options;
-  routing_options.num_threads = c.num_threads;
-  routing_options.selection_bias = params_.selection_bias;  // the parameter, not a config value
-  MoeForwardResult result;
-  if (router_by_op) {
-    Matrix<float> logits(hidden_states.rows, c.router_rows());
-    ops::router_forward<float>(ctx, hidden_states, params_.router_weight, params_.router_bias, logits.view(),
-                               &impl.router);
-    ctx.phase("router");
-    result.routing = route_logits(c.routing, logits.cview(), routing_options);
-  } else {
-    result.routing = route_hidden(c.routing, hidden_states, router_params_of(params_), routing_options);
-  }
-  ctx.phase("routing");
-  const RoutingPlan& plan = result.routing.plan;
-  const int64_t num_tokens = hidden_states.rows;
-  const bool soft = c.routing.routing_method == RoutingMethod::kSoftMoe;
-  const int64_t seq_len = result.routing.saved.sequence_length;
-  const ops::SoftMoeShape soft_shape{num_tokens / seq_len, seq_len, c.num_experts(), c.routing.slots_per_expert};
-
-  Matrix<float> slot_inputs;
-  if (soft) {
-    slot_inputs = Matrix<float>(c.num_experts() * soft_shape.num_sequences * soft_shape.slots_per_expert, d);
-    ops::soft_dispatch_forward(ctx, plan, soft_shape, hidden_states, slot_inputs.view());
-  }
-  std::vector<float> gate;
-  if (c.shared_expert_gate) gate = ops::shared_gate_forward(hidden_states, params_.shared_gate);
-  const ops::RowSpace rs = ops::build_row_space(c, compute_params(), plan, soft_shape.num_sequences,
-                                                hidden_states.data, slot_inputs.values.data(),
-                                                gate.empty() ? nullptr : gate.data());
-  ctx.phase("dispatch");
-
-  const ConstMatrixView<float> y = impl.experts->forward(ctx, rs, training ? &impl.saved.experts : nullptr);
-
-  result.output = Matrix<float>(num_tokens, d);
-  const ConstMatrixView<float> shared_rows =
-      c.has_shared() ? ConstMatrixView<float>{y.row(rs.routed_rows), num_tokens, d} : ConstMatrixView<float>{};
-  if (soft) {
-    ops::soft_combine_forward(ctx, plan, soft_shape, y, shared_rows, result.output.view());
-  } else {
-    ops::token_sum(ctx, plan, y, c.has_shared() ? rs.routed_rows : -1, result.output.view());
-  }
-  ctx.phase("combine");
-  check_computed_finite(result.output.cview(), "output", "the expert FFNs overflowed on finite hidden_states");
-
+  MoeSavedForward& s = impl.saved;
+  // A training forward runs on its own copy of x, which the backward reads (the rows point there).
+  ConstMatrixView<float> x = hidden_states;
   if (training) {
-    MoeSavedForward& s = impl.saved;
-    s.hidden_states = Matrix<float>(num_tokens, d);
+    s.experts.pre_activations = std::move(impl.spare_pre_activations);
+    s.hidden_states = Matrix<float>(hidden_states.rows, c.d_model);
     std::copy(hidden_states.data, hidden_states.data + hidden_states.size(), s.hidden_states.values.begin());
-    s.routing = result.routing;
-    s.router_by_op = router_by_op;
-    if (soft) {
-      s.slot_inputs = std::move(slot_inputs);
-      s.slot_outputs = Matrix<float>(rs.routed_rows, d);
-      std::copy(y.data, y.data + rs.routed_rows * d, s.slot_outputs.values.begin());
-    }
+    x = s.hidden_states.cview();
+    stages.phase("save_input");
+  }
+  MoeForwardResult result;
+  RoutingResult<float>& routing = training ? s.routing : result.routing;
+  routing = stages.route(params_, x, options);
+  ExpertRows rows = stages.permute(params_, routing.plan, x, routing.saved.sequence_length);
+  const ConstMatrixView<float> y = stages.experts(compute_params(), rows, training ? &s.experts : nullptr);
+  result.output = Matrix<float>(x.rows, c.d_model);
+  stages.combine(routing.plan, rows, y, result.output.view(), training ? &s.combine : nullptr);
+  check_computed_finite(result.output.cview(), "output", "the expert FFNs overflowed on finite hidden_states");
+  if (training) {
+    result.routing = s.routing;
+    s.rows = std::move(rows);
     s.valid = true;
-    ctx.phase("save");
+    stages.phase("save");
   }
   return result;
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward: the forward's op calls in reverse, each op's backward.
-//   d_y            = gather(d_out) | soft_combine_backward(d_out)   (+ d_combine)
-//   d_X, d_w, d_W  = expert_ffn_backward(d_y)
-//   d_x            = token_sum(d_X) | soft_dispatch_backward(d_X̃)   (+ d_dispatch)
-//   d_logits       = route_backward(d_w, d_aux, d_z)
-//   d_x, d_W_router += router_backward(d_logits)
-
-namespace {
-
-// Where the expert FFN writes each group's weight gradients (pending zero: written, not added).
-std::vector<ops::ExpertGrads> expert_grads(const MoeLayerConfig& c, const ops::RowSpace& rs, const MoeGradBuffers& g,
-                                           const std::vector<uint8_t>& pending_zero) {
-  const int64_t num_experts = c.num_experts(), d = c.d_model;
-  std::vector<ops::ExpertGrads> out(rs.groups.size());
-  for (size_t i = 0; i < rs.groups.size(); ++i) {
-    const ops::Group& grp = rs.groups[i];
-    const bool shared = grp.expert == num_experts;
-    ops::ExpertGrads& e = out[i];
-    e.d_gate_up = shared ? g.shared_gate_up.data() : g.gate_up.data() + grp.expert * grp.gu_cols * d;
-    e.d_down = shared ? g.shared_down.data() : g.down.data() + grp.expert * d * grp.d_ff;
-    if (c.expert_bias) {
-      e.d_gate_up_bias = shared ? g.shared_gate_up_bias.data() : g.gate_up_bias.data() + grp.expert * grp.gu_cols;
-      e.d_down_bias = shared ? g.shared_down_bias.data() : g.down_bias.data() + grp.expert * d;
-    }
-    e.accumulate = pending_zero[static_cast<size_t>(std::min(grp.expert, num_experts))] == 0;
-  }
-  return out;
-}
-
-}  // namespace
+// Backward: the stages' backwards in reverse.
+//   d_y              = combine_backward(d_out)         (in place; Soft MoE: d_Y, d_combine)
+//   d_X, d_w, d_W    = experts_backward(d_y)
+//   d_x              = permute_backward(d_X)           (token sum; Soft MoE: d_dispatch; shared gate)
+//   d_x, d_W_router += route_backward(d_w, d_aux, d_z)
 
 MoeForwardState MoeLayer::take_forward_state() {
   MoeForwardState state;
@@ -537,80 +424,28 @@ Matrix<float> MoeLayer::run_backward(ConstMatrixView<float> d_output, MoeSavedFo
                                      double d_aux_loss, double d_z_loss) {
   const MoeLayerConfig& c = config_;
   Impl& impl = *impl_;
-  const ops::OpContext& ctx = impl.ctx;
+  MoeStages& stages = impl.stages;
   const int64_t num_tokens = s.hidden_states.rows, d = c.d_model;
   if (d_output.data == nullptr || d_output.rows != num_tokens || d_output.cols != d) {
     throw_input_error("d_output shape", shape_text(num_tokens, d), shape_text(d_output.rows, d_output.cols));
   }
   check_finite_matrix(d_output, "d_output");
-  impl.timer.start(&impl.phases);
+  stages.start_timing(&impl.phases);
   s.valid = false;  // the pre-activations are overwritten by their gradients below
 
   const RoutingPlan& plan = s.routing.plan;
-  const bool soft = c.routing.routing_method == RoutingMethod::kSoftMoe;
-  const int64_t seq_len = s.routing.saved.sequence_length;
-  const ops::SoftMoeShape soft_shape{num_tokens / seq_len, seq_len, c.num_experts(), c.routing.slots_per_expert};
   const ConstMatrixView<float> x = s.hidden_states.cview();
+  RoutingGradOutput<float> d_routing;
+  d_routing.d_aux_loss = d_aux_loss;
+  d_routing.d_z_loss = d_z_loss;
 
-  std::vector<float> gate;
-  if (c.shared_expert_gate) gate = ops::shared_gate_forward(x, params_.shared_gate);
-  ops::RowSpace rs = ops::build_row_space(c, compute_params(), plan, soft_shape.num_sequences, x.data,
-                                          s.slot_inputs.values.data(), gate.empty() ? nullptr : gate.data());
-
-  RoutingGradOutput<float> routing_grad;
-  routing_grad.d_aux_loss = d_aux_loss;
-  routing_grad.d_z_loss = d_z_loss;
-
-  // Where each group reads d_y: the gathered d_output, or (Soft MoE) the slot gradients.
-  Matrix<float> d_slots;
-  if (soft) {
-    d_slots = Matrix<float>(rs.routed_rows, d);
-    routing_grad.d_combine.assign(static_cast<size_t>(num_tokens * soft_shape.num_slots()), 0.0f);
-    routing_grad.d_dispatch.assign(static_cast<size_t>(num_tokens * soft_shape.num_slots()), 0.0f);
-    ops::soft_combine_backward(ctx, plan, soft_shape, d_output, s.slot_outputs.cview(), d_slots.view(),
-                               routing_grad.d_combine);
-    for (int64_t e = 0; e < c.num_experts(); ++e) rs.groups[e].dy = d_slots.row(rs.groups[e].row_begin);
-    if (c.has_shared()) rs.groups.back().dy = d_output.data;
-  } else {
-    for (ops::Group& g : rs.groups) g.dy = d_output.data;
-  }
-  ctx.phase("setup");
-
-  const std::vector<ops::ExpertGrads> grads = expert_grads(c, rs, grad_out, pending_zero);
-  const ops::ExpertFfnBackwardResult experts = impl.experts->backward(ctx, rs, s.experts, grads);
-  for (const ops::Group& g : rs.groups)
-    if (g.num_rows > 0) pending_zero[static_cast<size_t>(std::min(g.expert, c.num_experts()))] = 0;
-
+  const ExpertRowGrads d_y = stages.combine_backward(plan, s.rows, d_output, s.combine, d_routing);
+  const ExpertsBackward d_experts =
+      stages.experts_backward(compute_params(), s.rows, d_y, s.experts, ExpertGradTargets{&grad_out, &pending_zero});
   Matrix<float> d_x(num_tokens, d);
-  const ConstMatrixView<float> shared_rows =
-      c.has_shared() ? ConstMatrixView<float>{experts.d_rows.row(rs.routed_rows), num_tokens, d}
-                     : ConstMatrixView<float>{};
-  if (soft) {
-    ops::soft_dispatch_backward(ctx, plan, soft_shape, x, experts.d_rows, shared_rows, d_x.view(),
-                                routing_grad.d_dispatch);
-  } else {
-    routing_grad.d_token_weights = ops::d_token_weights(plan, experts.d_scale);
-    ops::token_sum(ctx, plan, experts.d_rows, c.has_shared() ? rs.routed_rows : -1, d_x.view());
-  }
-  if (c.shared_expert_gate) {
-    const std::span<const float> d_gate(experts.d_scale.data() + rs.routed_rows, static_cast<size_t>(num_tokens));
-    ops::shared_gate_backward(ctx, x, params_.shared_gate, gate, d_gate, d_x.view(), grad_out.shared_gate);
-  }
-  ctx.phase("d_x");
+  stages.permute_backward(params_, plan, s.rows, x, d_experts, d_x.view(), d_routing, grad_out);
+  stages.route_backward(params_, x, s.routing, d_routing, d_x.view(), grad_out);
 
-  // Router: combine weights (or dispatch/combine) and the losses → logits → parameters.
-  Matrix<float> d_noisy;
-  const Matrix<float> d_logits = route_backward(c.routing, s.routing, routing_grad, &d_noisy);
-  if (s.router_by_op) {
-    const int64_t rows = c.router_rows();
-    ops::router_backward<float>(ctx, x, params_.router_weight, d_logits.cview(), d_x.view(),
-                                MatrixView<float>{grad_out.router_weight.data(), rows, d}, grad_out.router_bias);
-  } else {
-    add_router_grads(router_backward(c.routing, s.routing, x, router_params_of(params_), d_logits.cview(),
-                                     c.num_threads, d_noisy.cview()),
-                     d_x, grad_out);
-  }
-  ctx.phase("router");
   impl.spare_pre_activations = std::move(s.experts.pre_activations);
   impl.spare_pre_activations.clear();  // keeps the capacity
   s = MoeSavedForward{};

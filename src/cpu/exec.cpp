@@ -2,25 +2,10 @@
 
 #include <sys/mman.h>
 
-#include "moekit/layer.h"
+#include <cstdlib>
+#include <new>
 
 namespace moekit {
-namespace ops {
-
-void PhaseTimer::start(std::vector<PhaseTime>* out) {
-  out_ = out;
-  if (out_) out_->clear();
-  start_ = std::chrono::steady_clock::now();
-}
-
-void PhaseTimer::phase(const char* name) {
-  const auto now = std::chrono::steady_clock::now();
-  if (out_) out_->push_back({name, std::chrono::duration<double, std::milli>(now - start_).count()});
-  start_ = now;
-}
-
-}  // namespace ops
-
 namespace cpu {
 
 uint8_t* Workspace::bytes(size_t count) {

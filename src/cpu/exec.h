@@ -10,7 +10,7 @@
 #include <new>
 #include <vector>
 
-#include "cpu/thread_pool.h"
+#include "internal/parallel.h"
 #include "ops/context.h"
 
 namespace moekit::cpu {
@@ -66,7 +66,7 @@ std::vector<Tile> make_tiles(int64_t num_groups, RowsFn rows_of, ColsFn cols_of,
 // Runs body(task, thread) for task in [0, num_tasks) on ctx.num_threads threads of the pool.
 template <typename Body>
 void run_tasks(const ops::OpContext& ctx, int64_t num_tasks, Body&& body) {
-  thread_pool().run(ctx.num_threads, num_tasks, body);
+  detail::run_parallel(ctx.num_threads, num_tasks, body);
 }
 
 // Runs body(tile, thread) for every tile.

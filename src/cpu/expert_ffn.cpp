@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "cpu/activation.h"
+#include "cpu/backend.h"
 #include "cpu/exec.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_kernels.h"
@@ -152,8 +153,8 @@ void CpuExpertFfn::pack_forward_weights(const OpContext& ctx, const RowSpace& rs
   std::vector<size_t> gu_off(groups + 1, 0), dn_off(groups + 1, 0);
   for (size_t gi = 0; gi < groups; ++gi) {
     const Group& g = rs.groups[gi];
-    gu_off[gi + 1] = gu_off[gi] + round64(PackedWeight::packed_bytes(d, g.gu_cols, weight_dtype_, ctx.isa, paired_));
-    dn_off[gi + 1] = dn_off[gi] + round64(PackedWeight::packed_bytes(g.d_ff, d, weight_dtype_, ctx.isa, false));
+    gu_off[gi + 1] = gu_off[gi] + round64(PackedWeight::packed_bytes(d, g.gu_cols, weight_dtype_, isa_of(ctx), paired_));
+    dn_off[gi + 1] = dn_off[gi] + round64(PackedWeight::packed_bytes(g.d_ff, d, weight_dtype_, isa_of(ctx), false));
   }
   // An arena that has to grow moves: then nothing in it is valid any more.
   if (gu_off[groups] > gate_up_.ws.capacity()) gate_up_.invalidate();
@@ -168,12 +169,12 @@ void CpuExpertFfn::pack_forward_weights(const OpContext& ctx, const RowSpace& rs
     const size_t gi = todo[static_cast<size_t>(i)];
     const Group& g = rs.groups[gi];
     if (!gate_up_.valid[gi]) {
-      gate_up_.packs[gi] = PackedWeight::pack_operand(weight_as_b(g.w_gate_up), d, g.gu_cols, weight_dtype_, ctx.isa,
+      gate_up_.packs[gi] = PackedWeight::pack_operand(weight_as_b(g.w_gate_up), d, g.gu_cols, weight_dtype_, isa_of(ctx),
                                                       paired_, gu_mem + gu_off[gi]);
       gate_up_.valid[gi] = 1;
     }
     if (!down_.valid[gi]) {
-      down_.packs[gi] = PackedWeight::pack_operand(weight_as_b(g.w_down), g.d_ff, d, weight_dtype_, ctx.isa, false,
+      down_.packs[gi] = PackedWeight::pack_operand(weight_as_b(g.w_down), g.d_ff, d, weight_dtype_, isa_of(ctx), false,
                                                    dn_mem + dn_off[gi]);
       down_.valid[gi] = 1;
     }
@@ -210,7 +211,7 @@ void CpuExpertFfn::gemm1(const OpContext& ctx, const RowSpace& rs, bool training
     }
     q.ldc = q.n;
     if (g.num_rows <= unpacked_rows) {
-      gemm_weight_rows(q, g.w_gate_up.data, to_cpu(g.w_gate_up.dtype), g.w_gate_up.row_stride, ctx.isa, tile.m0,
+      gemm_weight_rows(q, g.w_gate_up.data, to_cpu(g.w_gate_up.dtype), g.w_gate_up.row_stride, isa_of(ctx), tile.m0,
                        tile.m1, tile.n0, tile.n1, bf16());
     } else {
       gemm_packed(q, gate_up_.packs[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
@@ -243,7 +244,7 @@ void CpuExpertFfn::gemm2(const OpContext& ctx, const RowSpace& rs, bool training
       for (int64_t i = 0; i < rows; ++i) {
         const float* a = pre + g.gu_offset + (tile.m0 + i) * g.gu_cols;
         if (c_.activation == ExpertActivation::kSwiGlu) {
-          swiglu_forward_row(ctx.isa, a, a + f, f, false, hs.data() + i * f);
+          swiglu_forward_row(isa_of(ctx), a, a + f, f, false, hs.data() + i * f);
           continue;
         }
         for (int64_t j = 0; j < f; ++j)
@@ -254,7 +255,7 @@ void CpuExpertFfn::gemm2(const OpContext& ctx, const RowSpace& rs, bool training
       q.epilogue.row_scale = g.scale ? g.scale + tile.m0 : nullptr;
       q.c = y.row(g.row_begin + tile.m0);
       if (g.num_rows <= unpacked_rows) {
-        gemm_weight_rows(q, g.w_down.data, to_cpu(g.w_down.dtype), g.w_down.row_stride, ctx.isa, 0, rows, tile.n0,
+        gemm_weight_rows(q, g.w_down.data, to_cpu(g.w_down.dtype), g.w_down.row_stride, isa_of(ctx), 0, rows, tile.n0,
                          tile.n1, bf16());
       } else {
         gemm_packed(q, down_.packs[static_cast<size_t>(tile.group)], 0, rows, tile.n0, tile.n1);
@@ -317,7 +318,7 @@ const std::vector<PackedWeight>& CpuExpertFfn::pack_weights_cached(const OpConte
   for (size_t gi = 0; gi < groups; ++gi) {
     int64_t k = 0, n = 0;
     operand_of(rs.groups[gi], &k, &n);
-    offset[gi + 1] = offset[gi] + round64(PackedWeight::packed_bytes(k, n, weight_dtype_, ctx.isa));
+    offset[gi + 1] = offset[gi] + round64(PackedWeight::packed_bytes(k, n, weight_dtype_, isa_of(ctx)));
   }
   if (offset[groups] > cache.ws.capacity()) cache.invalidate();  // the arena moves
   uint8_t* mem = cache.ws.get<uint8_t>(static_cast<int64_t>(offset[groups]));
@@ -331,7 +332,7 @@ const std::vector<PackedWeight>& CpuExpertFfn::pack_weights_cached(const OpConte
     const size_t gi = todo[static_cast<size_t>(i)];
     int64_t k = 0, n = 0;
     const Operand b = operand_of(rs.groups[gi], &k, &n);
-    cache.packs[gi] = PackedWeight::pack_operand(b, k, n, weight_dtype_, ctx.isa, false, mem + offset[gi]);
+    cache.packs[gi] = PackedWeight::pack_operand(b, k, n, weight_dtype_, isa_of(ctx), false, mem + offset[gi]);
     cache.valid[gi] = 1;
   });
   return cache.packs;
@@ -349,7 +350,7 @@ std::vector<PackedWeight> CpuExpertFfn::pack_activations(const OpContext& ctx, c
     const Group& g = rs.groups[gi];
     int64_t k = 0, n = 0;
     operand_of(g, &k, &n);
-    offset[gi + 1] = offset[gi] + (g.num_rows > 0 ? round64(PackedWeight::packed_bytes(k, n, dtype, ctx.isa)) : 0);
+    offset[gi + 1] = offset[gi] + (g.num_rows > 0 ? round64(PackedWeight::packed_bytes(k, n, dtype, isa_of(ctx))) : 0);
   }
   uint8_t* mem = grad_pack_ws_.get<uint8_t>(static_cast<int64_t>(offset[groups]));
   run_tasks(ctx, static_cast<int64_t>(groups), [&](int64_t gi, int) {
@@ -357,7 +358,7 @@ std::vector<PackedWeight> CpuExpertFfn::pack_activations(const OpContext& ctx, c
     int64_t k = 0, n = 0;
     const Operand b = operand_of(g, &k, &n);
     if (g.num_rows <= 0) return;
-    packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, dtype, ctx.isa, false, mem + offset[gi]);
+    packed[static_cast<size_t>(gi)] = PackedWeight::pack_operand(b, k, n, dtype, isa_of(ctx), false, mem + offset[gi]);
   });
   return packed;
 }
@@ -405,7 +406,7 @@ void CpuExpertFfn::rows_times_weight(const OpContext& ctx, const RowSpace& rs, P
       gemm_packed(q, b, tile.m0, tile.m1, tile.n0, tile.n1);
     } else {
       q.b = weight_as_is(weight_of(g));
-      gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      gemm(q, isa_of(ctx), tile.m0, tile.m1, tile.n0, tile.n1);
     }
   });
 }
@@ -415,7 +416,7 @@ void CpuExpertFfn::d_hidden(const OpContext& ctx, const RowSpace& rs, float* g_b
   const int64_t d = c_.d_model;
   rows_times_weight(
       ctx, rs, down_t_, "pack_down_t", [&](const Group&) { return d; }, [](const Group& g) { return g.d_ff; },
-      [](const Group& g) { return g.w_down; }, [&](const Group& g) { return Operand{g.dy, DType::kF32, d, 1, g.a_rows}; },
+      [](const Group& g) { return g.w_down; }, [&](const Group& g) { return Operand{g.dy, DType::kF32, d, 1, g.dy_rows}; },
       [&](const Group& g) { return g_buf + g.h_offset; });
   ctx.phase("d_h");
 }
@@ -436,11 +437,11 @@ void CpuExpertFfn::activation_backward_rows(const OpContext& ctx, const RowSpace
       float* a = pre + g.gu_offset + i * g.gu_cols;
       float* h = h_buf + g.h_offset + i * f;
       const float* gr = g_buf + g.h_offset + i * f;
-      const float* dy = g.dy + g.src(i) * d;
+      const float* dy = g.dy + g.dy_src(i) * d;
       const float w = g.scale ? g.scale[i] : 1.0f;
       double dot = 0;
       if (c_.activation == ExpertActivation::kSwiGlu) {
-        dot = swiglu_backward_row(ctx.isa, a, a + f, gr, w, f, bf16(), h);
+        dot = swiglu_backward_row(isa_of(ctx), a, a + f, gr, w, f, bf16(), h);
       } else {
         for (int64_t j = 0; j < f; ++j) {
           const float v = activation_forward(c_.activation, a[j], gated ? a[f + j] : 0.0f, c_.activation_constants);
@@ -463,8 +464,8 @@ void CpuExpertFfn::activation_backward_rows(const OpContext& ctx, const RowSpace
     }
     // (w ⊙ d_y)ᵀ for this tile's rows: columns [m0, m1) of [d_model, num_rows].
     std::vector<const float*> dy_rows(static_cast<size_t>(tile.m1 - tile.m0));
-    for (int64_t i = tile.m0; i < tile.m1; ++i) dy_rows[i - tile.m0] = g.dy + g.src(i) * d;
-    transpose_rows(ctx.isa, dy_rows.data(), g.scale ? g.scale + tile.m0 : nullptr, tile.m1 - tile.m0, d,
+    for (int64_t i = tile.m0; i < tile.m1; ++i) dy_rows[i - tile.m0] = g.dy + g.dy_src(i) * d;
+    transpose_rows(isa_of(ctx), dy_rows.data(), g.scale ? g.scale + tile.m0 : nullptr, tile.m1 - tile.m0, d,
                    scaled_t + tile.m0, g.num_rows);
   });
   ctx.phase("activation");
@@ -519,7 +520,7 @@ void CpuExpertFfn::d_w_gate_up(const OpContext& ctx, const RowSpace& rs, const f
       const Group& g = rs.groups[tile.group];
       std::vector<const float*> pre_rows(static_cast<size_t>(tile.m1 - tile.m0));
       for (int64_t i = tile.m0; i < tile.m1; ++i) pre_rows[i - tile.m0] = pre + g.gu_offset + i * g.gu_cols;
-      transpose_rows(ctx.isa, pre_rows.data(), nullptr, tile.m1 - tile.m0, g.gu_cols, pre_t + g.gu_offset + tile.m0,
+      transpose_rows(isa_of(ctx), pre_rows.data(), nullptr, tile.m1 - tile.m0, g.gu_cols, pre_t + g.gu_offset + tile.m0,
                      g.num_rows);
       for (int64_t i = tile.m0; i < tile.m1; ++i) {
         const float* src = g.a + g.src(i) * d;

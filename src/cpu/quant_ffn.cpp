@@ -24,6 +24,7 @@
 #include <string>
 
 #include "cpu/activation.h"
+#include "cpu/backend.h"
 #include "cpu/exec.h"
 #include "cpu/gemm.h"
 #include "cpu/quant_kernels.h"
@@ -114,9 +115,9 @@ DType panel_dtype(Isa isa) { return isa == Isa::kAvx512Bf16 ? DType::kBF16 : DTy
 // into this thread's panel memory.
 PackedWeight CpuQuantExpertFfn::pack_panel(const OpContext& ctx, const float* w, int64_t rows, int64_t cols, bool paired,
                                            int thread) {
-  const DType pd = panel_dtype(ctx.isa);
-  const size_t bytes = PackedWeight::packed_bytes(cols, rows, pd, ctx.isa, paired);
-  return PackedWeight::pack_operand(Operand{w, DType::kF32, 1, cols}, cols, rows, pd, ctx.isa, paired,
+  const DType pd = panel_dtype(isa_of(ctx));
+  const size_t bytes = PackedWeight::packed_bytes(cols, rows, pd, isa_of(ctx), paired);
+  return PackedWeight::pack_operand(Operand{w, DType::kF32, 1, cols}, cols, rows, pd, isa_of(ctx), paired,
                                     panel_pack_[static_cast<size_t>(thread)].get<uint8_t>(static_cast<int64_t>(bytes)));
 }
 
@@ -129,8 +130,8 @@ void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const 
   std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
   wb.resize(static_cast<size_t>(rows * d));
   for (int64_t r = 0; r < nb; ++r) {
-    dequantize_weight_row(ctx.isa, w, n0 + r, wb.data() + r * d);
-    if (gated) dequantize_weight_row(ctx.isa, w, g.d_ff + n0 + r, wb.data() + (nb + r) * d);
+    dequantize_weight_row(isa_of(ctx), w, n0 + r, wb.data() + r * d);
+    if (gated) dequantize_weight_row(isa_of(ctx), w, g.d_ff + n0 + r, wb.data() + (nb + r) * d);
   }
   std::vector<float>& bias = panel_bias_[static_cast<size_t>(thread)];
   if (g.b_gate_up) {
@@ -161,7 +162,7 @@ void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const 
   const int64_t f = g.d_ff, nb = n1 - n0;
   std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
   wb.resize(static_cast<size_t>(nb * f));
-  for (int64_t r = 0; r < nb; ++r) dequantize_weight_row(ctx.isa, w, n0 + r, wb.data() + r * f);
+  for (int64_t r = 0; r < nb; ++r) dequantize_weight_row(isa_of(ctx), w, n0 + r, wb.data() + r * f);
   const PackedWeight pack = pack_panel(ctx, wb.data(), nb, f, false, thread);
   GemmProblem q;
   q.m = g.num_rows;
@@ -246,7 +247,7 @@ void CpuQuantExpertFfn::quantize_inputs(const OpContext& ctx, const RowSpace& rs
   run_blocks(ctx, static_cast<int64_t>(rows.size()), 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const auto& [x, dst] = rows[static_cast<size_t>(i)];
-      quantize_activation_row(ctx.isa, c_.weight_format, x, d, a_q_.data() + dst * d, a_d_.data() + dst * spr);
+      quantize_activation_row(isa_of(ctx), c_.weight_format, x, d, a_q_.data() + dst * d, a_d_.data() + dst * spr);
     }
   });
 }
@@ -307,8 +308,8 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
     float* gate = s.data();
     float* up = s.data() + rows * cols;
     const QuantMatrix& w = gate_up_[static_cast<size_t>(t.group)].m;
-    quant_dot(ctx.isa, w, t.n0, t.n1, q.data(), dq.data(), rows, gate, cols);
-    if (gated) quant_dot(ctx.isa, w, g.d_ff + t.n0, g.d_ff + t.n1, q.data(), dq.data(), rows, up, cols);
+    quant_dot(isa_of(ctx), w, t.n0, t.n1, q.data(), dq.data(), rows, gate, cols);
+    if (gated) quant_dot(isa_of(ctx), w, g.d_ff + t.n0, g.d_ff + t.n1, q.data(), dq.data(), rows, up, cols);
     for (int64_t i = 0; i < rows; ++i) {
       float* gi = gate + i * cols;
       float* ui = up + i * cols;
@@ -320,7 +321,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
       }
       float* hi = h + g.h_offset + (t.m0 + i) * g.d_ff + t.n0;
       if (c_.activation == ExpertActivation::kSwiGlu) {
-        swiglu_forward_row(ctx.isa, gi, ui, cols, false, hi);
+        swiglu_forward_row(isa_of(ctx), gi, ui, cols, false, hi);
       } else {
         for (int64_t j = 0; j < cols; ++j)
           hi[j] = activation_forward(c_.activation, gi[j], gated ? ui[j] : 0.0f, c_.activation_constants);
@@ -343,7 +344,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
     if (panel(gi)) return;  // the panel path reads h in fp32
     const int64_t spr = activation_scales_per_row(f, g.d_ff);
     for (int64_t i = 0; i < g.num_rows; ++i)
-      quantize_activation_row(ctx.isa, f, h + g.h_offset + i * g.d_ff, g.d_ff, h_q_.data() + g.h_offset + i * g.d_ff,
+      quantize_activation_row(isa_of(ctx), f, h + g.h_offset + i * g.d_ff, g.d_ff, h_q_.data() + g.h_offset + i * g.d_ff,
                               h_d_.data() + h_scale_offset[static_cast<size_t>(gi)] + i * spr);
   });
   ctx.phase("quantize_h");
@@ -367,7 +368,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
       dq[static_cast<size_t>(i)] = h_d_.data() + h_scale_offset[static_cast<size_t>(t.group)] + (t.m0 + i) * spr;
     }
     float* out = y.row(g.row_begin + t.m0) + t.n0;
-    quant_dot(ctx.isa, down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, q.data(), dq.data(), rows, out, d);
+    quant_dot(isa_of(ctx), down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, q.data(), dq.data(), rows, out, d);
     for (int64_t i = 0; i < rows; ++i) {
       float* yi = out + i * d;
       const float sc = g.scale ? g.scale[t.m0 + i] : 1.0f;

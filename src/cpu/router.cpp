@@ -1,63 +1,65 @@
 // CPU implementation of the router projection (src/ops/router.h).
 #include <algorithm>
 
+#include "cpu/backend.h"
 #include "cpu/exec.h"
-#include "ops/router.h"
 
-namespace moekit::ops {
+namespace moekit::cpu {
 
-OpContext cpu_context(int num_threads) {
-  OpContext ctx;
-  ctx.backend = Backend::kCpu;
-  ctx.num_threads = std::max(1, num_threads);
-  ctx.isa = cpu::active_isa();
-  return ctx;
-}
+using ops::OpContext;
+using ops::RouterCache;
 
 namespace {
 
-using cpu::GemmProblem;
-using cpu::Operand;
+// W in the kernels' layout, kept between forwards until invalidate() (a weight update).
+struct CpuRouterCache final : RouterCache {
+  PackedWeight packed;
+  Workspace ws;
+  bool valid = false;
+  void invalidate() override { valid = false; }
+};
 
 }  // namespace
 
-void router_prepare(const OpContext& ctx, ConstMatrixView<float> w, RouterCache& cache) {
+std::unique_ptr<RouterCache> CpuBackend::make_router_cache() const { return std::make_unique<CpuRouterCache>(); }
+
+void CpuBackend::router_prepare(const OpContext&, ConstMatrixView<float> w, RouterCache& base) const {
+  auto& cache = static_cast<CpuRouterCache&>(base);
   if (cache.valid) return;
   const int64_t d = w.cols;
   uint8_t* mem = cache.ws.get<uint8_t>(
-      static_cast<int64_t>(cpu::PackedWeight::packed_bytes(d, w.rows, cpu::DType::kF32, ctx.isa, false)));
+      static_cast<int64_t>(PackedWeight::packed_bytes(d, w.rows, DType::kF32, isa_, false)));
   // W [R, d] row-major is the logical B [d, R] with row stride 1 and column stride d.
-  cache.packed = cpu::PackedWeight::pack_operand(Operand{w.data, cpu::DType::kF32, 1, d}, d, w.rows,
-                                                 cpu::DType::kF32, ctx.isa, false, mem);
+  cache.packed = PackedWeight::pack_operand(Operand{w.data, DType::kF32, 1, d}, d, w.rows,
+                                                 DType::kF32, isa_, false, mem);
   cache.valid = true;
 }
 
-template <>
-void router_forward<float>(const OpContext& ctx, ConstMatrixView<float> x, ConstMatrixView<float> w,
-                           std::span<const float> bias, MatrixView<float> logits, RouterCache* cache) {
+void CpuBackend::router_forward(const OpContext& ctx, ConstMatrixView<float> x, ConstMatrixView<float> w,
+                                std::span<const float> bias, MatrixView<float> logits, RouterCache* base) const {
+  auto* cache = static_cast<CpuRouterCache*>(base);
   if (cache) router_prepare(ctx, w, *cache);
   const int64_t rows = w.rows, d = w.cols;
-  const auto tiles = cpu::make_tiles(1, [&](int64_t) { return x.rows; }, [&](int64_t) { return rows; },
+  const auto tiles = make_tiles(1, [&](int64_t) { return x.rows; }, [&](int64_t) { return rows; },
                                      ctx.num_threads);
-  cpu::run_tiles(ctx, tiles, [&](const cpu::Tile& tile, int) {
+  run_tiles(ctx, tiles, [&](const Tile& tile, int) {
     GemmProblem q;
     q.m = x.rows;
     q.n = rows;
     q.k = d;
-    q.a = {x.data, cpu::DType::kF32, d, 1};
-    q.b = {w.data, cpu::DType::kF32, 1, d};
+    q.a = {x.data, DType::kF32, d, 1};
+    q.b = {w.data, DType::kF32, 1, d};
     q.c = logits.data;
     q.ldc = rows;
     q.epilogue.bias = bias.empty() ? nullptr : bias.data();
-    if (cache) cpu::gemm_packed(q, cache->packed, tile.m0, tile.m1, tile.n0, tile.n1);
-    else cpu::gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+    if (cache) gemm_packed(q, cache->packed, tile.m0, tile.m1, tile.n0, tile.n1);
+    else gemm(q, isa_, tile.m0, tile.m1, tile.n0, tile.n1);
   });
 }
 
-template <>
-void router_forward<double>(const OpContext& ctx, ConstMatrixView<double> x, ConstMatrixView<double> w,
-                            std::span<const double> bias, MatrixView<double> logits, RouterCache*) {
-  cpu::run_blocks(ctx, x.rows, 64, [&](int64_t begin, int64_t end) {
+void CpuBackend::router_forward(const OpContext& ctx, ConstMatrixView<double> x, ConstMatrixView<double> w,
+                                std::span<const double> bias, MatrixView<double> logits) const {
+  run_blocks(ctx, x.rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t e = 0; e < w.rows; ++e) {
         double z = bias.empty() ? 0.0 : bias[e];
@@ -67,61 +69,59 @@ void router_forward<double>(const OpContext& ctx, ConstMatrixView<double> x, Con
   });
 }
 
-template <>
-void router_backward<float>(const OpContext& ctx, ConstMatrixView<float> x, ConstMatrixView<float> w,
-                            ConstMatrixView<float> d_logits, MatrixView<float> d_x, MatrixView<float> d_w,
-                            std::span<float> d_b) {
+void CpuBackend::router_backward(const OpContext& ctx, ConstMatrixView<float> x, ConstMatrixView<float> w,
+                                 ConstMatrixView<float> d_logits, MatrixView<float> d_x, MatrixView<float> d_w,
+                                 std::span<float> d_b) const {
   const int64_t num_tokens = x.rows, rows = w.rows, d = w.cols;
   if (!d_x.empty()) {
-    const auto tiles = cpu::make_tiles(1, [&](int64_t) { return num_tokens; }, [&](int64_t) { return d; },
+    const auto tiles = make_tiles(1, [&](int64_t) { return num_tokens; }, [&](int64_t) { return d; },
                                        ctx.num_threads);
-    cpu::run_tiles(ctx, tiles, [&](const cpu::Tile& tile, int) {
+    run_tiles(ctx, tiles, [&](const Tile& tile, int) {
       GemmProblem q;
       q.m = num_tokens;
       q.n = d;
       q.k = rows;
-      q.a = {d_logits.data, cpu::DType::kF32, rows, 1};
-      q.b = {w.data, cpu::DType::kF32, d, 1};
+      q.a = {d_logits.data, DType::kF32, rows, 1};
+      q.b = {w.data, DType::kF32, d, 1};
       q.c = d_x.data;
       q.ldc = d;
       q.accumulate = true;
-      cpu::gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      gemm(q, isa_, tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
   if (!d_w.empty()) {
-    const auto tiles = cpu::make_tiles(1, [&](int64_t) { return rows; }, [&](int64_t) { return d; },
-                                       ctx.num_threads, cpu::kUnpackedRowBlock);
-    cpu::run_tiles(ctx, tiles, [&](const cpu::Tile& tile, int) {
+    const auto tiles = make_tiles(1, [&](int64_t) { return rows; }, [&](int64_t) { return d; },
+                                       ctx.num_threads, kUnpackedRowBlock);
+    run_tiles(ctx, tiles, [&](const Tile& tile, int) {
       GemmProblem q;
       q.m = rows;
       q.n = d;
       q.k = num_tokens;
-      q.a = {d_logits.data, cpu::DType::kF32, 1, rows};
-      q.b = {x.data, cpu::DType::kF32, d, 1};
+      q.a = {d_logits.data, DType::kF32, 1, rows};
+      q.b = {x.data, DType::kF32, d, 1};
       q.c = d_w.data;
       q.ldc = d;
       q.accumulate = true;
-      cpu::gemm(q, ctx.isa, tile.m0, tile.m1, tile.n0, tile.n1);
+      gemm(q, isa_, tile.m0, tile.m1, tile.n0, tile.n1);
     });
   }
   for (size_t e = 0; e < d_b.size(); ++e)
     for (int64_t t = 0; t < num_tokens; ++t) d_b[e] += d_logits(t, static_cast<int64_t>(e));
 }
 
-template <>
-void router_backward<double>(const OpContext& ctx, ConstMatrixView<double> x, ConstMatrixView<double> w,
-                             ConstMatrixView<double> d_logits, MatrixView<double> d_x, MatrixView<double> d_w,
-                             std::span<double> d_b) {
+void CpuBackend::router_backward(const OpContext& ctx, ConstMatrixView<double> x, ConstMatrixView<double> w,
+                                 ConstMatrixView<double> d_logits, MatrixView<double> d_x, MatrixView<double> d_w,
+                                 std::span<double> d_b) const {
   const int64_t num_tokens = x.rows, rows = w.rows, d = w.cols;
   if (!d_x.empty()) {
-    cpu::run_blocks(ctx, num_tokens, 64, [&](int64_t begin, int64_t end) {
+    run_blocks(ctx, num_tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t)
         for (int64_t e = 0; e < rows; ++e)
           for (int64_t k = 0; k < d; ++k) d_x(t, k) += d_logits(t, e) * w(e, k);
     });
   }
   if (!d_w.empty()) {
-    cpu::run_blocks(ctx, rows, 1, [&](int64_t begin, int64_t end) {
+    run_blocks(ctx, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e)
         for (int64_t t = 0; t < num_tokens; ++t)
           for (int64_t k = 0; k < d; ++k) d_w(e, k) += d_logits(t, e) * x(t, k);
@@ -131,4 +131,4 @@ void router_backward<double>(const OpContext& ctx, ConstMatrixView<double> x, Co
     for (int64_t t = 0; t < num_tokens; ++t) d_b[e] += d_logits(t, static_cast<int64_t>(e));
 }
 
-}  // namespace moekit::ops
+}  // namespace moekit::cpu

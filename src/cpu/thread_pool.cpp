@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "internal/parallel.h"
+
 namespace moekit::cpu {
 namespace {
 // True on a thread while it runs pool tasks: a nested run() then executes inline.
@@ -104,3 +106,12 @@ ThreadPool& thread_pool() {
 }
 
 }  // namespace moekit::cpu
+
+namespace moekit::detail {
+
+// The parallel-loop interface (internal/parallel.h) runs on the process-wide pool.
+void run_parallel_raw(int num_threads, int64_t num_tasks, TaskFn fn, void* context) {
+  cpu::thread_pool().run(num_threads, num_tasks, [&](int64_t task, int thread) { fn(context, task, thread); });
+}
+
+}  // namespace moekit::detail

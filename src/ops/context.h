@@ -1,19 +1,16 @@
-// What every op receives besides its tensors: the backend it runs on, how many threads of the
-// process-wide pool it may use, the kernel path, and where it reports its phase times.
+// What every op receives besides its tensors: the backend object that implements it (ops/backend.h),
+// how many threads of the process-wide pool it may use, and where it reports its phase times.
 #pragma once
 
 #include <chrono>
-#include <string>
 #include <vector>
 
-#include "cpu/gemm.h"
 #include "moekit/backend.h"
-
-namespace moekit {
-struct PhaseTime;
-}
+#include "moekit/timing.h"
 
 namespace moekit::ops {
+
+class BackendOps;
 
 // Wall time per phase of one forward or backward: phase(name) closes the running phase.
 class PhaseTimer {
@@ -27,13 +24,18 @@ class PhaseTimer {
 };
 
 struct OpContext {
-  Backend backend = Backend::kCpu;
+  const BackendOps* backend = nullptr;  // set by make_context; every op dispatches through it
   int num_threads = 1;
-  cpu::Isa isa = cpu::Isa::kScalar;
   PhaseTimer* timer = nullptr;  // may be null
   void phase(const char* name) const {
     if (timer) timer->phase(name);
   }
 };
+
+// A context on `backend` (registry.cpp: the backend object of that kind; ConfigError when this
+// build has none) with num_threads threads.
+OpContext make_context(Backend backend, int num_threads);
+// The context of callers outside a layer (the routing core's own projection): the CPU backend.
+OpContext default_context(int num_threads);
 
 }  // namespace moekit::ops

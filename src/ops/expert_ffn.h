@@ -38,10 +38,9 @@ struct ExpertFfnConfig {
   ActivationConstants activation_constants;
 };
 
-// What a training forward keeps for the backward.
-struct ExpertFfnSaved {
-  std::vector<float> pre_activations;  // per group its [num_rows, gu_cols] block (gu_offset)
-};
+// What a training forward keeps for the backward: per group its [num_rows, gu_cols] block of
+// pre-activations (at gu_offset), the experts stage's saved state (moekit/stages.h).
+using ExpertFfnSaved = ExpertsSaved;
 
 // Where the backward puts each group's weight gradients (per group of the row space).
 struct ExpertGrads {
@@ -75,8 +74,8 @@ class ExpertFfn {
                                            std::span<const ExpertGrads> grads) = 0;
 };
 
-// The implementation for config.backend and config.weight_format; throws ConfigError naming
-// both when this build has none.
+// The implementation of config.backend's backend object for config.weight_format; throws
+// ConfigError naming both when this build has none.
 std::unique_ptr<ExpertFfn> make_expert_ffn(const ExpertFfnConfig& config);
 
 }  // namespace moekit::ops

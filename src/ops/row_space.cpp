@@ -35,53 +35,74 @@ ExpertWeight expert_weight(const WeightView& w, int64_t e) {
   return x;
 }
 
-RowSpace build_row_space(const MoeLayerConfig& c, const MoeParams& p, const RoutingPlan& plan,
-                         int64_t num_sequences, const float* hidden_states, const float* slot_inputs,
-                         const float* shared_scale) {
-  RowSpace rs;
+void permute_rows(const MoeLayerConfig& c, const RoutingPlan& plan, const float* hidden_states, ExpertRows& rows) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   const bool soft = c.routing.routing_method == RoutingMethod::kSoftMoe;
-  const int64_t slot_rows = num_sequences * c.routing.slots_per_expert;
+  const int64_t slot_rows = rows.num_sequences * c.routing.slots_per_expert;
+  const bool weights_here = rows.weights == CombineWeights::kInExperts;
+  rows.segments.clear();
+  rows.segments.reserve(static_cast<size_t>(num_experts + (c.has_shared() ? 1 : 0)));
   for (int64_t e = 0; e < num_experts; ++e) {
-    Group g;
+    ExpertSegment g;
     g.expert = e;
-    g.d_ff = c.d_ff;
-    g.gu_cols = c.gate_up_rows();
     if (soft) {
       g.row_begin = e * slot_rows;
       g.num_rows = slot_rows;
-      g.a = slot_inputs + g.row_begin * d;
+      g.input.data = rows.slot_inputs.values.data() + g.row_begin * d;
     } else {
       g.row_begin = plan.expert_offsets[e];
       g.num_rows = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
-      g.a = hidden_states;
-      g.a_rows = plan.expert_tokens.data() + g.row_begin;
-      g.scale = plan.expert_weights.data() + g.row_begin;
+      g.input = {hidden_states, plan.expert_tokens.data() + g.row_begin};
+      if (weights_here) g.scale = plan.expert_weights.data() + g.row_begin;
     }
-    g.w_gate_up = expert_weight(p.gate_up, e);
-    g.w_down = expert_weight(p.down, e);
-    if (!p.gate_up_bias.empty()) g.b_gate_up = p.gate_up_bias.data() + e * g.gu_cols;
-    if (!p.down_bias.empty()) g.b_down = p.down_bias.data() + e * d;
-    rs.groups.push_back(g);
+    rows.segments.push_back(g);
   }
-  rs.routed_rows = soft ? num_experts * slot_rows : plan.num_kept();
-  rs.total_rows = rs.routed_rows;
+  rows.routed_rows = soft ? num_experts * slot_rows : plan.num_kept();
+  rows.total_rows = rows.routed_rows;
   if (c.has_shared()) {
-    Group g;
+    ExpertSegment g;
     g.expert = num_experts;
-    g.d_ff = c.effective_shared_d_ff();
-    g.gu_cols = c.shared_gate_up_rows();
-    g.row_begin = rs.routed_rows;
+    g.row_begin = rows.routed_rows;
     g.num_rows = plan.num_tokens;
-    g.a = hidden_states;
-    g.scale = shared_scale;
-    g.w_gate_up = expert_weight(p.shared_gate_up, 0);
-    g.w_down = expert_weight(p.shared_down, 0);
-    if (!p.shared_gate_up_bias.empty()) g.b_gate_up = p.shared_gate_up_bias.data();
-    if (!p.shared_down_bias.empty()) g.b_down = p.shared_down_bias.data();
-    rs.groups.push_back(g);
-    rs.total_rows += plan.num_tokens;
+    g.input = {hidden_states, nullptr};
+    g.scale = rows.shared_gate.empty() ? nullptr : rows.shared_gate.data();
+    rows.segments.push_back(g);
+    rows.total_rows += plan.num_tokens;
   }
+}
+
+RowSpace build_row_space(const MoeLayerConfig& c, const MoeParams& p, const ExpertRows& rows,
+                         const ExpertRowGrads* d_y) {
+  RowSpace rs;
+  const int64_t num_experts = c.num_experts(), d = c.d_model;
+  rs.groups.reserve(rows.segments.size());
+  for (size_t i = 0; i < rows.segments.size(); ++i) {
+    const ExpertSegment& s = rows.segments[i];
+    const bool shared = s.expert == num_experts;
+    Group g;
+    g.expert = s.expert;
+    g.d_ff = shared ? c.effective_shared_d_ff() : c.d_ff;
+    g.gu_cols = shared ? c.shared_gate_up_rows() : c.gate_up_rows();
+    g.row_begin = s.row_begin;
+    g.num_rows = s.num_rows;
+    g.a = s.input.data;
+    g.a_rows = s.input.rows;
+    g.scale = s.scale;
+    if (d_y != nullptr) {
+      g.dy = d_y->d_output[i].data;
+      g.dy_rows = d_y->d_output[i].rows;
+    }
+    g.w_gate_up = shared ? expert_weight(p.shared_gate_up, 0) : expert_weight(p.gate_up, s.expert);
+    g.w_down = shared ? expert_weight(p.shared_down, 0) : expert_weight(p.down, s.expert);
+    const std::span<const float> b_gu = shared ? p.shared_gate_up_bias : p.gate_up_bias;
+    const std::span<const float> b_dn = shared ? p.shared_down_bias : p.down_bias;
+    const int64_t bias_expert = shared ? 0 : s.expert;
+    if (!b_gu.empty()) g.b_gate_up = b_gu.data() + bias_expert * g.gu_cols;
+    if (!b_dn.empty()) g.b_down = b_dn.data() + bias_expert * d;
+    rs.groups.push_back(g);
+  }
+  rs.routed_rows = rows.routed_rows;
+  rs.total_rows = rows.total_rows;
   for (Group& g : rs.groups) {
     g.h_offset = rs.h_size;
     g.gu_offset = rs.gu_size;

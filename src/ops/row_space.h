@@ -1,4 +1,6 @@
-// The row space: how a routing plan becomes the row segments of the grouped expert GEMMs.
+// The permute op: how a routing plan becomes the row segments of the grouped expert GEMMs
+// (permute_rows, the permute stage's ExpertRows of moekit/stages.h), and how those segments,
+// with the expert weights bound to them, become the row space the expert FFN runs on.
 //
 // Every (token, expert) assignment the experts compute is one row; rows are grouped by expert
 // (the plan's counting sort: expert e owns rows [expert_offsets[e], expert_offsets[e+1]) with
@@ -6,15 +8,17 @@
 // rows. Soft MoE rows are slots, expert-major: row (e, g, s) = e·num_sequences·slots_per_expert
 // + g·slots_per_expert + s, so each expert's slots are contiguous. A group reads its A rows
 // straight from hidden_states through the plan's token list (the GEMM's row gather): no
-// permuted copy is made.
+// permuted copy is made; rows that arrive from elsewhere (another process) are contiguous.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "moekit/backend.h"
-#include "moekit/layer.h"
+#include "moekit/layer_config.h"
+#include "moekit/params.h"
 #include "moekit/plan.h"
+#include "moekit/stages.h"
 
 namespace moekit::ops {
 
@@ -44,8 +48,9 @@ struct Group {
   int64_t row_begin = 0;              // first row in the row space
   int64_t num_rows = 0;
   const float* a = nullptr;           // A rows: row i is a + src(i)·d_model
-  const float* dy = nullptr;          // backward: d_y row i is dy + src(i)·d_model
   const int32_t* a_rows = nullptr;    // src(i) = a_rows[i] (token index), or i when null
+  const float* dy = nullptr;          // backward: d_y row i is dy + dy_src(i)·d_model
+  const int32_t* dy_rows = nullptr;   // dy_src(i) = dy_rows[i], or i when null
   const float* scale = nullptr;       // [num_rows] combine weight / shared gate, or null (1)
   int64_t h_offset = 0;               // this group's [num_rows, d_ff] block in h-sized buffers
   int64_t gu_offset = 0;              // its [num_rows, gu_cols] block in the pre-activations
@@ -54,6 +59,7 @@ struct Group {
   const float* b_gate_up = nullptr;   // [gu_cols] or null
   const float* b_down = nullptr;      // [d_model] or null
   int64_t src(int64_t i) const { return a_rows ? a_rows[i] : i; }
+  int64_t dy_src(int64_t i) const { return dy_rows ? dy_rows[i] : i; }
 };
 
 struct RowSpace {
@@ -68,12 +74,17 @@ struct RowSpace {
 // The expert weight e of a stack (e = 0 for a shared expert's [1, rows, cols] view).
 ExpertWeight expert_weight(const WeightView& w, int64_t e);
 
-// The groups of the row space from the plan (or the Soft MoE slots).
-RowSpace build_row_space(const MoeLayerConfig& config, const MoeParams& params,
-                         const RoutingPlan& plan, int64_t num_sequences,
-                         const float* hidden_states,  // [num_tokens, d_model]
-                         const float* slot_inputs,    // Soft MoE: [routed rows, d_model]
-                         const float* shared_scale);  // [num_tokens] or null
+// The permute op: the plan's rows as segments (no copy: routed segments gather hidden_states
+// through the plan's token lists; Soft MoE's read `slot_inputs`), and the shared expert's rows.
+// `rows` receives the segments; its slot_inputs and shared_gate must already be filled when used.
+void permute_rows(const MoeLayerConfig& config, const RoutingPlan& plan,
+                  const float* hidden_states,  // [num_tokens, d_model]
+                  ExpertRows& rows);
+
+// The row space of `rows` with the expert weights of `params` bound to each segment; with
+// `d_y` (backward) each group reads its output gradient there.
+RowSpace build_row_space(const MoeLayerConfig& config, const MoeParams& params, const ExpertRows& rows,
+                         const ExpertRowGrads* d_y = nullptr);
 
 // The row of each kept selection of the plan (the inverse of plan.expert_selection), −1 for a
 // dropped one: [num_selections].

@@ -37,7 +37,7 @@ Matrix<Real> router_logits(const RoutingConfig& config, ConstMatrixView<Real> hi
     if (!std::isfinite(double(params.bias[i])))
       throw_input_error(detail::concat("router_bias[", i, "]"), "a finite number", params.bias[i]);
   Matrix<Real> logits(hidden_states.rows, params.weight.rows);
-  ops::router_forward<Real>(ops::cpu_context(num_threads), hidden_states, params.weight, params.bias, logits.view());
+  ops::router_forward<Real>(ops::default_context(num_threads), hidden_states, params.weight, params.bias, logits.view());
   return logits;
 }
 
@@ -89,7 +89,7 @@ RouterGrads<Real> router_backward(const RoutingConfig& config, const RoutingResu
       for (int64_t d = 0; d < d_model; ++d) x_jittered(t, d) = x_at(t, d);
     x_in = x_jittered.cview();
   }
-  const ops::OpContext ctx = ops::cpu_context(num_threads);
+  const ops::OpContext ctx = ops::default_context(num_threads);
   ops::router_backward<Real>(ctx, x_in, params.weight, d_logits, g.d_hidden_states.view(), g.d_weight.view(),
                              std::span<Real>(g.d_bias));
   if (noisy)
