@@ -1,5 +1,6 @@
-// The MoE layer: router, routed experts, optional shared experts; forward and backward, fp32 and
-// bf16, on one persistent thread pool.
+// The MoE layer: router, routed experts, optional shared experts; forward and backward with fp32
+// or bf16 experts, forward (inference) with quantized experts (int8, int4, MXFP4: quant.h), on
+// one persistent thread pool.
 //
 //   out_t = Σ_{kept (t, e)} w_te · E_e(x_t)  +  s_t · S(x_t)
 //
@@ -9,20 +10,24 @@
 // Soft MoE replaces the token sum by slots: per sequence, slot inputs X̃ = dispatchᵀ · X, expert
 // e runs on its slots_per_expert slots, and out_t = Σ_j combine_tj · E_{e(j)}(X̃_j).
 //
-// How the forward runs (src/layer.cpp, a sequence of op calls; docs/architecture.md):
-//   1. router logits x · W_routerᵀ + b by the router op, one fp32 GEMM (route_hidden runs the same
-//      op on the jittered input when input jitter or noisy gating is on), then the routing core
-//      turns them into the plan;
-//   2. the plan's per-expert token lists (a counting sort, tokens ascending) are the row segments
-//      of two grouped GEMMs; the first gathers its A rows straight from hidden_states (no
-//      permuted copy) and applies the activation in its epilogue (SwiGLU on the paired
-//      gate/up layout); the second applies the combine weight as a row scale;
-//   3. the per-assignment outputs are summed per token in choice order, a fixed order, so the
-//      output is bitwise identical for any num_threads.
+// How the forward runs (src/layer.cpp: the four stage calls of moekit/stages.h, which a front end
+// may also run itself; docs/architecture.md):
+//   1. route: router logits x · W_routerᵀ + b by the router op, one fp32 GEMM (route_hidden runs
+//      the same op on the jittered input when input jitter or noisy gating is on), then the
+//      routing method turns them into the plan;
+//   2. permute: the plan's per-expert token lists (a counting sort, tokens ascending) are the row
+//      segments of two grouped GEMMs, read straight from hidden_states (no permuted copy);
+//   3. experts: the first GEMM gathers its A rows through those lists and applies the activation
+//      in its epilogue (SwiGLU on the paired gate/up layout); the second applies the combine
+//      weight as a row scale;
+//   4. combine: the per-assignment outputs are summed per token in choice order, a fixed order,
+//      so the output is bitwise identical for any num_threads.
 // Work is split into (expert, row block, column block) tiles pulled from one queue by
 // num_threads threads of the process-wide pool, so a hot expert still keeps every core busy.
-// The expert FFN's implementation is chosen from (config.backend, config.dtype) when the layer
-// is built: a pair this build lacks is a ConfigError naming both.
+// Every stage runs on the backend object of config.backend (src/ops/backend.h), asked when the
+// layer is built whether it implements each op for config.dtype: a pair this build lacks, or an
+// inference-only format (int8, int4, MXFP4) in a layer built for training, is a ConfigError
+// naming both then; a training forward of an inference-only layer fails before any work.
 //
 // Memory, with num_kept ≤ num_tokens · top_k the kept assignments (the shared expert counts as
 // one more expert receiving all num_tokens tokens):
@@ -192,7 +197,8 @@ class MoeLayer {
   const char* isa_name() const;
 
   // Where the last forward() or backward() spent its time, phase by phase in the order they
-  // ran (forward: "pack_router", "router", "routing", "dispatch", "pack_experts", "gemm1",
+  // ran (forward: "save_input" (training), "pack_router", "router", "routing", "dispatch",
+  // "pack_experts", "gemm1",
   // "gemm2", "combine", "save"; backward: "setup", "pack_down_t", "d_h", "activation",
   // "pack_h", "d_w_down", "transpose", "pack_x", "d_w_gate_up", "pack_gate_up_t", "d_x_rows",
   // "d_x", "router"). Two clock reads per phase: always on.

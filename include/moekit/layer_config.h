@@ -57,7 +57,7 @@ struct MoeLayerConfig {
 // silu→swiglu, gelu→gelu_erf, gelu_new/gelu_pytorch_tanh→gelu, relu], clamp_limit
 // [swiglu_limit], clamp_alpha, router_bias, expert_bias, num_shared_experts [n_shared_experts],
 // shared_d_ff [shared_expert_intermediate_size], shared_expert_gate, dtype (fp32|float32|bf16|
-// bfloat16), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
+// bfloat16|int8|int4|mxfp4; the last three inference only), num_threads. Throws ConfigError on an unknown key, wrong type or bad value.
 MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
 // The JSON object of `config` (routing and layer keys) that moe_layer_config_from_json reads
 // back to the same config.
