@@ -179,6 +179,7 @@ void MoeLayer::set_num_threads(int num_threads) {
 
 void MoeLayer::set_training(bool training) {
   config_.routing.training = training;
+  impl_->stages.set_training(training);
   if (!training && !impl_->save_in_eval) impl_->saved = MoeSavedForward{};
 }
 

@@ -118,6 +118,8 @@ void MoeStages::set_num_threads(int num_threads) {
   impl_->ctx.num_threads = std::max(1, num_threads);
 }
 
+void MoeStages::set_training(bool training) { impl_->config.routing.training = training; }
+
 bool MoeStages::can_train() const { return impl_->can_train; }
 
 void MoeStages::require_training() const {

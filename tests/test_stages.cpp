@@ -206,5 +206,32 @@ TEST(Stages, ABackendThisBuildLacksIsNamed) {
   }
 }
 
+// set_training switches the stages' routing too (training capacity factor, input jitter): a layer
+// built for evaluation and switched to training routes as one built for training.
+TEST(Stages, SetTrainingReachesTheRouting) {
+  MoeLayerConfig c;
+  c.routing.num_experts = 4;
+  c.routing.num_experts_per_tok = 1;
+  c.routing.capacity_factor = 0.5;
+  c.routing.eval_capacity_factor = 4.0;
+  c.routing.router_jitter_noise = 0.1;
+  c.d_model = 16;
+  c.d_ff = 8;
+  std::mt19937 gen(3);
+  const Matrix<float> x = random_matrix(64, c.d_model, gen);
+  MoeLayer switched(c, uint64_t{2});
+  const MoeForwardResult eval = switched.forward(x.cview());
+  switched.set_training(true);
+  const MoeForwardResult trained = switched.forward(x.cview());
+  c.routing.training = true;
+  MoeLayer built(c, uint64_t{2});
+  const MoeForwardResult want = built.forward(x.cview());
+  EXPECT_EQ(trained.output.values, want.output.values);
+  EXPECT_EQ(trained.routing.plan.token_kept, want.routing.plan.token_kept);
+  EXPECT_NE(trained.routing.plan.num_kept(), eval.routing.plan.num_kept());  // capacity 0.5 drops
+  built.set_training(false);
+  EXPECT_EQ(built.forward(x.cview()).output.values, eval.output.values);
+}
+
 }  // namespace
 }  // namespace moekit

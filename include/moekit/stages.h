@@ -113,6 +113,8 @@ class MoeStages {
 
   const MoeLayerConfig& config() const;
   void set_num_threads(int num_threads);
+  // Routing in training mode (noise, jitter, the training capacity factor): config().routing.training.
+  void set_training(bool training);
   // Whether the backend trains with config.dtype (forwards that save state, backward).
   bool can_train() const;
   // ConfigError naming the backend and the weight format unless can_train().
