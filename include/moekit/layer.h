@@ -53,12 +53,15 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "moekit/backend.h"
 #include "moekit/config.h"
 #include "moekit/experts.h"
+#include "moekit/params.h"
 #include "moekit/routing.h"
 #include "moekit/tensor.h"
 #include "moekit/weights.h"
@@ -116,6 +119,56 @@ MoeLayerConfig moe_layer_config_from_json(const std::string& json_text);
 // back to the same config.
 std::string moe_layer_config_to_json(const MoeLayerConfig& config);
 
+// The parameter structs below have one field per row of kMoeParamSchema (params.h), in the
+// table's order. This is where a row meets its field, the one list C++ needs besides the
+// fields themselves (it cannot reach a field by its name); a struct without a field for a row
+// (MoeGradBuffers has none for the selection bias, which has no gradient) binds it to null.
+namespace detail {
+template <typename Struct>
+constexpr auto moe_param_fields() {
+  constexpr auto selection_bias = [] {
+    if constexpr (requires { &Struct::selection_bias; }) {
+      return &Struct::selection_bias;
+    } else {
+      return nullptr;
+    }
+  }();
+  return std::tuple{&Struct::router_weight,  &Struct::router_bias,         &Struct::router_noise_weight,
+                    &Struct::gate_up,        &Struct::down,                &Struct::gate_up_bias,
+                    &Struct::down_bias,      &Struct::shared_gate_up,      &Struct::shared_down,
+                    &Struct::shared_gate_up_bias, &Struct::shared_down_bias, &Struct::shared_gate,
+                    selection_bias};
+}
+template <typename Struct>
+inline constexpr auto kMoeParamFields = moe_param_fields<Struct>();
+}  // namespace detail
+
+// The field of row `row` of kMoeParamSchema in `s` (a MoeParams, BasicMoeTensors or
+// MoeGradBuffers, const or not).
+template <size_t row, typename Struct>
+constexpr auto& moe_param_field(Struct& s) {
+  return s.*std::get<row>(detail::kMoeParamFields<std::remove_const_t<Struct>>);
+}
+
+// Calls fn(row, field) for every row of kMoeParamSchema that `s` has a field for, in the
+// table's order; `row` is a std::integral_constant<size_t, i> (kMoeParamSchema[row] is its
+// spec, moe_param_field<row>(other) the same parameter in another struct) and `field` a
+// reference to the field, of its own type (a generic lambda tells them apart).
+template <typename Struct, typename Fn>
+constexpr void for_each_moe_field(Struct& s, Fn&& fn) {
+  using Fields = std::remove_cv_t<decltype(detail::kMoeParamFields<std::remove_const_t<Struct>>)>;
+  static_assert(std::tuple_size_v<Fields> == kNumMoeParams, "one field per row of kMoeParamSchema");
+  [&]<size_t... rows>(std::index_sequence<rows...>) {
+    (
+        [&] {
+          if constexpr (!std::is_null_pointer_v<std::tuple_element_t<rows, Fields>>) {
+            fn(std::integral_constant<size_t, rows>{}, moe_param_field<rows>(s));
+          }
+        }(),
+        ...);
+  }(std::make_index_sequence<kNumMoeParams>{});
+}
+
 // The parameters a layer computes with, as views of memory it does not own (Python tensors,
 // memory-mapped safetensors). Weights follow the Hugging Face layout (out × in); biases, the
 // router and the shared gate are fp32.
@@ -153,22 +206,10 @@ struct BasicMoeTensors {
   std::vector<Real> shared_gate;          // [d_model]
   std::vector<Real> selection_bias;       // [num_experts] (no gradient: it only selects)
 
-  // Calls fn(name, tensor) for every tensor, in declaration order.
+  // Calls fn(name, tensor) for every tensor, in declaration order (kMoeParamSchema's).
   template <typename Fn>
   void for_each(Fn&& fn) {
-    fn("router_weight", router_weight);
-    fn("router_bias", router_bias);
-    fn("router_noise_weight", router_noise_weight);
-    fn("gate_up", gate_up);
-    fn("down", down);
-    fn("gate_up_bias", gate_up_bias);
-    fn("down_bias", down_bias);
-    fn("shared_gate_up", shared_gate_up);
-    fn("shared_down", shared_down);
-    fn("shared_gate_up_bias", shared_gate_up_bias);
-    fn("shared_down_bias", shared_down_bias);
-    fn("shared_gate", shared_gate);
-    fn("selection_bias", selection_bias);
+    for_each_moe_field(*this, [&](auto row, std::vector<Real>& v) { fn(kMoeParamSchema[row].name, v); });
   }
   template <typename Fn>
   void for_each(Fn&& fn) const {
@@ -205,22 +246,16 @@ struct MoeGradBuffers {
   std::span<float> shared_down_bias;     // [d_model]
   std::span<float> shared_gate;          // [d_model]
 
-  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there); the
-  // non-const form passes each span by reference, to be set.
+  // Calls fn(name, span) for every buffer, in MoeTensors' order (names as there): every row of
+  // kMoeParamSchema with a gradient. The non-const form passes each span by reference, to be
+  // set.
   template <typename Fn>
   void for_each(Fn&& fn) {
-    fn("router_weight", router_weight);
-    fn("router_bias", router_bias);
-    fn("router_noise_weight", router_noise_weight);
-    fn("gate_up", gate_up);
-    fn("down", down);
-    fn("gate_up_bias", gate_up_bias);
-    fn("down_bias", down_bias);
-    fn("shared_gate_up", shared_gate_up);
-    fn("shared_down", shared_down);
-    fn("shared_gate_up_bias", shared_gate_up_bias);
-    fn("shared_down_bias", shared_down_bias);
-    fn("shared_gate", shared_gate);
+    for_each_moe_field(*this, [&](auto row, std::span<float>& v) {
+      static_assert(kMoeParamSchema[decltype(row)::value].has_gradient,
+                    "a gradient buffer for a parameter without a gradient");
+      fn(kMoeParamSchema[row].name, v);
+    });
   }
   template <typename Fn>
   void for_each(Fn&& fn) const {
