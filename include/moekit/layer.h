@@ -121,8 +121,9 @@ std::string moe_layer_config_to_json(const MoeLayerConfig& config);
 
 // The parameter structs below have one field per row of kMoeParamSchema (params.h), in the
 // table's order. This is where a row meets its field, the one list C++ needs besides the
-// fields themselves (it cannot reach a field by its name); a struct without a field for a row
-// (MoeGradBuffers has none for the selection bias, which has no gradient) binds it to null.
+// fields themselves (it cannot reach a field by its name; tests/test_param_schema.cpp checks
+// each name against its field); a struct without a field for a row (MoeGradBuffers has none for
+// the selection bias, which has no gradient) binds it to null.
 namespace detail {
 template <typename Struct>
 constexpr auto moe_param_fields() {
@@ -133,9 +134,9 @@ constexpr auto moe_param_fields() {
       return nullptr;
     }
   }();
-  return std::tuple{&Struct::router_weight,  &Struct::router_bias,         &Struct::router_noise_weight,
-                    &Struct::gate_up,        &Struct::down,                &Struct::gate_up_bias,
-                    &Struct::down_bias,      &Struct::shared_gate_up,      &Struct::shared_down,
+  return std::tuple{&Struct::router_weight,    &Struct::router_bias,    &Struct::router_noise_weight,
+                    &Struct::gate_up,          &Struct::down,           &Struct::gate_up_bias,
+                    &Struct::down_bias,        &Struct::shared_gate_up, &Struct::shared_down,
                     &Struct::shared_gate_up_bias, &Struct::shared_down_bias, &Struct::shared_gate,
                     selection_bias};
 }

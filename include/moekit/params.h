@@ -9,7 +9,8 @@
 //   - the Python extension's parameter names (moekit._moekit.parameter_schema()), from which
 //     moekit.torch builds its parameter lists and finds the module's tensors by their Hugging
 //     Face names.
-// Adding a tensor is one row here, plus its field in each struct of layer.h.
+// Adding a tensor is one row here, plus its field in each struct of layer.h and its entry in the
+// one list there that binds rows to fields (detail::moe_param_fields).
 #pragma once
 
 #include <array>
