@@ -231,9 +231,7 @@ void MoeLayer::zero_grad() {
   // materialize_zero_grads() fills the others when grads() is read. This saves a pass over the
   // gradients here and a read of them in the backward (as PyTorch's zero_grad(set_to_none)).
   grads_.for_each([](const char* name, std::vector<float>& v) {
-    const std::string n = name;
-    if (n != "gate_up" && n != "down" && n != "shared_gate_up" && n != "shared_down")
-      std::fill(v.begin(), v.end(), 0.0f);
+    if (!moe_param_spec(name).expert_weight) std::fill(v.begin(), v.end(), 0.0f);
   });
   std::fill(impl_->grad_pending_zero.begin(), impl_->grad_pending_zero.end(), 1);
 }
@@ -398,9 +396,7 @@ Matrix<float> MoeLayer::backward(ConstMatrixView<float> d_output, MoeForwardStat
       if (static_cast<int64_t>(v.size()) != want || (want > 0 && v.data() == nullptr)) {
         throw_input_error(detail::concat("gradient buffer ", name, " length"), want, v.size());
       }
-      const std::string n = name;
-      if (n != "gate_up" && n != "down" && n != "shared_gate_up" && n != "shared_down")
-        std::fill(v.begin(), v.end(), 0.0f);
+      if (!moe_param_spec(name).expert_weight) std::fill(v.begin(), v.end(), 0.0f);
     });
     std::vector<uint8_t> pending(static_cast<size_t>(config_.num_experts() + 1), 1);
     d_x = run_backward(d_output, saved, *into, pending, d_aux, d_z);

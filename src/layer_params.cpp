@@ -1,11 +1,14 @@
-// Parameters of the layer: owned storage, views, and their shape checks.
+// Parameters of the layer: the schema's rules (params.h), owned storage, views, and their shape
+// checks, all derived from kMoeParamSchema.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <tuple>
-#include <utility>
 #include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "moekit/error.h"
 #include "moekit/layer.h"
@@ -14,35 +17,139 @@
 namespace moekit {
 
 // ---------------------------------------------------------------------------------------------
-// Parameter tensors and views.
+// The schema's rules (params.h).
+
+const MoeParamSpec& moe_param_spec(std::string_view name) {
+  const MoeParamSpec* s = find_moe_param(name);
+  if (s == nullptr) {
+    std::string names;
+    for (const MoeParamSpec& row : kMoeParamSchema) names += (names.empty() ? "" : ", ") + std::string(row.name);
+    throw_input_error("parameter name", detail::concat("one of ", names), detail::concat("'", name, "'"));
+  }
+  return *s;
+}
+
+int64_t moe_param_dim(MoeParamDim dim, const MoeLayerConfig& c) {
+  switch (dim) {
+    case MoeParamDim::kNone: return 0;
+    case MoeParamDim::kOne: return 1;
+    case MoeParamDim::kNumExperts: return c.num_experts();
+    case MoeParamDim::kRouterRows: return c.router_rows();
+    case MoeParamDim::kDModel: return c.d_model;
+    case MoeParamDim::kDFf: return c.d_ff;
+    case MoeParamDim::kGateUpRows: return c.gate_up_rows();
+    case MoeParamDim::kSharedGateUpRows: return c.shared_gate_up_rows();
+    case MoeParamDim::kSharedDFf: return c.effective_shared_d_ff();
+  }
+  return 0;
+}
+
+bool moe_param_used(const MoeParamSpec& spec, const MoeLayerConfig& c) {
+  switch (spec.used_when) {
+    case MoeParamCondition::kAlways: return true;
+    case MoeParamCondition::kRouterBias: return c.router_bias;
+    case MoeParamCondition::kNoisyGating: return c.routing.noisy_gating;
+    case MoeParamCondition::kExpertBias: return c.expert_bias;
+    case MoeParamCondition::kSharedExperts: return c.has_shared();
+    case MoeParamCondition::kSharedExpertBias: return c.has_shared() && c.expert_bias;
+    case MoeParamCondition::kSharedExpertGate: return c.shared_expert_gate;
+    case MoeParamCondition::kSelectionBias: return c.has_selection_bias();
+  }
+  return false;
+}
+
+std::vector<int64_t> moe_param_shape(const MoeParamSpec& spec, const MoeLayerConfig& c) {
+  std::vector<int64_t> shape;
+  for (int i = 0; i < spec.rank(); ++i) shape.push_back(moe_param_dim(spec.shape[static_cast<size_t>(i)], c));
+  return shape;
+}
+
+int64_t moe_param_size(const MoeParamSpec& spec, const MoeLayerConfig& c) {
+  if (!moe_param_used(spec, c)) return 0;
+  int64_t n = 1;
+  for (const int64_t v : moe_param_shape(spec, c)) n *= v;
+  return n;
+}
+
+const char* moe_param_dim_name(MoeParamDim dim) {
+  switch (dim) {
+    case MoeParamDim::kNone: return "none";
+    case MoeParamDim::kOne: return "1";
+    case MoeParamDim::kNumExperts: return "num_experts";
+    case MoeParamDim::kRouterRows: return "router_rows";
+    case MoeParamDim::kDModel: return "d_model";
+    case MoeParamDim::kDFf: return "d_ff";
+    case MoeParamDim::kGateUpRows: return "gate_up_rows";
+    case MoeParamDim::kSharedGateUpRows: return "shared_gate_up_rows";
+    case MoeParamDim::kSharedDFf: return "shared_d_ff";
+  }
+  return "unknown";
+}
+
+const char* moe_param_condition_name(MoeParamCondition when) {
+  switch (when) {
+    case MoeParamCondition::kAlways: return "always";
+    case MoeParamCondition::kRouterBias: return "router_bias";
+    case MoeParamCondition::kNoisyGating: return "noisy_gating";
+    case MoeParamCondition::kExpertBias: return "expert_bias";
+    case MoeParamCondition::kSharedExperts: return "shared_experts";
+    case MoeParamCondition::kSharedExpertBias: return "shared_expert_bias";
+    case MoeParamCondition::kSharedExpertGate: return "shared_expert_gate";
+    case MoeParamCondition::kSelectionBias: return "selection_bias";
+  }
+  return "unknown";
+}
+
+const char* moe_param_absent_reason(MoeParamCondition when) {
+  switch (when) {
+    case MoeParamCondition::kAlways: return "";
+    case MoeParamCondition::kRouterBias: return "router_bias is false";
+    case MoeParamCondition::kNoisyGating: return "noisy_gating is false";
+    case MoeParamCondition::kExpertBias: return "expert_bias is false";
+    case MoeParamCondition::kSharedExperts: return "num_shared_experts is 0";
+    case MoeParamCondition::kSharedExpertBias: return "no shared expert biases";
+    case MoeParamCondition::kSharedExpertGate: return "shared_expert_gate is false";
+    case MoeParamCondition::kSelectionBias: return "selection_bias is false and no e_score_correction_bias is given";
+  }
+  return "unknown";
+}
+
+const char* moe_param_storage_name(MoeParamStorage storage) {
+  switch (storage) {
+    case MoeParamStorage::kFp32Matrix: return "fp32_matrix";
+    case MoeParamStorage::kFp32Vector: return "fp32_vector";
+    case MoeParamStorage::kWeight: return "weight";
+  }
+  return "unknown";
+}
+
+std::vector<const char*> moe_param_layout_names(uint32_t layouts) {
+  std::vector<const char*> names;
+  for (const auto& [bit, name] : {std::pair{kLayoutStacked, "stacked"}, std::pair{kLayoutPerExpert, "per_expert"},
+                                  std::pair{kLayoutTransposed, "transposed"}, std::pair{kLayoutInterleaved, "interleaved"},
+                                  std::pair{kLayoutSplit, "split"}, std::pair{kLayoutRowMatrix, "row_matrix"}}) {
+    if ((layouts & bit) != 0) names.push_back(name);
+  }
+  return names;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter tensors and views, row by row of the schema.
 
 std::vector<std::pair<const char*, int64_t>> moe_tensor_sizes(const MoeLayerConfig& c) {
   c.validate();
-  const int64_t num_experts = c.num_experts(), d = c.d_model, f = c.d_ff, rows = c.gate_up_rows();
-  const bool shared = c.has_shared();
-  return {
-      {"router_weight", c.router_rows() * d},
-      {"router_bias", c.router_bias ? c.router_rows() : 0},
-      {"router_noise_weight", c.routing.noisy_gating ? num_experts * d : 0},
-      {"gate_up", num_experts * rows * d},
-      {"down", num_experts * d * f},
-      {"gate_up_bias", c.expert_bias ? num_experts * rows : 0},
-      {"down_bias", c.expert_bias ? num_experts * d : 0},
-      {"shared_gate_up", shared ? c.shared_gate_up_rows() * d : 0},
-      {"shared_down", shared ? d * c.effective_shared_d_ff() : 0},
-      {"shared_gate_up_bias", shared && c.expert_bias ? c.shared_gate_up_rows() : 0},
-      {"shared_down_bias", shared && c.expert_bias ? d : 0},
-      {"shared_gate", shared && c.shared_expert_gate ? d : 0},
-      {"selection_bias", c.has_selection_bias() ? num_experts : 0},
-  };
+  std::vector<std::pair<const char*, int64_t>> sizes;
+  for (const MoeParamSpec& s : kMoeParamSchema) sizes.emplace_back(s.name, moe_param_size(s, c));
+  return sizes;
 }
 
 template <typename Real>
 BasicMoeTensors<Real> make_moe_tensors(const MoeLayerConfig& c) {
-  const auto sizes = moe_tensor_sizes(c);
+  c.validate();
   BasicMoeTensors<Real> t;
-  size_t i = 0;
-  t.for_each([&](const char*, std::vector<Real>& v) { v.assign(static_cast<size_t>(sizes[i++].second), Real(0)); });
+  for_each_moe_field(t, [&](auto row, std::vector<Real>& v) {
+    v.assign(static_cast<size_t>(moe_param_size(kMoeParamSchema[row], c)), Real(0));
+  });
   std::copy(c.routing.e_score_correction_bias.begin(), c.routing.e_score_correction_bias.end(),
             t.selection_bias.begin());
   return t;
@@ -52,34 +159,28 @@ template BasicMoeTensors<float> make_moe_tensors<float>(const MoeLayerConfig&);
 template BasicMoeTensors<double> make_moe_tensors<double>(const MoeLayerConfig&);
 
 MoeGradBuffers moe_grad_buffers(MoeTensors& t) {
-  // Both lists run in MoeTensors' order; the buffers stop before the selection bias.
-  std::vector<std::vector<float>*> tensors;
-  t.for_each([&](const char*, std::vector<float>& v) { tensors.push_back(&v); });
+  // Every row with a gradient (the buffers have no field for the others).
   MoeGradBuffers b;
-  size_t i = 0;
-  b.for_each([&](const char*, std::span<float>& span) { span = *tensors[i++]; });
+  for_each_moe_field(b, [&](auto row, std::span<float>& span) { span = moe_param_field<row>(t); });
   return b;
 }
 
 MoeParams moe_params_view(const MoeLayerConfig& c, const MoeTensors& t) {
-  const int64_t num_experts = c.num_experts(), d = c.d_model;
-  auto weights = [](const std::vector<float>& v, int64_t experts, int64_t rows, int64_t cols) {
-    return v.empty() ? WeightView{} : WeightView{v.data(), DType::kF32, experts, rows, cols};
-  };
   MoeParams p;
-  p.router_weight = {t.router_weight.data(), c.router_rows(), d};
-  p.router_bias = t.router_bias;
-  if (!t.router_noise_weight.empty()) p.router_noise_weight = {t.router_noise_weight.data(), num_experts, d};
-  p.gate_up = weights(t.gate_up, num_experts, c.gate_up_rows(), d);
-  p.down = weights(t.down, num_experts, d, c.d_ff);
-  p.gate_up_bias = t.gate_up_bias;
-  p.down_bias = t.down_bias;
-  p.shared_gate_up = weights(t.shared_gate_up, 1, c.shared_gate_up_rows(), d);
-  p.shared_down = weights(t.shared_down, 1, d, c.effective_shared_d_ff());
-  p.shared_gate_up_bias = t.shared_gate_up_bias;
-  p.shared_down_bias = t.shared_down_bias;
-  p.shared_gate = t.shared_gate;
-  p.selection_bias = t.selection_bias;
+  for_each_moe_field(p, [&](auto row, auto& view) {
+    const std::vector<float>& v = moe_param_field<row>(t);
+    using View = std::remove_reference_t<decltype(view)>;
+    if constexpr (std::is_same_v<View, std::span<const float>>) {
+      view = v;
+    } else if (!v.empty()) {
+      const std::vector<int64_t> shape = moe_param_shape(kMoeParamSchema[row], c);
+      if constexpr (std::is_same_v<View, WeightView>) {
+        view = WeightView{v.data(), DType::kF32, shape[0], shape[1], shape[2]};
+      } else {
+        view = ConstMatrixView<float>(v.data(), shape[0], shape[1]);
+      }
+    }
+  });
   return p;
 }
 
@@ -121,28 +222,19 @@ void copy_weight(const WeightView& w, std::vector<float>& out) {
       for (int64_t c = 0; c < w.cols; ++c) out[static_cast<size_t>((e * w.rows + r) * w.cols + c)] = weight_element(w, e, r, c);
 }
 
+// The values of one parameter view copied into its owned tensor (sized by make_moe_tensors).
+void copy_param(const WeightView& w, std::vector<float>& to) { copy_weight(w, to); }
+void copy_param(ConstMatrixView<float> m, std::vector<float>& to) {
+  if (m.data != nullptr) std::copy(m.data, m.data + m.rows * m.cols, to.begin());
+}
+void copy_param(std::span<const float> v, std::vector<float>& to) { std::copy(v.begin(), v.end(), to.begin()); }
+
 }  // namespace
 
 MoeTensors moe_tensors_from_params(const MoeLayerConfig& c, const MoeParams& p) {
   check_moe_params(c, p);
   MoeTensors t = make_moe_tensors<float>(c);
-  const auto copy_span = [](std::span<const float> from, std::vector<float>& to) { std::copy(from.begin(), from.end(), to.begin()); };
-  const auto copy_matrix = [](ConstMatrixView<float> m, std::vector<float>& to) {
-    if (m.data != nullptr) std::copy(m.data, m.data + m.rows * m.cols, to.begin());
-  };
-  copy_matrix(p.router_weight, t.router_weight);
-  copy_span(p.router_bias, t.router_bias);
-  copy_matrix(p.router_noise_weight, t.router_noise_weight);
-  copy_weight(p.gate_up, t.gate_up);
-  copy_weight(p.down, t.down);
-  copy_span(p.gate_up_bias, t.gate_up_bias);
-  copy_span(p.down_bias, t.down_bias);
-  copy_weight(p.shared_gate_up, t.shared_gate_up);
-  copy_weight(p.shared_down, t.shared_down);
-  copy_span(p.shared_gate_up_bias, t.shared_gate_up_bias);
-  copy_span(p.shared_down_bias, t.shared_down_bias);
-  copy_span(p.shared_gate, t.shared_gate);
-  copy_span(p.selection_bias, t.selection_bias);
+  for_each_moe_field(p, [&](auto row, const auto& view) { copy_param(view, moe_param_field<row>(t)); });
   return t;
 }
 
@@ -257,39 +349,27 @@ void check_weight_param(const char* name, const WeightView& w, bool wanted, int6
 }  // namespace
 
 void check_moe_params(const MoeLayerConfig& c, const MoeParams& p) {
-  const int64_t num_experts = c.num_experts(), d = c.d_model;
-  check_matrix_param("router_weight", p.router_weight, true, c.router_rows(), d, "");
-  check_vector_param("router_bias", p.router_bias, c.router_bias, c.router_rows(), "router_bias is false");
-  check_matrix_param("router_noise_weight", p.router_noise_weight, c.routing.noisy_gating, num_experts, d,
-                     "noisy_gating is false");
-  check_weight_param("gate_up", p.gate_up, true, num_experts, c.gate_up_rows(), d, "", c.dtype);
-  check_weight_param("down", p.down, true, num_experts, d, c.d_ff, "", c.dtype);
-  check_vector_param("gate_up_bias", p.gate_up_bias, c.expert_bias, num_experts * c.gate_up_rows(),
-                     "expert_bias is false");
-  check_vector_param("down_bias", p.down_bias, c.expert_bias, num_experts * d, "expert_bias is false");
-  const bool shared = c.has_shared();
-  check_weight_param("shared_gate_up", p.shared_gate_up, shared, 1, c.shared_gate_up_rows(), d,
-                     "num_shared_experts is 0", c.dtype);
-  check_weight_param("shared_down", p.shared_down, shared, 1, d, c.effective_shared_d_ff(),
-                     "num_shared_experts is 0", c.dtype);
-  check_vector_param("shared_gate_up_bias", p.shared_gate_up_bias, shared && c.expert_bias,
-                     c.shared_gate_up_rows(), "no shared expert biases");
-  check_vector_param("shared_down_bias", p.shared_down_bias, shared && c.expert_bias, d,
-                     "no shared expert biases");
-  check_vector_param("shared_gate", p.shared_gate, c.shared_expert_gate, d, "shared_expert_gate is false");
-  const bool gated = is_gated(c.activation);
-  for (const auto& [name, w] : {std::pair<const char*, const WeightView*>{"gate_up", &p.gate_up},
-                                {"shared_gate_up", &p.shared_gate_up}, {"down", &p.down},
-                                {"shared_down", &p.shared_down}}) {
-    const bool may_split = gated && std::string(name).find("gate_up") != std::string::npos;
-    if (w->up_data != nullptr && !may_split) {
-      throw_input_error(detail::concat("params.", name, ".up_data"),
-                        "null (only the gate_up weight of a gated activation has an up half)", "a pointer");
+  for_each_moe_field(p, [&](auto row, const auto& view) {
+    const MoeParamSpec& s = kMoeParamSchema[row];
+    const bool wanted = moe_param_used(s, c);
+    const std::vector<int64_t> shape = moe_param_shape(s, c);
+    const char* why = moe_param_absent_reason(s.used_when);
+    using View = std::remove_cvref_t<decltype(view)>;
+    if constexpr (std::is_same_v<View, ConstMatrixView<float>>) {
+      check_matrix_param(s.name, view, wanted, shape[0], shape[1], why);
+    } else if constexpr (std::is_same_v<View, std::span<const float>>) {
+      int64_t size = 1;
+      for (const int64_t v : shape) size *= v;
+      check_vector_param(s.name, view, wanted, size, why);
+    } else {
+      check_weight_param(s.name, view, wanted, shape[0], shape[1], shape[2], why, c.dtype);
+      // Only the rows with gate and up halves, and only for a gated activation, have an up half.
+      if (view.up_data != nullptr && !(is_gated(c.activation) && s.up_name != nullptr)) {
+        throw_input_error(detail::concat("params.", s.name, ".up_data"),
+                          "null (only the gate_up weight of a gated activation has an up half)", "a pointer");
+      }
     }
-  }
-  check_vector_param("selection_bias", p.selection_bias, c.has_selection_bias(), num_experts,
-                     "selection_bias is false and no e_score_correction_bias is given");
+  });
 }
-
 
 }  // namespace moekit

@@ -4,8 +4,8 @@
 //
 // File: metadata "moekit_layer_config" (moe_layer_config_to_json), "format" = "moekit-layer",
 // and any caller metadata (`moekit forward --save-layer` records "model_type", "layer");
-// tensors by MoeTensors' names, F32 [shapes of MoeTensors], except the expert weights
-// (gate_up, down, shared_gate_up, shared_down) of a quantized layer, stored as
+// tensors by the names and shapes of kMoeParamSchema (params.h), F32, except the expert
+// weights (gate_up, down, shared_gate_up, shared_down) of a quantized layer, stored as
 // "<name>.codes" U8 [experts, rows, quantized_code_bytes(cols)] and "<name>.scales" U8
 // [experts, rows, quantized_scale_bytes(cols)] (quant.h), and those of a bf16 layer, BF16.
 #pragma once

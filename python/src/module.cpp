@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -25,6 +26,7 @@
 #include "moekit/layer.h"
 #include "moekit/model_family.h"
 #include "moekit/layer_file.h"
+#include "moekit/params.h"
 #include "moekit/pretrained.h"
 #include "moekit/routing.h"
 
@@ -200,6 +202,59 @@ nb::dict route(const std::string& config_json, const InArray& input, const std::
 }
 
 // ---------------------------------------------------------------------------------------------
+// The parameter schema (params.h) as Python sees it.
+
+// A parameter's shape as the extension's arrays have it: the row's shape, a weight of the shared
+// expert without its leading 1.
+std::vector<size_t> array_shape(const MoeParamSpec& spec, const MoeLayerConfig& c) {
+  std::vector<size_t> shape;
+  for (const int64_t v : moe_param_shape(spec, c)) shape.push_back(static_cast<size_t>(v));
+  if (spec.single_expert()) shape.erase(shape.begin());
+  return shape;
+}
+
+// One dict per row of kMoeParamSchema, in its order.
+nb::list parameter_schema() {
+  nb::list rows;
+  for (const MoeParamSpec& s : kMoeParamSchema) {
+    nb::dict r;
+    r["name"] = s.name;
+    r["storage"] = moe_param_storage_name(s.storage);
+    r["fp32_only"] = s.fp32_only();
+    nb::list shape;
+    for (int i = 0; i < s.rank(); ++i) shape.append(moe_param_dim_name(s.shape[static_cast<size_t>(i)]));
+    r["shape"] = shape;
+    r["single_expert"] = s.single_expert();
+    r["used_when"] = moe_param_condition_name(s.used_when);
+    r["expert_weight"] = s.expert_weight;
+    r["has_gradient"] = s.has_gradient;
+    nb::list layouts;
+    for (const char* l : moe_param_layout_names(s.layouts)) layouts.append(l);
+    r["layouts"] = layouts;
+    r["up_name"] = s.up_name != nullptr ? nb::cast(std::string(s.up_name)) : nb::none();
+    nb::list hf;
+    for (const MoeParamHfName& h : s.hf_names) {
+      if (h.name == nullptr) break;
+      hf.append(nb::make_tuple(h.name, h.up != nullptr ? nb::cast(std::string(h.up)) : nb::none()));
+    }
+    r["hf_names"] = hf;
+    rows.append(r);
+  }
+  return rows;
+}
+
+// (name, shape) of every parameter `config_json` uses, in the schema's order, shaped as the
+// extension's arrays (array_shape).
+std::vector<std::pair<std::string, std::vector<size_t>>> parameter_shapes(const std::string& config_json) {
+  const MoeLayerConfig c = moe_layer_config_from_json(config_json);
+  std::vector<std::pair<std::string, std::vector<size_t>>> out;
+  for (const MoeParamSpec& s : kMoeParamSchema) {
+    if (moe_param_used(s, c)) out.emplace_back(s.name, array_shape(s, c));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The layer.
 
 struct ForwardState {
@@ -217,10 +272,12 @@ class Layer {
   Layer(const std::string& config_json, const nb::dict& params) {
     const MoeLayerConfig c = moe_layer_config_from_json(config_json);
     MoeParams p;
-    std::vector<std::string> known = {"router_weight", "router_bias",   "router_noise_weight", "gate_up",
-                                      "up",            "down",          "gate_up_bias",        "down_bias",
-                                      "shared_gate_up", "shared_up",    "shared_down",         "shared_gate_up_bias",
-                                      "shared_down_bias", "shared_gate", "selection_bias"};
+    // The schema's names and the names of its up halves (params.h).
+    std::vector<std::string> known;
+    for (const MoeParamSpec& s : kMoeParamSchema) {
+      known.emplace_back(s.name);
+      if (s.up_name != nullptr) known.emplace_back(s.up_name);
+    }
     for (auto [key, value] : params) {
       const std::string name = nb::cast<std::string>(key);
       if (std::find(known.begin(), known.end(), name) == known.end()) {
@@ -240,18 +297,17 @@ class Layer {
       keep_.push_back(obj);
       return a;
     };
-    const int64_t d = c.d_model, num_experts = c.num_experts();
     auto vec = [&](const char* name, std::vector<int64_t> shape) -> std::span<const float> {
       auto a = get(name);
       if (!a) return {};
       check_array(*a, (std::string("params['") + name + "']").c_str(), Elem::kF32, shape);
       return {data_as<float>(*a), static_cast<size_t>(a->size())};
     };
-    auto mat = [&](const char* name, int64_t rows) -> ConstMatrixView<float> {
+    auto mat = [&](const char* name, int64_t rows, int64_t cols) -> ConstMatrixView<float> {
       auto a = get(name);
       if (!a) return {};
-      check_array(*a, (std::string("params['") + name + "']").c_str(), Elem::kF32, {rows, d});
-      return {data_as<float>(*a), rows, d};
+      check_array(*a, (std::string("params['") + name + "']").c_str(), Elem::kF32, {rows, cols});
+      return {data_as<float>(*a), rows, cols};
     };
     // Expert weights: fp32 or bf16, [experts, rows, cols] (the shared expert without its
     // leading 1); gated weights either stacked (gate rows, then up rows) or as two halves.
@@ -334,26 +390,28 @@ class Layer {
       }
       return w;
     };
-    const int64_t sf = c.effective_shared_d_ff();
-    p.router_weight = mat("router_weight", c.router_rows());
-    p.router_bias = vec("router_bias", {c.router_rows()});
-    p.router_noise_weight = mat("router_noise_weight", num_experts);
-    p.gate_up = weight("gate_up", is_gated(c.activation) ? "up" : nullptr, num_experts, c.gate_up_rows(), d, true);
-    p.down = weight("down", nullptr, num_experts, d, c.d_ff, true);
-    p.gate_up_bias = vec("gate_up_bias", {num_experts, c.gate_up_rows()});
-    p.down_bias = vec("down_bias", {num_experts, d});
-    p.shared_gate_up = weight("shared_gate_up", is_gated(c.activation) ? "shared_up" : nullptr, 1,
-                              c.has_shared() ? c.shared_gate_up_rows() : 0, d, false);
-    p.shared_down = weight("shared_down", nullptr, 1, d, c.has_shared() ? sf : 0, false);
-    p.shared_gate_up_bias = vec("shared_gate_up_bias", {c.has_shared() ? c.shared_gate_up_rows() : 0});
-    p.shared_down_bias = vec("shared_down_bias", {d});
-    if (auto g = get("shared_gate")) {
-      // HF's shared_expert_gate.weight is [1, d_model]; a [d_model] vector is the same memory.
-      const std::vector<int64_t> shape = g->ndim() == 2 ? std::vector<int64_t>{1, d} : std::vector<int64_t>{d};
-      check_array(*g, "params['shared_gate']", Elem::kF32, shape);
-      p.shared_gate = {data_as<float>(*g), static_cast<size_t>(d)};
-    }
-    p.selection_bias = vec("selection_bias", {num_experts});
+    // Every parameter of the schema, in its order, with the row's shape (a weight of the shared
+    // expert without its leading 1); gate and up halves under the row's up name.
+    for_each_moe_field(p, [&](auto row, auto& view) {
+      const MoeParamSpec& s = kMoeParamSchema[row];
+      const std::vector<int64_t> shape = moe_param_shape(s, c);
+      using View = std::remove_reference_t<decltype(view)>;
+      if constexpr (std::is_same_v<View, WeightView>) {
+        const char* up = is_gated(c.activation) ? s.up_name : nullptr;
+        view = weight(s.name, up, shape[0], shape[1], shape[2], !s.single_expert());
+      } else if constexpr (std::is_same_v<View, ConstMatrixView<float>>) {
+        view = mat(s.name, shape[0], shape[1]);
+      } else if ((s.layouts & kLayoutRowMatrix) != 0) {
+        // As a [1, n] matrix (HF's shared_expert_gate.weight is [1, d_model]) or as the vector.
+        if (auto a = get(s.name)) {
+          const std::vector<int64_t> as_given = a->ndim() == 2 ? std::vector<int64_t>{1, shape[0]} : shape;
+          check_array(*a, (std::string("params['") + s.name + "']").c_str(), Elem::kF32, as_given);
+          view = {data_as<float>(*a), static_cast<size_t>(shape[0])};
+        }
+      } else {
+        view = vec(s.name, shape);
+      }
+    });
     layer_ = std::make_unique<MoeLayer>(c, p);
   }
 
@@ -374,22 +432,10 @@ class Layer {
   // (MoeTensors' names): a checkpoint's tensors as a PyTorch module's starting values.
   nb::dict stored_parameters() {
     MoeTensors t = moe_tensors_from_params(config(), layer_->params());
-    const MoeLayerConfig& c = config();
-    const auto shape = [&](const std::string& name, size_t n) -> std::vector<size_t> {
-      const size_t e = static_cast<size_t>(c.num_experts()), d = static_cast<size_t>(c.d_model);
-      if (name == "router_weight" || name == "router_noise_weight" || name == "shared_gate_up" || name == "shared_down")
-        return {n / (name == "shared_down" ? static_cast<size_t>(c.effective_shared_d_ff()) : d),
-                name == "shared_down" ? static_cast<size_t>(c.effective_shared_d_ff()) : d};
-      if (name == "gate_up") return {e, static_cast<size_t>(c.gate_up_rows()), d};
-      if (name == "down") return {e, d, static_cast<size_t>(c.d_ff)};
-      if (name == "gate_up_bias" || name == "down_bias") return {e, n / e};
-      return {n};
-    };
     nb::dict d;
     t.for_each([&](const char* name, std::vector<float>& v) {
       if (v.empty()) return;
-      const size_t n = v.size();
-      d[name] = to_numpy(std::move(v), shape(name, n));
+      d[name] = to_numpy(std::move(v), array_shape(moe_param_spec(name), config()));
     });
     return d;
   }
@@ -434,18 +480,15 @@ class Layer {
     options.d_aux_loss = d_aux_loss;
     options.d_z_loss = d_z_loss;
     if (into) {
-      const auto sizes = moe_tensor_sizes(config());
       for (auto [key, value] : *into) {
         const std::string name = nb::cast<std::string>(key);
-        bool found = false;
-        for (const auto& s : sizes) found = found || name == s.first;
-        if (!found || name == "selection_bias") {
+        const MoeParamSpec* s = find_moe_param(name);
+        if (s == nullptr || !s->has_gradient) {
           throw nb::value_error(("grads: unknown gradient '" + name + "'").c_str());
         }
       }
-      size_t i = 0;  // MoeGradBuffers::for_each runs in moe_tensor_sizes' order
       buffers.for_each([&](const char* name, std::span<float>& span) {
-        const int64_t want = sizes[i++].second;
+        const int64_t want = moe_param_size(moe_param_spec(name), config());
         if (want == 0) return;
         if (!into->contains(name)) throw nb::value_error((std::string("grads: expected a buffer '") + name + "', got none").c_str());
         OutArray a;
@@ -525,6 +568,9 @@ NB_MODULE(_moekit, m) {
     d["router_z_loss_coef"] = c.routing.router_z_loss_coef;
     return nb::cast<std::string>(nb::module_::import_("json").attr("dumps")(d));
   });
+  // The parameter schema (params.h): one dict per row, and the rows a config uses with shapes.
+  m.def("parameter_schema", &parameter_schema);
+  m.def("parameter_shapes", &parameter_shapes, "config_json"_a);
   m.def("route", &route, "config_json"_a, "input"_a, "kind"_a, "router_weight"_a.none() = nb::none(),
         "router_bias"_a.none() = nb::none(), "noise_weight"_a.none() = nb::none(), "token_mask"_a.none() = nb::none(),
         "sequence_length"_a = 0, "labels"_a.none() = nb::none(), "selection_bias"_a.none() = nb::none(),

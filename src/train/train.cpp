@@ -3,7 +3,6 @@
 #include <chrono>
 #include <cmath>
 #include <span>
-#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -23,18 +22,18 @@ constexpr uint64_t kStepNoiseStream = 0x7472'0200;
 constexpr int kTrainStream = 0;
 constexpr int kEvalStream = 1;
 
-// The parameter tensors in for_each order, the selection bias (no gradient) left out.
+// The parameter tensors in for_each order that have a gradient (the selection bias has none).
 std::vector<std::vector<float>*> trainable(MoeTensors& t) {
   std::vector<std::vector<float>*> out;
   t.for_each([&](const char* name, std::vector<float>& v) {
-    if (std::string_view(name) != "selection_bias") out.push_back(&v);
+    if (moe_param_spec(name).has_gradient) out.push_back(&v);
   });
   return out;
 }
 std::vector<const std::vector<float>*> trainable(const MoeTensors& t) {
   std::vector<const std::vector<float>*> out;
   t.for_each([&](const char* name, const std::vector<float>& v) {
-    if (std::string_view(name) != "selection_bias") out.push_back(&v);
+    if (moe_param_spec(name).has_gradient) out.push_back(&v);
   });
   return out;
 }

@@ -181,33 +181,13 @@ class MoE(nn.Module):
             setattr(self, "router" if _layout == "gpt_oss" else "gate", router)
             self.experts = _Experts(self.num_experts, full["gate_up_rows"], d, self.d_ff, full["expert_bias"],
                                     transposed=_layout == "gpt_oss")
-        names = ["router_weight"]
-        if full["router_bias"]:
-            names.append("router_bias")
-        if full["noisy_gating"]:
-            names.append("router_noise_weight")
-        if _layout == "switch":  # one tensor per expert, passed to the layer as lists
-            names += [f"gate_up.{e}" for e in range(self.num_experts)] + [f"down.{e}" for e in range(self.num_experts)]
-        else:
-            names += ["gate_up", "down"]
-        if full["expert_bias"]:
-            names += ["gate_up_bias", "down_bias"]
-        self._shared_attr = None
         if full["shared_d_ff"] > 0:
             shared = _SharedMlp(d, full["shared_d_ff"], full["gated"], full["expert_bias"])
-            self._shared_attr = "shared_expert" if full["shared_expert_gate"] else "shared_experts"
-            setattr(self, self._shared_attr, shared)
-            names += ["shared_gate_up", "shared_up"] if full["gated"] else ["shared_gate_up"]
-            names.append("shared_down")
-            if full["expert_bias"]:
-                names += ["shared_gate_up_bias", "shared_down_bias"]
+            setattr(self, "shared_expert" if full["shared_expert_gate"] else "shared_experts", shared)
             if full["shared_expert_gate"]:
                 self.shared_expert_gate = nn.Linear(d, 1, bias=False)
-                names.append("shared_gate")
-        if full["selection_bias"]:
-            names.append("selection_bias")
-        self._names = names
-        self._core = _ops._Core(cfg, names, shared_split=full["gated"], layout=_layout)
+        self._names = self._parameter_names(cfg)
+        self._core = _ops._Core(cfg, self._names, layout=_layout)
         # The registry entry (and the C++ layer) goes with the module.
         weakref.finalize(self, _ops._CORES.pop, self._core.handle, None)
         self.reset_parameters()
@@ -258,10 +238,11 @@ class MoE(nn.Module):
         with torch.no_grad():
             for name, value in stored.items():
                 v = torch.from_numpy(value)
-                if name == "shared_gate_up" and targets.get("shared_up") is not None:
+                up = _UP_NAMES.get(name)
+                if up is not None and targets.get(up) is not None:
                     half = v.shape[0] // 2  # one [2·d_ff, d] stack → HF's gate_proj and up_proj
-                    targets["shared_gate_up"].copy_(v[:half])
-                    targets["shared_up"].copy_(v[half:])
+                    targets[name].copy_(v[:half])
+                    targets[up].copy_(v[half:])
                     continue
                 target = targets.get(name)
                 if target is None:
@@ -292,33 +273,33 @@ class MoE(nn.Module):
             _uniform_(self.experts.down_proj_bias, self.d_ff)
 
     def _by_name(self) -> dict:
-        """Every tensor of the module by its moekit name (None where the config has none)."""
-        router = self._router_module
-        by_name = {
-            "router_weight": router.weight,
-            "router_bias": router.bias,
-            "router_noise_weight": router.noise_weight,
-            "selection_bias": router.e_score_correction_bias,
-        }
-        if self._layout == "switch":
-            for e in range(self.num_experts):
-                by_name[f"gate_up.{e}"] = self.experts[f"expert_{e}"].wi.weight
-                by_name[f"down.{e}"] = self.experts[f"expert_{e}"].wo.weight
-        else:
-            by_name.update({"gate_up": self.experts.gate_up_proj, "down": self.experts.down_proj,
-                            "gate_up_bias": self.experts.gate_up_proj_bias, "down_bias": self.experts.down_proj_bias})
-        shared = getattr(self, self._shared_attr) if self._shared_attr else None
-        if shared is not None:
-            gated = shared.gate_proj is not None
-            by_name["shared_gate_up"] = shared.gate_proj.weight if gated else shared.up_proj.weight
-            by_name["shared_up"] = shared.up_proj.weight if gated else None
-            by_name["shared_down"] = shared.down_proj.weight
-            if shared.up_proj.bias is not None:
-                by_name["shared_gate_up_bias"] = shared.up_proj.bias
-                by_name["shared_down_bias"] = shared.down_proj.bias
-            if hasattr(self, "shared_expert_gate"):
-                by_name["shared_gate"] = self.shared_expert_gate.weight
+        """Every tensor of the module by its moekit name (None where the module has none): each
+        parameter of the schema under the first of its Hugging Face names the module has, one
+        name per expert where the experts are stored apart ("gate_up.3"), and the up half of a
+        weight stored as gate and up tensors under the schema's up name ("shared_up")."""
+        by_name = {}
+        for row in _SCHEMA:
+            found, up = _find_hf(self, row, self.num_experts)
+            if isinstance(found, list):
+                by_name.update({f"{row['name']}.{e}": t for e, t in enumerate(found)})
+            else:
+                by_name[row["name"]] = found
+            if row["up_name"] is not None:
+                by_name[row["up_name"]] = up
         return by_name
+
+    def _parameter_names(self, cfg: Mapping[str, Any]) -> List[str]:
+        """The moekit names of the module's tensors in the ops' order: the parameters the C++
+        layer's configuration uses, in the schema's order, as _by_name names them."""
+        used = {name for name, _ in _moekit.parameter_shapes(_json(cfg))}
+        names = []
+        for name, tensor in self._by_name().items():
+            if name not in _HALF_OF and (name.split(".")[0] in used) != (tensor is not None):
+                raise ValueError(f"{name}: the configuration {'uses' if tensor is None else 'has no'} such parameter, "
+                                 f"the module {'has no tensor for it' if tensor is None else 'has one'}")
+            if tensor is not None:  # an up half: there when its weight is stored as gate and up tensors
+                names.append(name)
+        return names
 
     def _tensors(self) -> List[torch.Tensor]:
         """The parameters in the ops' order (moekit names in self._names)."""
@@ -342,7 +323,7 @@ class MoE(nn.Module):
         if not x.is_contiguous():
             raise ValueError(f"hidden_states: expected a contiguous tensor (moekit reads it in place), got strides "
                              f"{x.stride()}; call .contiguous()")
-        weight_dtype = params[self._names.index("gate_up.0" if self._layout == "switch" else "gate_up")].dtype
+        weight_dtype = next(p.dtype for n, p in zip(self._names, params) if n.split(".")[0] in _EXPERT_WEIGHTS)
         compute = "bf16" if weight_dtype == torch.bfloat16 else "fp32"
         if weight_dtype == torch.float32 and torch.is_autocast_enabled("cpu") and \
                 torch.get_autocast_dtype("cpu") == torch.bfloat16:
@@ -380,6 +361,40 @@ class MoE(nn.Module):
 
 def _json(cfg: Mapping[str, Any]) -> str:
     return json.dumps(dict(cfg))
+
+
+# The C++ layer's parameter schema (include/moekit/params.h): one dict per parameter in the
+# layer's order, with the Hugging Face names it is found under; and the names of the up halves
+# of weights that may be given as gate and up tensors.
+_SCHEMA = _moekit.parameter_schema()
+_UP_NAMES = {row["name"]: row["up_name"] for row in _SCHEMA if row["up_name"] is not None}
+_HALF_OF = {up: name for name, up in _UP_NAMES.items()}
+_EXPERT_WEIGHTS = {row["name"] for row in _SCHEMA if row["expert_weight"]}
+
+
+def _get(module: nn.Module, path: str, num_experts: int) -> Any:
+    """The tensor at a dotted path of `module` (None when any part is missing or None); a path
+    with "{e}" gives the list of the experts' tensors."""
+    if "{e}" in path:
+        if _get(module, path.replace("{e}", "0"), num_experts) is None:
+            return None
+        return [_get(module, path.replace("{e}", str(e)), num_experts) for e in range(num_experts)]
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _find_hf(module: nn.Module, row: Mapping[str, Any], num_experts: int):
+    """(tensor or list of per-expert tensors, up half or None) of a schema row under the first of
+    its Hugging Face names that `module` has; (None, None) when it has none."""
+    for name, up in row["hf_names"]:
+        found = _get(module, name, num_experts)
+        if found is not None:
+            return found, (_get(module, up, num_experts) if up is not None else None)
+    return None, None
 
 
 def _layer_summary(cfg: Mapping[str, Any]) -> dict:

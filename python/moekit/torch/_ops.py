@@ -52,10 +52,11 @@ atexit.register(_CORES.clear)
 class _Core:
     """The C++ layers of one module (one per compute dtype) and the saved forwards."""
 
-    def __init__(self, config: dict, names: Sequence[str], shared_split: bool, layout: str = "hf"):
+    def __init__(self, config: dict, names: Sequence[str], layout: str = "hf"):
         self.config = dict(config)
-        self.names = list(names)          # moekit parameter names, in the ops' list order
-        self.shared_split = shared_split  # shared gate and up are two tensors (HF names)
+        self.names = list(names)  # moekit parameter names, in the ops' list order
+        # The weights given as gate and up tensors (their up half's name is in the list too).
+        self.split = {name for name, up in _UP_NAMES.items() if up in self.names}
         # "hf": transformers 5.x stacks, [E, 2·d_ff, d] (gate rows first) and [E, d, d_ff];
         # "gpt_oss": its experts' own layout, gate_up_proj [E, d, 2·d_ff] with gate and up
         # interleaved (even / odd columns) and its bias likewise, down_proj [E, d_ff, d]. The
@@ -103,17 +104,19 @@ class _Core:
                 raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
             if t.dtype not in (torch.float32, torch.bfloat16):
                 raise TypeError(f"{name}: expected dtype float32 or bfloat16, got {t.dtype}")
-            weight = name in ("gate_up", "up", "down", "shared_gate_up", "shared_up", "shared_down")
+            weight = not _spec(name)["fp32_only"]  # bf16 weights are read as they are
             if "." in name:  # "gate_up.3": one tensor per expert (Switch), passed as a list
                 base, index = name.split(".")
                 arrays.setdefault(base, []).append(t)
                 assert len(arrays[base]) == int(index) + 1
-            elif self.layout == "gpt_oss" and name == "gate_up":
-                arrays["gate_up"] = t[:, :, 0::2].transpose(1, 2)  # [E, d_ff, d], strides (2fd, 2, 2f)
-                arrays["up"] = t[:, :, 1::2].transpose(1, 2)
-            elif self.layout == "gpt_oss" and name == "down":
-                arrays["down"] = t.transpose(1, 2)  # [E, d, d_ff], strides (fd, 1, d)
-            elif self.layout == "gpt_oss" and name == "gate_up_bias":
+            # gpt-oss stores transposed every weight the schema lets arrive transposed (gate_up,
+            # down), and gate and up interleaved wherever it lets them (gate_up and its bias).
+            elif self.layout == "gpt_oss" and _arrives(name, "transposed") and _arrives(name, "interleaved"):
+                arrays[name] = t[:, :, 0::2].transpose(1, 2)  # [E, d_ff, d], strides (2fd, 2, 2f)
+                arrays[_UP_NAMES[name]] = t[:, :, 1::2].transpose(1, 2)
+            elif self.layout == "gpt_oss" and _arrives(name, "transposed"):
+                arrays[name] = t.transpose(1, 2)  # [E, d, d_ff], strides (fd, 1, d)
+            elif self.layout == "gpt_oss" and _arrives(name, "interleaved"):
                 make = _gate_first
                 shadows[i] = (make(t), make)
                 arrays[name] = shadows[i][0]
@@ -170,33 +173,33 @@ class _Core:
             if "." in name:
                 experts[name.split(".")[0]] = experts.get(name.split(".")[0], 0) + 1
         for name, p in zip(self.names, params):
-            if name in ("selection_bias", "up", "shared_up"):
+            if name in _HALF_OF or not _spec(name)["has_gradient"]:
                 continue  # no gradient; the up halves come out of the stacked buffers
             if "." in name:  # per-expert tensors: one stacked buffer, a view per expert
                 base = name.split(".")[0]
                 if base not in grads:
                     grads[base] = _moekit.pooled_array([experts[base]] + list(p.shape), "float32")
                 continue
-            rows = 2 * p.shape[0] if name == "shared_gate_up" and self.shared_split else p.shape[0]
+            rows = 2 * p.shape[0] if name in self.split else p.shape[0]
             shape = [rows] + list(p.shape[1:])
-            if self.layout == "gpt_oss" and name in ("gate_up", "down"):
+            if self.layout == "gpt_oss" and _arrives(name, "transposed"):
                 shape = [p.shape[0], p.shape[2], p.shape[1]]  # the layer's [E, rows, cols]
             grads[name] = _moekit.pooled_array(shape, "float32")
         d = d_out if d_out.dtype == torch.float32 else d_out.float()
         d_x = layer.backward(d.detach().contiguous(), state, grads, float(d_aux), float(d_z))
         result = [torch.from_numpy(d_x).to(x.dtype)]
         for name, p in zip(self.names, params):
-            if name == "selection_bias":
+            if not _spec(name)["has_gradient"]:
                 result.append(p.new_empty((0,)))  # it only selects: no gradient
                 continue
             if "." in name:
                 base, index = name.split(".")
                 g = torch.from_numpy(grads[base])[int(index)]
-            elif self.layout == "gpt_oss" and name in ("gate_up", "gate_up_bias", "down"):
+            elif self.layout == "gpt_oss" and (_arrives(name, "transposed") or _arrives(name, "interleaved")):
                 g = _to_gpt_oss(name, torch.from_numpy(grads[name]), p)
-            elif name == "shared_up":
-                g = torch.from_numpy(grads["shared_gate_up"])[p.shape[0]:].clone()
-            elif name == "shared_gate_up" and self.shared_split:
+            elif name in _HALF_OF:
+                g = torch.from_numpy(grads[_HALF_OF[name]])[p.shape[0]:].clone()
+            elif name in self.split:
                 g = torch.from_numpy(grads[name])[:p.shape[0]]
             else:
                 g = torch.from_numpy(grads[name])
@@ -208,6 +211,25 @@ class _Core:
         return result
 
 
+# The C++ layer's parameter schema (include/moekit/params.h) by name, the up halves' names of the
+# weights that may be given as gate and up tensors, and the weight each such half belongs to.
+_SCHEMA = {row["name"]: row for row in _moekit.parameter_schema()}
+_UP_NAMES = {name: row["up_name"] for name, row in _SCHEMA.items() if row["up_name"] is not None}
+_HALF_OF = {up: name for name, up in _UP_NAMES.items()}
+
+
+def _spec(name: str) -> dict:
+    """The schema row of a name of the ops' list: a parameter, one expert of it ("gate_up.3") or
+    an up half ("shared_up")."""
+    base = name.split(".")[0]
+    return _SCHEMA[_HALF_OF.get(base, base)]
+
+
+def _arrives(name: str, layout: str) -> bool:
+    """Whether the schema lets the parameter arrive in `layout` ("transposed", "interleaved")."""
+    return layout in _spec(name)["layouts"]
+
+
 def _gate_first(bias: torch.Tensor) -> torch.Tensor:
     """gpt-oss's interleaved [E, 2·d_ff] bias (gate even, up odd) as the layer's gate-first order."""
     return torch.cat([bias[:, 0::2], bias[:, 1::2]], dim=1).float().contiguous()
@@ -215,11 +237,11 @@ def _gate_first(bias: torch.Tensor) -> torch.Tensor:
 
 def _to_gpt_oss(name: str, g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A gradient in the layer's layout (gate rows first; [E, d, d_ff] down) in gpt-oss's."""
-    if name == "down":
+    if not _arrives(name, "interleaved"):  # down
         return g.transpose(1, 2)  # [E, d_ff, d], a view of the buffer
     f = g.shape[1] // 2
     out = torch.empty(p.shape, dtype=torch.float32)
-    if name == "gate_up":  # g [E, 2f, d] → [E, d, 2f] interleaved
+    if _arrives(name, "transposed"):  # gate_up: g [E, 2f, d] → [E, d, 2f] interleaved
         out[:, :, 0::2] = g[:, :f].transpose(1, 2)
         out[:, :, 1::2] = g[:, f:].transpose(1, 2)
     else:  # bias [E, 2f]
@@ -260,7 +282,7 @@ def _(d_output, d_aux_loss, d_z_loss, x, params, handle, compute, training, sequ
     core = _CORES[handle]
     out = [torch.empty_like(x)]
     for name, p in zip(core.names, params):
-        out.append(p.new_empty((0,)) if name == "selection_bias" else torch.empty_like(p))
+        out.append(torch.empty_like(p) if _spec(name)["has_gradient"] else p.new_empty((0,)))
     return out
 
 
@@ -281,7 +303,7 @@ def _backward(ctx, d_output, d_aux_loss, d_z_loss):
                                           training, sequence_length, num_threads)
     d_x, d_params = grads[0], list(grads[1:])
     names = _CORES[handle].names
-    d_params = [None if n == "selection_bias" else g for n, g in zip(names, d_params)]
+    d_params = [g if _spec(n)["has_gradient"] else None for n, g in zip(names, d_params)]
     return d_x, d_params, None, None, None, None, None, None
 
 
