@@ -59,7 +59,7 @@ std::vector<double> dequantized_activation(DType f, const std::vector<int8_t>& q
 
 struct QuantizedRows {
   std::vector<uint8_t> codes, scales;
-  cpu::QuantMatrix m;
+  WeightView m;  // one expert, quantized (quant_kernels.h)
   std::vector<double> values;   // [rows, cols] what the codes stand for
   std::vector<double> offsets;  // [rows, cols] o_c of the file comment
   // |w̃_c| + 2·o_c: what an element contributes to the dots' rounding bound.
@@ -93,7 +93,11 @@ QuantizedRows quantize_matrix(DType f, const std::vector<float>& w, int64_t rows
       q.offsets.push_back(o);
     }
   }
-  q.m = {f, q.codes.data(), q.scales.data(), cols, cb, sb};
+  q.m.data = q.codes.data();
+  q.m.dtype = f;
+  q.m.rows = rows;
+  q.m.cols = cols;
+  q.m.scales = q.scales.data();
   return q;
 }
 
