@@ -54,12 +54,6 @@ int64_t product(const std::vector<int64_t>& s) {
   return n;
 }
 
-std::string shape_text(const std::vector<int64_t>& s) {
-  std::string t = "[";
-  for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
-  return t + "]";
-}
-
 const WeightView& weight_of(const MoeParams& p, const std::string& name) {
   if (name == "gate_up") return p.gate_up;
   if (name == "down") return p.down;
