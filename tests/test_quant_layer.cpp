@@ -290,6 +290,24 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
   }
 }
 
+// The dots read a one-expert WeightView; one that is not quantized is refused, not misread.
+TEST(QuantKernel, RejectsAWeightThatIsNotQuantized) {
+  const std::vector<float> w(64, 1.0f);
+  WeightView v;
+  v.data = w.data();
+  v.rows = 2;
+  v.cols = 32;
+  const std::vector<int8_t> q(32, 1);
+  const std::vector<float> d(1, 1.0f);
+  const int8_t* qp[1] = {q.data()};
+  const float* dp[1] = {d.data()};
+  float out[2];
+  for (cpu::Isa isa : cpu::supported_isas()) {
+    EXPECT_THROW(cpu::quant_dot(isa, v, 0, 2, qp, dp, 1, out, 2), InputError);
+    EXPECT_THROW(cpu::dequantize_weight_row(isa, v, 0, out), InputError);
+  }
+}
+
 TEST(QuantLayer, MatchesDoubleEvaluationOfTheCodedWeightsWithinThePropagatedBound) {
   for (const DType f : kFormats) {
     for (const bool bias : {false, true}) {
