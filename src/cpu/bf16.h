@@ -30,6 +30,9 @@ inline float bf16_to_float(uint16_t x) {
   return f;
 }
 
+// x rounded to bf16 and widened back: the value a bf16 operand holds, kept in fp32.
+inline float bf16_round(float x) { return bf16_to_float(float_to_bf16(x)); }
+
 void float_to_bf16_n(const float* src, uint16_t* dst, int64_t n);  // float_to_bf16 of each
 
 }  // namespace moekit::cpu

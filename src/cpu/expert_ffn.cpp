@@ -28,8 +28,6 @@ using ops::RowSpace;
 // (gemm_weight_rows) instead of packing them after every weight update.
 constexpr int64_t kWeightRowsInPlace = 4;
 
-float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
-
 size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 // Row blocks of every group, one column each: for the per-row passes (activation backward,
@@ -442,7 +440,7 @@ void CpuExpertFfn::activation_backward_rows(const OpContext& ctx, const RowSpace
       } else {
         for (int64_t j = 0; j < f; ++j) {
           const float v = activation_forward(c_.activation, a[j], gated ? a[f + j] : 0.0f, c_.activation_constants);
-          h[j] = bf16() ? round_bf16(v) : v;
+          h[j] = bf16() ? bf16_round(v) : v;
           dot += double(gr[j]) * h[j];
         }
         for (int64_t j = 0; j < f; ++j) {

@@ -304,7 +304,7 @@ void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_
       float* dst = a_rows.data() + r * p.k;
       for (int64_t kk = 0; kk < p.k; ++kk) {
         const float v = static_cast<float>(load_elem(p.a, i0 + r, kk));
-        dst[kk] = round_a ? bf16_to_float(float_to_bf16(v)) : v;
+        dst[kk] = round_a ? bf16_round(v) : v;
       }
       a[r] = dst;
     }
@@ -323,7 +323,7 @@ void gemm_weight_rows(const GemmProblem& p, const void* w, DType w_dtype, int64_
             for (int64_t kk = 0; kk < p.k; ++kk) {
               float wv = w_dtype == DType::kF32 ? static_cast<const float*>(wr[j])[kk]
                                                 : bf16_to_float(static_cast<const uint16_t*>(wr[j])[kk]);
-              if (round_w) wv = bf16_to_float(float_to_bf16(wv));
+              if (round_w) wv = bf16_round(wv);
               acc += a[r][kk] * wv;
             }
             out[r][j] = acc;

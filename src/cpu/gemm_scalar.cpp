@@ -82,7 +82,7 @@ void gemm_scalar(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t n
     std::fill(acc_up.begin(), acc_up.end(), 0.0f);
     for (int64_t kk = 0; kk < p.k; ++kk) {
       float a = static_cast<float>(load_elem(p.a, i, kk));
-      if (round_a) a = bf16_to_float(float_to_bf16(a));
+      if (round_a) a = bf16_round(a);
       axpy_row(a, p.b, kk, n_begin, len, acc.data());
       if (pair) axpy_row(a, p.b, kk, n_begin + p.n, len, acc_up.data());
     }

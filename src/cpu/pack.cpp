@@ -261,7 +261,7 @@ void pack_a_rows(const KernelInfo& ki, const ASource& src, int64_t i0, int64_t r
       if (src.a.dtype == DType::kF32) {
         const float* s = reinterpret_cast<const float*>(rp) + k0 * cs;
         if (src.round) {
-          for (int64_t kk = 0; kk < kc; ++kk) d[kk] = bf16_to_float(float_to_bf16(s[kk * cs]));
+          for (int64_t kk = 0; kk < kc; ++kk) d[kk] = bf16_round(s[kk * cs]);
         } else if (cs == 1) {
           std::memcpy(d, s, static_cast<size_t>(kc) * 4);
         } else {
