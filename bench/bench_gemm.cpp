@@ -110,7 +110,7 @@ enum class Kind { kPacked, kGeneral, kGeneralRowMajor, kSwiglu, kCold };
 // every call streams its weight from DRAM as in a decode step over many experts.
 constexpr double kColdBytes = 256.0 * 1024 * 1024;
 
-void bench_moekit(benchmark::State& st, Shape s, Kind kind, mc::Isa isa, mc::DType wdt) {
+void bench_moekit(benchmark::State& st, Shape s, Kind kind, mc::Isa isa, moekit::DType wdt) {
   const bool pair = kind == Kind::kSwiglu;
   const int64_t nb = pair ? 2 * s.n : s.n;
   const auto a = random_vec(static_cast<size_t>(s.m * s.k), 1);
@@ -120,14 +120,14 @@ void bench_moekit(benchmark::State& st, Shape s, Kind kind, mc::Isa isa, mc::DTy
   std::vector<float> c(static_cast<size_t>(s.m * s.n));
   mc::GemmProblem p;
   p.m = s.m, p.n = s.n, p.k = s.k;
-  p.a = {a.data(), mc::DType::kF32, s.k, 1, nullptr};
-  p.b = {wdt == mc::DType::kF32 ? static_cast<const void*>(w.data()) : wh.data(), wdt, 1, s.k, nullptr};
+  p.a = {a.data(), moekit::DType::kF32, s.k, 1, nullptr};
+  p.b = {wdt == moekit::DType::kF32 ? static_cast<const void*>(w.data()) : wh.data(), wdt, 1, s.k, nullptr};
   std::vector<float> wt;  // Wᵀ [k][n]: B with contiguous rows
   if (kind == Kind::kGeneralRowMajor) {
     wt.resize(w.size());
     for (int64_t j = 0; j < nb; ++j)
       for (int64_t kk = 0; kk < s.k; ++kk) wt[kk * nb + j] = w[j * s.k + kk];
-    p.b = {wt.data(), mc::DType::kF32, nb, 1, nullptr};
+    p.b = {wt.data(), moekit::DType::kF32, nb, 1, nullptr};
   }
   p.c = c.data();
   p.ldc = s.n;
@@ -135,10 +135,10 @@ void bench_moekit(benchmark::State& st, Shape s, Kind kind, mc::Isa isa, mc::DTy
   std::vector<mc::PackedWeight> pws;
   const bool general = kind == Kind::kGeneral || kind == Kind::kGeneralRowMajor;
   if (!general) {
-    pws.push_back(mc::PackedWeight::pack(w.data(), mc::DType::kF32, nb, s.k, s.k, wdt, isa, pair));
+    pws.push_back(mc::PackedWeight::pack(w.data(), moekit::DType::kF32, nb, s.k, s.k, wdt, isa, pair));
     if (kind == Kind::kCold)
       while (static_cast<double>(pws.size() * pws[0].bytes()) < kColdBytes)
-        pws.push_back(mc::PackedWeight::pack(w.data(), mc::DType::kF32, nb, s.k, s.k, wdt, isa, pair));
+        pws.push_back(mc::PackedWeight::pack(w.data(), moekit::DType::kF32, nb, s.k, s.k, wdt, isa, pair));
   }
   size_t next = 0;
   for (auto _ : st) {
@@ -151,7 +151,7 @@ void bench_moekit(benchmark::State& st, Shape s, Kind kind, mc::Isa isa, mc::DTy
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
-  set_counters(st, 2.0 * s.m * nb * s.k, static_cast<double>(nb * s.k) * (wdt == mc::DType::kF32 ? 4 : 2));
+  set_counters(st, 2.0 * s.m * nb * s.k, static_cast<double>(nb * s.k) * (wdt == moekit::DType::kF32 ? 4 : 2));
 }
 
 #ifdef MOEKIT_HAVE_DNNL
@@ -220,17 +220,17 @@ bool spot_check(const Batch& b, const std::vector<float>& a, const std::vector<f
 // moekit on a batch: one fp32 or bf16 PackedWeight per expert, gemm_packed per expert; with
 // threads > 1 each expert's columns are split into `threads` ranges (multiples of 32) run as
 // tasks on the process-wide pool.
-void bench_moekit_batch(benchmark::State& st, Batch b, mc::Isa isa, mc::DType wdt, int threads) {
+void bench_moekit_batch(benchmark::State& st, Batch b, mc::Isa isa, moekit::DType wdt, int threads) {
   const auto a = random_vec(static_cast<size_t>(b.e * b.m * b.k), 1);
   const auto w = random_vec(static_cast<size_t>(b.e * b.n * b.k), 2);
   std::vector<float> c(static_cast<size_t>(b.e * b.m * b.n));
   std::vector<mc::PackedWeight> pws;
   std::vector<mc::GemmProblem> ps(static_cast<size_t>(b.e));
   for (int64_t x = 0; x < b.e; ++x) {
-    pws.push_back(mc::PackedWeight::pack(w.data() + x * b.n * b.k, mc::DType::kF32, b.n, b.k, b.k, wdt, isa));
+    pws.push_back(mc::PackedWeight::pack(w.data() + x * b.n * b.k, moekit::DType::kF32, b.n, b.k, b.k, wdt, isa));
     auto& p = ps[static_cast<size_t>(x)];
     p.m = b.m, p.n = b.n, p.k = b.k;
-    p.a = {a.data() + x * b.m * b.k, mc::DType::kF32, b.k, 1, nullptr};
+    p.a = {a.data() + x * b.m * b.k, moekit::DType::kF32, b.k, 1, nullptr};
     p.c = c.data() + x * b.m * b.n;
     p.ldc = b.n;
   }
@@ -249,9 +249,9 @@ void bench_moekit_batch(benchmark::State& st, Batch b, mc::Isa isa, mc::DType wd
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
-  if (!spot_check(b, a, w, c.data(), wdt == mc::DType::kBF16)) st.SkipWithError("wrong result");
+  if (!spot_check(b, a, w, c.data(), wdt == moekit::DType::kBF16)) st.SkipWithError("wrong result");
   set_counters(st, 2.0 * b.e * b.m * b.n * b.k,
-               static_cast<double>(b.e * b.n * b.k) * (wdt == mc::DType::kF32 ? 4 : 2));
+               static_cast<double>(b.e * b.n * b.k) * (wdt == moekit::DType::kF32 ? 4 : 2));
 }
 
 #ifdef MOEKIT_HAVE_DNNL
@@ -466,25 +466,25 @@ int main(int argc, char** argv) {
       if (isa == mc::Isa::kScalar && s.m > 64) continue;  // minutes per call
       const std::string in = mc::isa_name(isa);
       benchmark::RegisterBenchmark(("f32_packed_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kPacked, isa,
-                                   mc::DType::kF32);
+                                   moekit::DType::kF32);
       if (isa == mc::Isa::kScalar) continue;
       benchmark::RegisterBenchmark(("bf16_packed_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kPacked, isa,
-                                   mc::DType::kBF16);
+                                   moekit::DType::kBF16);
       if (s.m <= 64) {
         benchmark::RegisterBenchmark(("cold_f32_packed_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kCold,
-                                     isa, mc::DType::kF32);
+                                     isa, moekit::DType::kF32);
         benchmark::RegisterBenchmark(("cold_bf16_packed_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kCold,
-                                     isa, mc::DType::kBF16);
+                                     isa, moekit::DType::kBF16);
       }
       if (isa != mc::detect_isa()) continue;
       benchmark::RegisterBenchmark(("f32_general_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kGeneral, isa,
-                                   mc::DType::kF32);
+                                   moekit::DType::kF32);
       benchmark::RegisterBenchmark(("f32_generalrm_" + in + "/" + sn).c_str(), bench_moekit, s,
-                                   Kind::kGeneralRowMajor, isa, mc::DType::kF32);
+                                   Kind::kGeneralRowMajor, isa, moekit::DType::kF32);
       benchmark::RegisterBenchmark(("swiglu_f32_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kSwiglu, isa,
-                                   mc::DType::kF32);
+                                   moekit::DType::kF32);
       benchmark::RegisterBenchmark(("swiglu_bf16_" + in + "/" + sn).c_str(), bench_moekit, s, Kind::kSwiglu, isa,
-                                   mc::DType::kBF16);
+                                   moekit::DType::kBF16);
     }
 #ifdef MOEKIT_HAVE_DNNL
     benchmark::RegisterBenchmark(("dnnl_sgemm/" + sn).c_str(), bench_dnnl_sgemm, s);
@@ -508,9 +508,9 @@ int main(int argc, char** argv) {
       const Batch one{1, s.m, s.n, s.k};
       const std::string in = mc::isa_name(mc::detect_isa());
       benchmark::RegisterBenchmark(("f32_packed_" + in + "_2t/" + sn).c_str(), bench_moekit_batch, one,
-                                   mc::detect_isa(), mc::DType::kF32, 2);
+                                   mc::detect_isa(), moekit::DType::kF32, 2);
       benchmark::RegisterBenchmark(("bf16_packed_" + in + "_2t/" + sn).c_str(), bench_moekit_batch, one,
-                                   mc::detect_isa(), mc::DType::kBF16, 2);
+                                   mc::detect_isa(), moekit::DType::kBF16, 2);
     }
   }
   for (const Batch& b : kBatches) {
@@ -520,9 +520,9 @@ int main(int argc, char** argv) {
     for (int t : {1, 2}) {
       const std::string ts = t == 1 ? "" : "_2t";
       benchmark::RegisterBenchmark(("f32_packed_" + in + ts + "/" + bn).c_str(), bench_moekit_batch, b, isa,
-                                   mc::DType::kF32, t);
+                                   moekit::DType::kF32, t);
       benchmark::RegisterBenchmark(("bf16_packed_" + in + ts + "/" + bn).c_str(), bench_moekit_batch, b, isa,
-                                   mc::DType::kBF16, t);
+                                   moekit::DType::kBF16, t);
 #ifdef MOEKIT_HAVE_MKL
       benchmark::RegisterBenchmark(("mkl_sgemm" + ts + "/" + bn).c_str(), bench_mkl, b, MklPath::kSgemm, t);
       benchmark::RegisterBenchmark(("mkl_sgemm_packed" + ts + "/" + bn).c_str(), bench_mkl, b, MklPath::kSgemmPacked, t);

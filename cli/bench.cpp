@@ -195,10 +195,11 @@ class DenseGemm {
  public:
   DenseGemm(int64_t M, int64_t N, int64_t K, DType dtype, mc::Isa isa, Pool pool, uint64_t seed)
       : M_(M), N_(N), pool_(pool) {
-    const mc::DType cdt = dtype == DType::kBF16 ? mc::DType::kBF16 : mc::DType::kF32;
+    // The dense GEMM multiplies bf16 for a bf16 layer and fp32 otherwise (quantized layers too).
+    const DType cdt = dtype == DType::kBF16 ? DType::kBF16 : DType::kF32;
     a32_ = random_normal(static_cast<size_t>(M * K), seed + 11);
     const void* a_data = a32_.data();
-    if (cdt == mc::DType::kBF16) {  // bf16 operands, as a bf16 dense GEMM would get them
+    if (cdt == DType::kBF16) {  // bf16 operands, as a bf16 dense GEMM would get them
       a16_.resize(a32_.size());
       for (size_t i = 0; i < a32_.size(); ++i) a16_[i] = mc::float_to_bf16(a32_[i]);
       a32_ = {};
@@ -208,7 +209,7 @@ class DenseGemm {
       std::vector<float> w32 = random_normal(static_cast<size_t>(N * K), seed + 12);
       const float scale = 1.0f / std::sqrt(static_cast<float>(K));
       for (float& x : w32) x *= scale;
-      w_ = mc::PackedWeight::pack(w32.data(), mc::DType::kF32, N, K, K, cdt, isa);
+      w_ = mc::PackedWeight::pack(w32.data(), DType::kF32, N, K, K, cdt, isa);
     }
     c_.resize(static_cast<size_t>(M * N));
     p_.m = M;
@@ -216,7 +217,7 @@ class DenseGemm {
     p_.k = K;
     p_.a = {a_data, cdt, K, 1};
     p_.c = c_.data();
-    p_.c_dtype = mc::DType::kF32;
+    p_.c_dtype = DType::kF32;
     p_.ldc = N;
     // The best of a few tilings (the faster of two timed probes each).
     set_tiling(128, 256);

@@ -30,6 +30,7 @@
 #include "moekit/pretrained.h"
 #include "moekit/quant.h"
 #include "moekit/safetensors.h"
+#include "moekit/stats.h"
 #include "route_io.h"
 
 namespace moekit::cli {
@@ -40,12 +41,6 @@ struct ForwardArgs {
   std::string model, layer, input, output, dtype = "fp32", quantize, save_layer;
   int threads = 1;
 };
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
 
 // hidden_states of IN as fp32 [tokens, d_model], with the sequence length (0: one sequence).
 Matrix<float> read_hidden_states(const SafetensorsFile& in, int64_t d_model, int64_t* sequence_length) {
@@ -151,7 +146,7 @@ void run_forward(const ForwardArgs& a) {
       {"topk_kept", TensorDType::kU8, {tokens, k}, kept.data()},
   };
   const std::map<std::string, std::string> metadata = {
-      {"stats", routing_stats_json(r.routing.stats).dump()},
+      {"stats", routing_stats_to_json(r.routing.stats)},
       {"aux_loss", detail::concat(r.routing.losses.aux_loss)},
       {"z_loss", detail::concat(r.routing.losses.z_loss)},
       {"layer", layer.name},

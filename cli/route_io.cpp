@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "io/json.h"
+#include "io/stats_json.h"
 #include "moekit/config.h"
 #include "moekit/error.h"
 #include "moekit/routing.h"
@@ -140,43 +141,6 @@ json matrix_json(const Matrix<Real>& m) {
   return out;
 }
 
-}  // namespace
-
-nlohmann::json routing_stats_json(const RoutingStats& s) {
-  json by_label = json::array();
-  for (const LabelStats& l : s.by_label) {
-    by_label.push_back({{"label", l.label},
-                        {"num_tokens", l.num_tokens},
-                        {"tokens_per_expert", l.tokens_per_expert},
-                        {"mean_entropy", l.mean_entropy},
-                        {"load_entropy_normalized", l.load_entropy_normalized},
-                        {"top_expert", l.top_expert},
-                        {"top_expert_share", l.top_expert_share}});
-  }
-  return {{"num_tokens", s.num_tokens},
-          {"num_selections", s.num_selections},
-          {"num_kept", s.num_kept},
-          {"num_dropped", s.num_dropped},
-          {"dropped_fraction", s.dropped_fraction},
-          {"tokens_per_expert", s.tokens_per_expert},
-          {"selected_per_expert", s.selected_per_expert},
-          {"mean_entropy", s.mean_entropy},
-          {"mean_entropy_normalized", s.mean_entropy_normalized},
-          {"max_load", s.max_load},
-          {"mean_load", s.mean_load},
-          {"max_over_mean_load", s.max_over_mean_load},
-          {"load_cv", s.load_cv},
-          {"router_confidence", s.router_confidence},
-          {"mean_combine_weight", s.mean_combine_weight},
-          {"dead_experts", s.dead_experts},
-          {"effective_experts", s.effective_experts},
-          {"collapsed", s.collapsed},
-          {"by_label", by_label},
-          {"label_expert_mutual_information", s.label_expert_mutual_information}};
-}
-
-namespace {
-
 template <typename Real>
 json route_typed(const RoutingConfig& config, const Input& in) {
   RoutingOptions options;
@@ -250,7 +214,7 @@ json route_typed(const RoutingConfig& config, const Input& in) {
                    {"importance_cv2", result.losses.importance_cv2},
                    {"load_cv2", result.losses.load_cv2},
                    {"total", result.losses.total}};
-  out["stats"] = routing_stats_json(result.stats);
+  out["stats"] = io::routing_stats_json(result.stats);
   if (p.num_slots > 0) {
     Matrix<Real> dispatch(p.num_tokens, p.num_slots), combine(p.num_tokens, p.num_slots);
     dispatch.values = p.dispatch;

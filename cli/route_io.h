@@ -2,10 +2,7 @@
 // belong to the command line; the library takes and returns tensors and structs only.
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <string>
-
-#include "moekit/stats.h"
 
 namespace moekit::cli {
 
@@ -13,8 +10,5 @@ namespace moekit::cli {
 // Throws ConfigError / InputError with a message naming the offending field.
 std::string route_json(const std::string& config_json, const std::string& input_json,
                        int indent = 2);
-
-// The routing statistics as the OUT document's "stats" object.
-nlohmann::json routing_stats_json(const RoutingStats& stats);
 
 }  // namespace moekit::cli

@@ -101,8 +101,6 @@ void round_experts(const MoeLayerConfig& c, const MoeTensors& masters, MoeLayer:
   for (int64_t e : experts) impl.bf16_stale[static_cast<size_t>(e)] = 0;
 }
 
-std::string shape_text(int64_t a, int64_t b) { return detail::concat("[", a, ", ", b, "]"); }
-
 void check_finite_matrix(ConstMatrixView<float> m, const char* name) {
   for (int64_t i = 0; i < m.size(); ++i) {
     if (!std::isfinite(m.data[i])) {

@@ -240,11 +240,6 @@ MoeTensors moe_tensors_from_params(const MoeLayerConfig& c, const MoeParams& p) 
 
 namespace {
 
-std::string shape_text(int64_t a, int64_t b) { return detail::concat("[", a, ", ", b, "]"); }
-std::string shape_text(int64_t a, int64_t b, int64_t c) {
-  return detail::concat("[", a, ", ", b, ", ", c, "]");
-}
-
 void check_matrix_param(const char* name, ConstMatrixView<float> m, bool wanted, int64_t rows,
                         int64_t cols, const char* why) {
   const bool given = m.data != nullptr;

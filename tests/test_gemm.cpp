@@ -628,6 +628,32 @@ TEST(GemmApi, RejectsBadArguments) {
                InputError);
 }
 
+// The kernels share the library's weight-format enum: its quantized formats, which the GEMM does
+// not multiply, are rejected with the argument and the format named.
+TEST(GemmApi, RejectsQuantizedFormats) {
+  Spec s;
+  s.m = 4, s.n = 4, s.k = 4;
+  Data d = make_data(s);
+  CBuf c = make_c(d);
+  GemmProblem p = problem(d, c.ptr());
+  for (Isa isa : supported_isas()) {
+    GemmProblem q = p;
+    q.b.dtype = DType::kInt8;
+    try {
+      gemm(q, isa, 0, 4, 0, 4);
+      ADD_FAILURE() << "gemm accepted an int8 B";
+    } catch (const InputError& e) {
+      EXPECT_STREQ(e.what(), "gemm: b.dtype: expected kF32 or kBF16, got int8");
+    }
+    q = p;
+    q.a.dtype = DType::kMxfp4;
+    EXPECT_THROW(gemm(q, isa, 0, 4, 0, 4), InputError);
+    EXPECT_THROW(PackedWeight::packed_bytes(4, 4, DType::kInt4, isa), InputError);
+    EXPECT_THROW(PackedWeight::pack(d.b32.data(), DType::kF32, 4, 4, 4, DType::kInt8, isa), InputError);
+    EXPECT_THROW(gemm_weight_rows(p, d.b32.data(), DType::kInt8, 4, isa, 0, 4, 0, 4), InputError);
+  }
+}
+
 // SwiGLU row kernels (activation.h) on every path against activation_forward/backward in
 // double. Bounds: the vector exp is within a few ulps, and each formula has at most 5 fp32
 // roundings, so every product term is within 16u of its value; d_g's factor 1 + g·(1 − σ)

@@ -141,14 +141,14 @@ TEST(LayerStructure, TwoPartOperandsPackAsOnePart) {
       (r < 20 ? top[r * n + c] : bottom[(r - 20) * n + c]) = whole(r, c);
     }
   for (cpu::Isa isa : cpu::supported_isas())
-    for (cpu::DType packed : {cpu::DType::kF32, cpu::DType::kBF16})
+    for (DType packed : {DType::kF32, DType::kBF16})
       for (bool paired : {false, true}) {
-        const auto one = cpu::PackedWeight::pack_operand({whole.values.data(), cpu::DType::kF32, n, 1}, k, n, packed,
+        const auto one = cpu::PackedWeight::pack_operand({whole.values.data(), DType::kF32, n, 1}, k, n, packed,
                                                          isa, paired);
-        cpu::Operand cols{left.data(), cpu::DType::kF32, 35, 1};
+        cpu::Operand cols{left.data(), DType::kF32, 35, 1};
         cols.split_data = right.data();
         cols.split_at = 35;
-        cpu::Operand rows{top.data(), cpu::DType::kF32, n, 1};
+        cpu::Operand rows{top.data(), DType::kF32, n, 1};
         rows.split_data = bottom.data();
         rows.split_at = 20;
         rows.split_rows = true;
@@ -156,7 +156,7 @@ TEST(LayerStructure, TwoPartOperandsPackAsOnePart) {
           const auto two = cpu::PackedWeight::pack_operand(b, k, n, packed, isa, paired);
           ASSERT_EQ(one.bytes(), two.bytes());
           EXPECT_EQ(std::memcmp(one.data(), two.data(), one.bytes()), 0)
-              << cpu::isa_name(isa) << (packed == cpu::DType::kBF16 ? " bf16" : " fp32") << (paired ? " paired" : "")
+              << cpu::isa_name(isa) << (packed == DType::kBF16 ? " bf16" : " fp32") << (paired ? " paired" : "")
               << (b.split_rows ? " rows" : " columns");
         }
       }
@@ -164,8 +164,8 @@ TEST(LayerStructure, TwoPartOperandsPackAsOnePart) {
   cpu::GemmProblem q;
   q.m = 1, q.n = n, q.k = k;
   std::vector<float> a(k, 1.0f), c(n);
-  q.a = {a.data(), cpu::DType::kF32, k, 1};
-  q.b = {left.data(), cpu::DType::kF32, 35, 1};
+  q.a = {a.data(), DType::kF32, k, 1};
+  q.b = {left.data(), DType::kF32, 35, 1};
   q.b.split_data = right.data();
   q.b.split_at = 35;
   q.c = c.data();

@@ -59,7 +59,7 @@ std::vector<double> dequantized_activation(DType f, const std::vector<int8_t>& q
 
 struct QuantizedRows {
   std::vector<uint8_t> codes, scales;
-  cpu::QuantMatrix m;
+  WeightView m;  // one expert, quantized (quant_kernels.h)
   std::vector<double> values;   // [rows, cols] what the codes stand for
   std::vector<double> offsets;  // [rows, cols] o_c of the file comment
   // |w̃_c| + 2·o_c: what an element contributes to the dots' rounding bound.
@@ -93,7 +93,11 @@ QuantizedRows quantize_matrix(DType f, const std::vector<float>& w, int64_t rows
       q.offsets.push_back(o);
     }
   }
-  q.m = {f, q.codes.data(), q.scales.data(), cols, cb, sb};
+  q.m.data = q.codes.data();
+  q.m.dtype = f;
+  q.m.rows = rows;
+  q.m.cols = cols;
+  q.m.scales = q.scales.data();
   return q;
 }
 
@@ -283,6 +287,24 @@ void layer_reference(const MoeLayerConfig& c, const MoeTensors& t, const Matrix<
                                                    gamma_n(double(k)) * std::fabs(y) * 2;
       }
     }
+  }
+}
+
+// The dots read a one-expert WeightView; one that is not quantized is refused, not misread.
+TEST(QuantKernel, RejectsAWeightThatIsNotQuantized) {
+  const std::vector<float> w(64, 1.0f);
+  WeightView v;
+  v.data = w.data();
+  v.rows = 2;
+  v.cols = 32;
+  const std::vector<int8_t> q(32, 1);
+  const std::vector<float> d(1, 1.0f);
+  const int8_t* qp[1] = {q.data()};
+  const float* dp[1] = {d.data()};
+  float out[2];
+  for (cpu::Isa isa : cpu::supported_isas()) {
+    EXPECT_THROW(cpu::quant_dot(isa, v, 0, 2, qp, dp, 1, out, 2), InputError);
+    EXPECT_THROW(cpu::dequantize_weight_row(isa, v, 0, out), InputError);
   }
 }
 

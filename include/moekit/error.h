@@ -2,6 +2,10 @@
 // field, the expected value and the actual value, so that the CLI can print it as is.
 #pragma once
 
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -29,6 +33,24 @@ std::string concat(const Parts&... parts) {
   return out.str();
 }
 }  // namespace detail
+
+// A shape as error messages write it: "[2, 3, 4]" (the empty shape "[]"). free_extent, when
+// given, is written for a negative extent: a pattern's free dimension (e.g. "*").
+inline std::string shape_text(std::span<const int64_t> shape, const char* free_extent = nullptr) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) out += ", ";
+    out += shape[i] < 0 && free_extent != nullptr ? std::string(free_extent) : std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+// The same from the extents themselves: shape_text(rows, cols) is "[rows, cols]".
+template <std::integral... Extents>
+  requires(sizeof...(Extents) > 0)
+std::string shape_text(Extents... extents) {
+  const int64_t shape[] = {static_cast<int64_t>(extents)...};
+  return shape_text(std::span<const int64_t>(shape));
+}
 
 // "<field>: expected <expected>, got <actual>"
 template <typename Expected, typename Actual>

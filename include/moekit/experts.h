@@ -11,6 +11,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "moekit/math.h"  // detail::sigmoid
+
 namespace moekit {
 
 enum class ExpertActivation {
@@ -35,10 +37,6 @@ struct ActivationConstants {
 };
 
 namespace detail {
-template <typename Real>
-Real sigmoid(Real x) {
-  return Real(1) / (Real(1) + std::exp(-x));
-}
 // √(2/π) and the cubic coefficient of the tanh GELU approximation.
 inline constexpr double kGeluTanhScale = 0.7978845608028654;
 inline constexpr double kGeluTanhCubic = 0.044715;

@@ -6,7 +6,10 @@
 //     exp(H(s)) < collapse_threshold · num_experts          (default threshold 0.5).
 #pragma once
 
+#include <concepts>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moekit {
@@ -46,5 +49,52 @@ struct RoutingStats {
   // expert determines the label, 0 when routing ignores it.
   double label_expert_mutual_information = 0.0;
 };
+
+// The statistics as serialised, field by field: v(name, field) for every field under its one
+// name, in document order. The JSON text below and the Python extension's dict are both built
+// from these lists, so they name every field alike. Fields are int64_t, int32_t (label), double,
+// bool, std::vector<int64_t> and, for "by_label", std::vector<LabelStats> (whose elements the
+// visitor serialises with visit_label_stats). Stats may be const, or not for a visitor that
+// moves the vectors out.
+template <typename Stats, typename Visitor>
+  requires std::same_as<std::remove_const_t<Stats>, LabelStats>
+void visit_label_stats(Stats& l, Visitor&& v) {
+  v("label", l.label);
+  v("num_tokens", l.num_tokens);
+  v("tokens_per_expert", l.tokens_per_expert);
+  v("mean_entropy", l.mean_entropy);
+  v("load_entropy_normalized", l.load_entropy_normalized);
+  v("top_expert", l.top_expert);
+  v("top_expert_share", l.top_expert_share);
+}
+
+template <typename Stats, typename Visitor>
+  requires std::same_as<std::remove_const_t<Stats>, RoutingStats>
+void visit_routing_stats(Stats& s, Visitor&& v) {
+  v("num_tokens", s.num_tokens);
+  v("num_selections", s.num_selections);
+  v("num_kept", s.num_kept);
+  v("num_dropped", s.num_dropped);
+  v("dropped_fraction", s.dropped_fraction);
+  v("tokens_per_expert", s.tokens_per_expert);
+  v("selected_per_expert", s.selected_per_expert);
+  v("mean_entropy", s.mean_entropy);
+  v("mean_entropy_normalized", s.mean_entropy_normalized);
+  v("max_load", s.max_load);
+  v("mean_load", s.mean_load);
+  v("max_over_mean_load", s.max_over_mean_load);
+  v("load_cv", s.load_cv);
+  v("router_confidence", s.router_confidence);
+  v("mean_combine_weight", s.mean_combine_weight);
+  v("dead_experts", s.dead_experts);
+  v("effective_experts", s.effective_experts);
+  v("collapsed", s.collapsed);
+  v("by_label", s.by_label);
+  v("label_expert_mutual_information", s.label_expert_mutual_information);
+}
+
+// The statistics as one JSON object (compact text), the fields of visit_routing_stats: the
+// "stats" of `moekit route`'s OUT document and of `moekit forward`'s metadata.
+std::string routing_stats_to_json(const RoutingStats& stats);
 
 }  // namespace moekit

@@ -21,7 +21,9 @@ enum class DType { kF32, kBF16, kInt8, kInt4, kMxfp4 };
 const char* dtype_name(DType dtype);  // "fp32", "bf16", "int8", "int4", "mxfp4"
 
 // Non-owning view of a weight stack [experts, rows, cols], fp32 or bf16 (bf16: the upper 16
-// bits of an IEEE fp32, as uint16), or quantized (see `scales`). Element (e, r, c) is at
+// bits of an IEEE fp32, as uint16), or quantized (see `scales`): the one view of expert weights
+// from the layer's parameters down to the kernels, which read one expert's matrix as a view
+// with experts = 1. Element (e, r, c) is at
 //   data + e·expert_stride + r·row_stride + c·col_stride      (in elements of dtype)
 // where a stride of 0 means the contiguous row-major default (rows·cols, cols, 1). Strides let
 // a layer read a layout other than its own in place (per-expert tensors at any distance, a down
@@ -57,6 +59,24 @@ struct WeightView {
   int64_t expert_step() const { return expert_stride != 0 ? expert_stride : rows * cols; }
   int64_t row_step() const { return row_stride != 0 ? row_stride : cols; }
   int64_t col_step() const { return col_stride != 0 ? col_stride : 1; }
+  // First row of the up half of a split gated weight (rows it reads from up_data).
+  int64_t up_row() const { return rows / 2; }
+  // Rows contiguous and in one part: what a reader of a weight row by row in place needs.
+  bool rows_contiguous() const { return col_step() == 1 && up_data == nullptr; }
+  // Where element (e, r, c) of an fp32 or bf16 view lies: the base it is read from (up_data or
+  // expert_up_data[e] for a row of a split up half, expert_data[e] for per-expert tensors, else
+  // data) and its offset from that base in elements of dtype, by the formula above.
+  struct Element {
+    const void* base;
+    int64_t offset;
+  };
+  Element element(int64_t e, int64_t r, int64_t c) const {
+    const bool up = up_data != nullptr && r >= up_row();
+    const std::span<const void* const> per_expert = up ? expert_up_data : expert_data;
+    const int64_t in_expert = (up ? r - up_row() : r) * row_step() + c * col_step();
+    if (!per_expert.empty()) return {per_expert[static_cast<size_t>(e)], in_expert};
+    return {up ? up_data : data, e * expert_step() + in_expert};
+  }
 };
 
 }  // namespace moekit

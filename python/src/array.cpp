@@ -2,6 +2,8 @@
 
 #include <sstream>
 
+#include "moekit/error.h"
+
 namespace moekit::python {
 
 const char* elem_name(Elem e) {
@@ -14,17 +16,6 @@ const char* elem_name(Elem e) {
     case Elem::kBool: return "bool";
   }
   return "?";
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) out << ", ";
-    if (shape[i] < 0) out << "*"; else out << shape[i];
-  }
-  out << "]";
-  return out.str();
 }
 
 std::string dtype_text(const nb::dlpack::dtype& dt) {
@@ -76,7 +67,7 @@ void check_array(const Array& a, const char* name, Elem want, const std::vector<
   bool same = actual.size() == shape.size();
   for (size_t i = 0; same && i < shape.size(); ++i) same = shape[i] < 0 || shape[i] == actual[i];
   if (!same) {
-    throw nb::value_error((std::string(name) + ": expected shape " + shape_text(shape) + ", got " + shape_text(actual)).c_str());
+    throw nb::value_error((std::string(name) + ": expected shape " + shape_text(shape, "*") + ", got " + shape_text(actual)).c_str());
   }
   if (any_strides) {
     for (size_t i = 0; i < a.ndim(); ++i) {

@@ -24,9 +24,6 @@ enum class Elem { kF32, kBF16, kI32, kI64, kU8, kBool };
 
 const char* elem_name(Elem e);
 
-// "[2, 3]"
-std::string shape_text(const std::vector<int64_t>& shape);
-
 template <typename Array>
 std::vector<int64_t> shape_of(const Array& a) {
   std::vector<int64_t> s(a.ndim());

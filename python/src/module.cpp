@@ -29,6 +29,7 @@
 #include "moekit/params.h"
 #include "moekit/pretrained.h"
 #include "moekit/routing.h"
+#include "moekit/stats.h"
 
 namespace moekit::python {
 namespace {
@@ -38,43 +39,29 @@ using nb::literals::operator""_a;
 // ---------------------------------------------------------------------------------------------
 // Routing results as Python objects (the vectors are moved into NumPy arrays).
 
-nb::dict stats_dict(RoutingStats&& s) {
+// A statistics struct as a dict: the names of stats.h's visit_* lists (those of the JSON the
+// command line writes), the vectors moved into NumPy arrays.
+template <typename Stats, typename Visit>
+nb::dict stats_dict_of(Stats& stats, Visit visit) {
   nb::dict d;
-  d["num_tokens"] = s.num_tokens;
-  d["num_selections"] = s.num_selections;
-  d["num_kept"] = s.num_kept;
-  d["num_dropped"] = s.num_dropped;
-  d["dropped_fraction"] = s.dropped_fraction;
-  const size_t num_experts = s.tokens_per_expert.size();
-  d["tokens_per_expert"] = to_numpy(std::move(s.tokens_per_expert), {num_experts});
-  d["selected_per_expert"] = to_numpy(std::move(s.selected_per_expert), {num_experts});
-  d["mean_entropy"] = s.mean_entropy;
-  d["mean_entropy_normalized"] = s.mean_entropy_normalized;
-  d["max_load"] = s.max_load;
-  d["mean_load"] = s.mean_load;
-  d["max_over_mean_load"] = s.max_over_mean_load;
-  d["load_cv"] = s.load_cv;
-  d["router_confidence"] = s.router_confidence;
-  d["mean_combine_weight"] = s.mean_combine_weight;
-  d["dead_experts"] = s.dead_experts;
-  d["effective_experts"] = s.effective_experts;
-  d["collapsed"] = s.collapsed;
-  nb::list by_label;
-  for (LabelStats& l : s.by_label) {
-    nb::dict ld;
-    ld["label"] = l.label;
-    ld["num_tokens"] = l.num_tokens;
-    const size_t n = l.tokens_per_expert.size();
-    ld["tokens_per_expert"] = to_numpy(std::move(l.tokens_per_expert), {n});
-    ld["mean_entropy"] = l.mean_entropy;
-    ld["load_entropy_normalized"] = l.load_entropy_normalized;
-    ld["top_expert"] = l.top_expert;
-    ld["top_expert_share"] = l.top_expert_share;
-    by_label.append(ld);
-  }
-  d["by_label"] = by_label;
-  d["label_expert_mutual_information"] = s.label_expert_mutual_information;
+  visit(stats, [&](const char* name, auto& field) {
+    using Field = std::remove_cvref_t<decltype(field)>;
+    if constexpr (std::is_same_v<Field, std::vector<LabelStats>>) {
+      nb::list list;
+      for (LabelStats& l : field) list.append(stats_dict_of(l, [](LabelStats& x, auto&& v) { visit_label_stats(x, v); }));
+      d[name] = list;
+    } else if constexpr (std::is_same_v<Field, std::vector<int64_t>>) {
+      const size_t n = field.size();
+      d[name] = to_numpy(std::move(field), {n});
+    } else {
+      d[name] = field;
+    }
+  });
   return d;
+}
+
+nb::dict stats_dict(RoutingStats&& s) {
+  return stats_dict_of(s, [](RoutingStats& x, auto&& v) { visit_routing_stats(x, v); });
 }
 
 nb::dict losses_dict(const RoutingLosses& l) {

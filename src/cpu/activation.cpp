@@ -6,7 +6,7 @@
 namespace moekit::cpu {
 
 namespace {
-float maybe_round(float v, bool round_bf16) { return round_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+float maybe_round(float v, bool round_bf16) { return round_bf16 ? bf16_round(v) : v; }
 bool vector_path(Isa isa) { return isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16; }
 }  // namespace
 

@@ -5,6 +5,7 @@
 #include "cpu/backend.h"
 #include "cpu/exec.h"
 #include "cpu/gemm.h"
+#include "moekit/math.h"
 #include "ops/combine.h"
 #include "ops/row_space.h"
 
@@ -191,7 +192,7 @@ std::vector<float> CpuBackend::shared_gate_forward(const OpContext&, ConstMatrix
   for (int64_t t = 0; t < x.rows; ++t) {
     float z = 0;
     for (int64_t k = 0; k < x.cols; ++k) z += x(t, k) * w_gate[static_cast<size_t>(k)];
-    s[static_cast<size_t>(t)] = 1.0f / (1.0f + std::exp(-z));
+    s[static_cast<size_t>(t)] = detail::sigmoid(z);
   }
   return s;
 }

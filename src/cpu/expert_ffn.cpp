@@ -21,7 +21,6 @@ namespace moekit::cpu {
 namespace {
 
 using ops::ExpertGrads;
-using ops::ExpertWeight;
 using ops::Group;
 using ops::OpContext;
 using ops::RowSpace;
@@ -29,11 +28,6 @@ using ops::RowSpace;
 // Training forward: groups with at most this many rows read their weights in place
 // (gemm_weight_rows) instead of packing them after every weight update.
 constexpr int64_t kWeightRowsInPlace = 4;
-
-DType to_cpu(moekit::DType d) { return d == moekit::DType::kBF16 ? DType::kBF16 : DType::kF32; }
-
-
-float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
 
 size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
@@ -45,20 +39,20 @@ std::vector<Tile> row_tiles(const OpContext& ctx, const RowSpace& rs) {
       [](int64_t) { return int64_t{1}; }, ctx.num_threads);
 }
 
-// W [n, k] (element (r, c) at r·row_stride + c·col_stride) as the logical B [k, n] of C = A·Wᵀ:
-// W's rows are B's columns, so an up half elsewhere is a split of B's columns.
-Operand weight_as_b(const ExpertWeight& w) {
-  Operand b{w.data, to_cpu(w.dtype), w.col_stride, w.row_stride};
+// One expert's W [n, k] (element (r, c) at r·row_step + c·col_step) as the logical B [k, n] of
+// C = A·Wᵀ: W's rows are B's columns, so an up half elsewhere is a split of B's columns.
+Operand weight_as_b(const WeightView& w) {
+  Operand b{w.data, w.dtype, w.col_step(), w.row_step()};
   b.split_data = w.up_data;
-  b.split_at = w.up_row;
+  b.split_at = w.up_data != nullptr ? w.up_row() : 0;
   return b;
 }
 // W [k, n] used as it is, the logical B of C = A·W (the backward's d_y · W_down, d_pre · W_gate_up):
 // an up half elsewhere is a split of B's rows.
-Operand weight_as_is(const ExpertWeight& w) {
-  Operand b{w.data, to_cpu(w.dtype), w.row_stride, w.col_stride};
+Operand weight_as_is(const WeightView& w) {
+  Operand b{w.data, w.dtype, w.row_step(), w.col_step()};
   b.split_data = w.up_data;
-  b.split_at = w.up_row;
+  b.split_at = w.up_data != nullptr ? w.up_row() : 0;
   b.split_rows = true;
   return b;
 }
@@ -82,7 +76,9 @@ struct PackSet {
 
 class CpuExpertFfn final : public ops::ExpertFfn {
  public:
-  explicit CpuExpertFfn(const ops::ExpertFfnConfig& config) : c_(config), weight_dtype_(to_cpu(config.weight_format)) {}
+  explicit CpuExpertFfn(const ops::ExpertFfnConfig& config) : c_(config), weight_dtype_(config.weight_format) {
+    detail_gemm::check_dtype("CpuExpertFfn: weight_format", weight_dtype_);  // quantized: quant_ffn.cpp
+  }
 
   void invalidate() override {
     gate_up_.invalidate();
@@ -211,8 +207,8 @@ void CpuExpertFfn::gemm1(const OpContext& ctx, const RowSpace& rs, bool training
     }
     q.ldc = q.n;
     if (g.num_rows <= unpacked_rows) {
-      gemm_weight_rows(q, g.w_gate_up.data, to_cpu(g.w_gate_up.dtype), g.w_gate_up.row_stride, isa_of(ctx), tile.m0,
-                       tile.m1, tile.n0, tile.n1, bf16());
+      gemm_weight_rows(q, g.w_gate_up.data, g.w_gate_up.dtype, g.w_gate_up.row_step(), isa_of(ctx), tile.m0, tile.m1,
+                       tile.n0, tile.n1, bf16());
     } else {
       gemm_packed(q, gate_up_.packs[static_cast<size_t>(tile.group)], tile.m0, tile.m1, tile.n0, tile.n1);
     }
@@ -255,8 +251,8 @@ void CpuExpertFfn::gemm2(const OpContext& ctx, const RowSpace& rs, bool training
       q.epilogue.row_scale = g.scale ? g.scale + tile.m0 : nullptr;
       q.c = y.row(g.row_begin + tile.m0);
       if (g.num_rows <= unpacked_rows) {
-        gemm_weight_rows(q, g.w_down.data, to_cpu(g.w_down.dtype), g.w_down.row_stride, isa_of(ctx), 0, rows, tile.n0,
-                         tile.n1, bf16());
+        gemm_weight_rows(q, g.w_down.data, g.w_down.dtype, g.w_down.row_step(), isa_of(ctx), 0, rows, tile.n0, tile.n1,
+                         bf16());
       } else {
         gemm_packed(q, down_.packs[static_cast<size_t>(tile.group)], 0, rows, tile.n0, tile.n1);
       }
@@ -445,7 +441,7 @@ void CpuExpertFfn::activation_backward_rows(const OpContext& ctx, const RowSpace
       } else {
         for (int64_t j = 0; j < f; ++j) {
           const float v = activation_forward(c_.activation, a[j], gated ? a[f + j] : 0.0f, c_.activation_constants);
-          h[j] = bf16() ? round_bf16(v) : v;
+          h[j] = bf16() ? bf16_round(v) : v;
           dot += double(gr[j]) * h[j];
         }
         for (int64_t j = 0; j < f; ++j) {

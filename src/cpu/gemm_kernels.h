@@ -1,5 +1,6 @@
-// Internal interface between the GEMM driver (gemm.cpp: blocking, packing, dispatch) and the
-// ISA-specific micro-kernels (isa_avx2.cpp, isa_avx512.cpp). Not installed.
+// Internal interface between the GEMM driver (gemm.cpp: blocking and dispatch; pack.cpp: the
+// packers; packed_weight.cpp; gemm_scalar.cpp: the scalar path) and the ISA-specific
+// micro-kernels (isa_avx2.cpp, isa_avx512.cpp). Not installed.
 //
 // Packed B ("panels"): the logical B [k, nb] is cut into panels of `nr` columns. A panel holds
 // every K row of its columns; K block [pc, pc + kc) of a panel starts at element pc · nr.
@@ -19,9 +20,10 @@
 // conversion, odd K, or a row stride that aliases in L1).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
-#include "gemm.h"
+#include "cpu/gemm.h"
 
 namespace moekit::cpu::detail_gemm {
 
@@ -92,9 +94,49 @@ struct KernelInfo {
 };
 
 // Per-ISA kernel tables (defined in isa_*.cpp; they return an empty KernelInfo when the
-// compiler cannot build that ISA).
+// compiler cannot build that ISA). b_dtype is kF32 or kBF16 (checked by the callers).
 KernelInfo avx2_kernel(DType b_dtype);
 KernelInfo avx512_kernel(DType b_dtype, bool bf16_dot);
+
+// The kernel table of an ISA for B in b_dtype (kF32 or kBF16); empty (micro null) for the
+// scalar path.
+inline KernelInfo kernel_for(Isa isa, DType b_dtype) {
+  switch (isa) {
+    case Isa::kAvx2: return avx2_kernel(b_dtype);
+    case Isa::kAvx512: return avx512_kernel(b_dtype, false);
+    case Isa::kAvx512Bf16: return avx512_kernel(b_dtype, true);
+    default: return {};
+  }
+}
+
+// Panel geometry of a kernel table: bytes per packed B element, K as stored (kBf16Pairs pads
+// it to even), output columns per panel (a paired panel holds gate and up of nr/2 outputs).
+inline size_t b_elem_size(const KernelInfo& ki) { return ki.layout == BLayout::kF32 ? 4 : 2; }
+inline int64_t k_padded(const KernelInfo& ki, int64_t k) {
+  return ki.layout == BLayout::kBf16Pairs ? (k + 1) / 2 * 2 : k;
+}
+inline int64_t out_per_panel(const KernelInfo& ki, bool paired) { return paired ? ki.nr / 2 : ki.nr; }
+
+// The epilogues that read B's columns in (gate, up) pairs.
+inline bool is_pair(Activation a) { return a == Activation::kSiluMul || a == Activation::kSiluMulClamped; }
+
+// Throws InputError naming `what` unless t is kF32 or kBF16: the formats the GEMM multiplies
+// (quantized weights have their own kernels, quant_kernels.h).
+void check_dtype(const char* what, DType t);
+
+// Element (r, c) of a strided operand as a double (exact for fp32 and bf16): the scalar
+// paths' load.
+inline double load_elem(const Operand& op, int64_t r, int64_t c) {
+  const int64_t row = op.rows ? op.rows[r] : r;
+  const int64_t off = row * op.row_stride + c * op.col_stride;
+  if (op.dtype == DType::kBF16) return bf16_to_float(static_cast<const uint16_t*>(op.data)[off]);
+  return static_cast<const float*>(op.data)[off];
+}
+
+// The scalar path (gemm_scalar.cpp): row i, column j: acc = ((0 + a0·b0) + a1·b1) + ... in
+// fp32 (separate multiply and add; no FMA at the baseline ISA), then the epilogue in fp32. It
+// is gemm() for Isa::kScalar and the fallback wherever a kernel table has no micro-kernel.
+void gemm_scalar(const GemmProblem& p, int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end);
 
 // SwiGLU row kernels of activation.h on AVX-512; false when this build has no AVX-512 code.
 bool swiglu_forward_avx512(const float* g, const float* u, int64_t n, bool round_bf16, float* h);

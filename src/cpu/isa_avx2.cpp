@@ -94,14 +94,6 @@ MOEKIT_T256_INLINE __m256i lane_mask8(int beg, int end) {
   return _mm256_and_si256(ge, lt);
 }
 
-MOEKIT_T256_INLINE uint16_t bf16_bits(float x) {
-  uint32_t u;
-  __builtin_memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // One 8-lane output vector of row crow at output column col, lanes [beg, end).
 MOEKIT_T256_INLINE void store8(const EpiArgs& e, int64_t crow, int64_t col, int beg, int end, __m256 v) {
   if (beg < 0) beg = 0;
@@ -121,7 +113,7 @@ MOEKIT_T256_INLINE void store8(const EpiArgs& e, int64_t crow, int64_t col, int 
     alignas(32) float tmp[8];
     _mm256_store_ps(tmp, v);
     uint16_t* c = static_cast<uint16_t*>(e.c) + crow * e.ldc + col;
-    for (int l = beg; l < end; ++l) c[l] = bf16_bits(tmp[l]);
+    for (int l = beg; l < end; ++l) c[l] = bf16_bits(tmp[l]);  // bf16.h's rounding
   }
 }
 

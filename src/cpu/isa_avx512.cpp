@@ -1,6 +1,7 @@
 // AVX-512 micro-kernels (fp32 FMA; bf16 weights widened to fp32; AVX512-BF16 vdpbf16ps) and
 // their fused epilogue. Every function carries its own target attribute, so this file builds
-// with the baseline x86-64 flags and the code only runs after gemm.cpp's runtime check.
+// with the baseline x86-64 flags and the code only runs after the entry points' runtime check
+// (the ISA asked for is at most detect_isa(): gemm.cpp, packed_weight.cpp).
 // Nothing here instantiates a std:: template (no COMDAT copy compiled for AVX-512 can leak to
 // the rest of the program).
 // GCC 12 reports its own intrinsic headers (_mm512_undefined_*) as maybe-uninitialized.

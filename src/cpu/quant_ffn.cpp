@@ -40,23 +40,24 @@ using ops::OpContext;
 using ops::RowSpace;
 
 // The weights of one expert matrix [rows, cols] in the layer's format: borrowed or owned here.
+// Not just a WeightView: when the layer's weights are fp32 or bf16 it owns the codes and
+// scales quantized here, which its view points at.
 struct QuantWeight {
-  QuantMatrix m;
+  WeightView view;                     // one expert, quantized (quant_kernels.h)
   std::vector<uint8_t> codes, scales;  // owned when quantized here
 };
 
-// Element (r, c) of an fp32/bf16 expert weight (strides, up half elsewhere) as float.
-float element(const ops::ExpertWeight& w, int64_t r, int64_t c) {
-  const bool up = w.up_data != nullptr && r >= w.up_row;
-  const auto* base = static_cast<const uint8_t*>(up ? w.up_data : w.data);
-  const int64_t i = (up ? r - w.up_row : r) * w.row_stride + c * w.col_stride;
+// Element (r, c) of a one-expert fp32/bf16 weight (strides, up half elsewhere) as float.
+float element(const WeightView& w, int64_t r, int64_t c) {
+  const WeightView::Element at = w.element(0, r, c);
+  const auto* base = static_cast<const uint8_t*>(at.base);
   if (w.dtype == moekit::DType::kBF16) {
     uint16_t b;
-    std::memcpy(&b, base + 2 * i, 2);
+    std::memcpy(&b, base + 2 * at.offset, 2);
     return bf16_to_float(b);
   }
   float f;
-  std::memcpy(&f, base + 4 * i, 4);
+  std::memcpy(&f, base + 4 * at.offset, 4);
   return f;
 }
 
@@ -80,7 +81,7 @@ class CpuQuantExpertFfn final : public ops::ExpertFfn {
 
  private:
   void prepare_weights(const OpContext& ctx, const RowSpace& rs);
-  QuantWeight make_weight(const ops::ExpertWeight& w, int64_t rows, int64_t cols, const char* name) const;
+  QuantWeight make_weight(const WeightView& w, int64_t rows, int64_t cols, const char* name) const;
   // Quantized rows of every distinct A source (hidden_states, slot inputs), once per row.
   void quantize_inputs(const OpContext& ctx, const RowSpace& rs);
 
@@ -97,8 +98,8 @@ class CpuQuantExpertFfn final : public ops::ExpertFfn {
   std::vector<std::vector<float>> panel_w_, panel_bias_;
   std::vector<Workspace> panel_pack_;
   PackedWeight pack_panel(const OpContext& ctx, const float* w, int64_t rows, int64_t cols, bool paired, int thread);
-  void panel_gemm1(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, float* h, int thread);
-  void panel_gemm2(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0, int64_t n1, const float* h,
+  void panel_gemm1(const OpContext& ctx, const Group& g, const WeightView& w, int64_t n0, int64_t n1, float* h, int thread);
+  void panel_gemm2(const OpContext& ctx, const Group& g, const WeightView& w, int64_t n0, int64_t n1, const float* h,
                    MatrixView<float> y, int thread);
 };
 
@@ -122,7 +123,7 @@ PackedWeight CpuQuantExpertFfn::pack_panel(const OpContext& ctx, const float* w,
 }
 
 // h[:, n0:n1] = act(X[R] · W_gate_upᵀ + b) for the gate rows [n0, n1) (and up rows d_ff + [n0, n1)).
-void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0,
+void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const WeightView& w, int64_t n0,
                                     int64_t n1, float* h, int thread) {
   const int64_t d = c_.d_model, nb = n1 - n0;
   const bool gated = is_gated(c_.activation);
@@ -157,7 +158,7 @@ void CpuQuantExpertFfn::panel_gemm1(const OpContext& ctx, const Group& g, const 
 }
 
 // y[:, n0:n1] = scale ⊙ (h · W_downᵀ + b) for the down rows [n0, n1).
-void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const QuantMatrix& w, int64_t n0,
+void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const WeightView& w, int64_t n0,
                                     int64_t n1, const float* h, MatrixView<float> y, int thread) {
   const int64_t f = g.d_ff, nb = n1 - n0;
   std::vector<float>& wb = panel_w_[static_cast<size_t>(thread)];
@@ -176,29 +177,28 @@ void CpuQuantExpertFfn::panel_gemm2(const OpContext& ctx, const Group& g, const 
   gemm_packed(q, pack, 0, g.num_rows, 0, nb);
 }
 
-QuantWeight CpuQuantExpertFfn::make_weight(const ops::ExpertWeight& w, int64_t rows, int64_t cols,
+QuantWeight CpuQuantExpertFfn::make_weight(const WeightView& w, int64_t rows, int64_t cols,
                                            const char* name) const {
   const moekit::DType f = c_.weight_format;
   QuantWeight q;
-  q.m.format = f;
-  q.m.cols = cols;
-  q.m.code_bytes = quantized_code_bytes(f, cols);
-  q.m.scale_bytes = quantized_scale_bytes(f, cols);
+  q.view.dtype = f;
+  q.view.rows = rows;
+  q.view.cols = cols;
   if (w.dtype == f) {  // borrowed where it lies
-    q.m.codes = static_cast<const uint8_t*>(w.data);
-    q.m.scales = static_cast<const uint8_t*>(w.scales);
+    q.view.data = w.data;
+    q.view.scales = w.scales;
     return q;
   }
-  q.codes.resize(static_cast<size_t>(rows * q.m.code_bytes));
-  q.scales.resize(static_cast<size_t>(rows * q.m.scale_bytes));
+  const int64_t code_bytes = quantized_code_bytes(f, cols), scale_bytes = quantized_scale_bytes(f, cols);
+  q.codes.resize(static_cast<size_t>(rows * code_bytes));
+  q.scales.resize(static_cast<size_t>(rows * scale_bytes));
   std::vector<float> row(static_cast<size_t>(cols));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) row[static_cast<size_t>(c)] = element(w, r, c);
-    quantize_row(f, row.data(), cols, q.codes.data() + r * q.m.code_bytes, q.scales.data() + r * q.m.scale_bytes,
-                 name, r);
+    quantize_row(f, row.data(), cols, q.codes.data() + r * code_bytes, q.scales.data() + r * scale_bytes, name, r);
   }
-  q.m.codes = q.codes.data();
-  q.m.scales = q.scales.data();
+  q.view.data = q.codes.data();
+  q.view.scales = q.scales.data();
   return q;
 }
 
@@ -288,7 +288,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
   panel_pack_.resize(static_cast<size_t>(ctx.num_threads));
   const std::vector<Tile> panel1 = panel_tiles([](const Group& g) { return g.d_ff; });
   run_tiles(ctx, panel1, [&](const Tile& t, int thread) {
-    panel_gemm1(ctx, rs.groups[static_cast<size_t>(t.group)], gate_up_[static_cast<size_t>(t.group)].m, t.n0, t.n1, h,
+    panel_gemm1(ctx, rs.groups[static_cast<size_t>(t.group)], gate_up_[static_cast<size_t>(t.group)].view, t.n0, t.n1, h,
                 thread);
   });
   const int64_t spr_x = activation_scales_per_row(f, d);
@@ -307,7 +307,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
     s.resize(static_cast<size_t>(2 * rows * cols));
     float* gate = s.data();
     float* up = s.data() + rows * cols;
-    const QuantMatrix& w = gate_up_[static_cast<size_t>(t.group)].m;
+    const WeightView& w = gate_up_[static_cast<size_t>(t.group)].view;
     quant_dot(isa_of(ctx), w, t.n0, t.n1, q.data(), dq.data(), rows, gate, cols);
     if (gated) quant_dot(isa_of(ctx), w, g.d_ff + t.n0, g.d_ff + t.n1, q.data(), dq.data(), rows, up, cols);
     for (int64_t i = 0; i < rows; ++i) {
@@ -352,7 +352,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
   MatrixView<float> y{y_ws_.get<float>(rs.total_rows * d), rs.total_rows, d};
   const std::vector<Tile> panel2 = panel_tiles([&](const Group&) { return d; });
   run_tiles(ctx, panel2, [&](const Tile& t, int thread) {
-    panel_gemm2(ctx, rs.groups[static_cast<size_t>(t.group)], down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, h, y,
+    panel_gemm2(ctx, rs.groups[static_cast<size_t>(t.group)], down_[static_cast<size_t>(t.group)].view, t.n0, t.n1, h, y,
                 thread);
   });
   const auto tiles2 = make_tiles(
@@ -368,7 +368,7 @@ ConstMatrixView<float> CpuQuantExpertFfn::forward(const OpContext& ctx, const Ro
       dq[static_cast<size_t>(i)] = h_d_.data() + h_scale_offset[static_cast<size_t>(t.group)] + (t.m0 + i) * spr;
     }
     float* out = y.row(g.row_begin + t.m0) + t.n0;
-    quant_dot(isa_of(ctx), down_[static_cast<size_t>(t.group)].m, t.n0, t.n1, q.data(), dq.data(), rows, out, d);
+    quant_dot(isa_of(ctx), down_[static_cast<size_t>(t.group)].view, t.n0, t.n1, q.data(), dq.data(), rows, out, d);
     for (int64_t i = 0; i < rows; ++i) {
       float* yi = out + i * d;
       const float sc = g.scale ? g.scale[t.m0 + i] : 1.0f;

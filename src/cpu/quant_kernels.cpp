@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "moekit/error.h"
 #include "moekit/quant.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -30,6 +31,27 @@ using moekit::DType;
 // that every level is an integer), the factor 1/2 moved into the group scale.
 constexpr int8_t kInt4Levels[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 constexpr int8_t kMxfp4Levels[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+// Where row j of a quantized one-expert view (quant_kernels.h) lies: its codes at
+// codes + j·code_bytes and its scales at scales + j·scale_bytes, the sizes quant.h gives for
+// the view's format and width.
+struct QuantRows {
+  const uint8_t* codes;
+  const uint8_t* scales;
+  int64_t code_bytes, scale_bytes;
+  explicit QuantRows(const WeightView& w)
+      : codes(static_cast<const uint8_t*>(w.data)),
+        scales(static_cast<const uint8_t*>(w.scales)),
+        code_bytes(quantized_code_bytes(w.dtype, w.cols)),
+        scale_bytes(quantized_scale_bytes(w.dtype, w.cols)) {}
+  const uint8_t* codes_of(int64_t j) const { return codes + j * code_bytes; }
+  const uint8_t* scales_of(int64_t j) const { return scales + j * scale_bytes; }
+};
+
+// The kernels' weight must be quantized: the format picks the code layout read.
+void check_quantized(const char* what, const WeightView& w) {
+  if (!is_quantized(w.dtype)) throw_input_error(what, "a quantized weight (int8, int4 or mxfp4)", dtype_name(w.dtype));
+}
 
 const int8_t* levels_of(DType f) { return f == DType::kInt4 ? kInt4Levels : kMxfp4Levels; }
 
@@ -78,28 +100,29 @@ void quantize_span_scalar(const float* x, int64_t n, float amax, int8_t* q) {
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
 }
 
-void quant_dot_scalar(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
+void quant_dot_scalar(const WeightView& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
                       int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
+  const QuantRows rows(w);
   std::vector<float> ws(static_cast<size_t>(groups));
   std::vector<int8_t> wl(static_cast<size_t>(k));
   for (int64_t j = n0; j < n1; ++j) {
-    const uint8_t* c = w.codes + j * w.code_bytes;
-    const uint8_t* s = w.scales + j * w.scale_bytes;
-    if (w.format == DType::kInt8) {
+    const uint8_t* c = rows.codes_of(j);
+    const uint8_t* s = rows.scales_of(j);
+    if (w.dtype == DType::kInt8) {
       float sw;
       std::memcpy(&sw, s, 4);
       std::fill(ws.begin(), ws.end(), sw);
       std::memcpy(wl.data(), c, static_cast<size_t>(k));
     } else {
-      const int8_t* lv = levels_of(w.format);
+      const int8_t* lv = levels_of(w.dtype);
       for (int64_t b = 0; b < groups; ++b)
         for (int64_t t = 0; t < 16; ++t) {
           const uint8_t byte = c[b * 16 + t];
           wl[static_cast<size_t>(b * 32 + t)] = lv[byte & 0x0f];
           wl[static_cast<size_t>(b * 32 + 16 + t)] = lv[byte >> 4];
         }
-      group_scales_scalar(w.format, s, groups, ws.data());
+      group_scales_scalar(w.dtype, s, groups, ws.data());
     }
     for (int64_t i = 0; i < m; ++i) {
       float acc = 0.0f;
@@ -287,13 +310,13 @@ std::vector<float> group_sums(const int8_t* const* q, int64_t m, int64_t groups)
   return qsum;
 }
 
-MOEKIT_Q256 void weight_row_scales(const QuantMatrix& w, int64_t j, int64_t groups, float* ws) {
-  if (w.format == DType::kInt8) {
+MOEKIT_Q256 void weight_row_scales(DType f, const uint8_t* s, int64_t groups, float* ws) {
+  if (f == DType::kInt8) {
     float sw;
-    std::memcpy(&sw, w.scales + j * w.scale_bytes, 4);
+    std::memcpy(&sw, s, 4);
     std::fill(ws, ws + groups, sw);
   } else {
-    group_scales_avx2(w.format, w.scales + j * w.scale_bytes, groups, ws);
+    group_scales_avx2(f, s, groups, ws);
   }
 }
 
@@ -324,21 +347,22 @@ MOEKIT_Q256 void chunk_combs(const float* ws, const float* const* d, int mr, int
   }
 }
 
-MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
+MOEKIT_Q256 void quant_dot_avx2(const WeightView& w, int64_t n0, int64_t n1, const int8_t* const* q,
                                 const float* const* d, int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
-  const bool int8 = w.format == DType::kInt8;
+  const QuantRows rows(w);
+  const bool int8 = w.dtype == DType::kInt8;
   const __m256i lut = mxfp4_lut256();
   std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
   const std::vector<float> qsum = int8 ? std::vector<float>() : group_sums(q, m, groups);
-  const float offset = int8 ? 0.0f : static_cast<float>(level_offset(w.format));
+  const float offset = int8 ? 0.0f : static_cast<float>(level_offset(w.dtype));
   // 4-bit rows that several activation rows reuse are unpacked once (int8 codes are the levels).
   const bool unpack = !int8 && m > kMr;
   std::vector<int8_t> levels(unpack ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
-    const uint8_t* codes = w.codes + j * w.code_bytes;
-    weight_row_scales(w, j, groups, ws.data());
-    if (unpack) unpack_row(w.format, codes, groups, levels.data());
+    const uint8_t* codes = rows.codes_of(j);
+    weight_row_scales(w.dtype, rows.scales_of(j), groups, ws.data());
+    if (unpack) unpack_row(w.dtype, codes, groups, levels.data());
     const int8_t* bytes = int8 ? reinterpret_cast<const int8_t*>(codes) : levels.data();
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
@@ -348,7 +372,7 @@ MOEKIT_Q256 void quant_dot_avx2(const QuantMatrix& w, int64_t n0, int64_t n1, co
         dot_groups_rows<Levels::kSignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       } else if (unpack) {
         dot_groups_rows<Levels::kUnsignedBytes>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
-      } else if (w.format == DType::kMxfp4) {
+      } else if (w.dtype == DType::kMxfp4) {
         dot_groups_rows<Levels::kNibblesLut>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
       } else {
         dot_groups_rows<Levels::kNibbles>(mr, codes, bytes, groups, lut, comb.data(), q + i0, sums);
@@ -472,23 +496,24 @@ MOEKIT_Q512 void dot_pairs_rows(int mr, const uint8_t* codes, const uint8_t* byt
   }
 }
 
-MOEKIT_Q512 void quant_dot_vnni(const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q,
+MOEKIT_Q512 void quant_dot_vnni(const WeightView& w, int64_t n0, int64_t n1, const int8_t* const* q,
                                 const float* const* d, int64_t m, float* out, int64_t ldo) {
   const int64_t k = w.cols, groups = k / kQuantGroup;
-  const bool int8 = w.format == DType::kInt8;
+  const QuantRows rows(w);
+  const bool int8 = w.dtype == DType::kInt8;
   alignas(64) uint8_t lv64[64];
   for (int r = 0; r < 4; ++r) std::memcpy(lv64 + 16 * r, kMxfp4Unsigned, 16);
   const __m512i lut = _mm512_load_si512(lv64);
   std::vector<float> comb(static_cast<size_t>(kMr * groups)), ws(static_cast<size_t>(groups));
   const std::vector<float> qsum = group_sums(q, m, groups);
-  const float offset = int8 ? 128.0f : static_cast<float>(level_offset(w.format));
+  const float offset = int8 ? 128.0f : static_cast<float>(level_offset(w.dtype));
   // 4-bit rows that several activation rows reuse are unpacked once.
   const bool unpack = !int8 && m > kMr;
   std::vector<uint8_t> levels(unpack ? static_cast<size_t>(k) : 0);
   for (int64_t j = n0; j < n1; ++j) {
-    const uint8_t* codes = w.codes + j * w.code_bytes;
-    weight_row_scales(w, j, groups, ws.data());
-    if (unpack) unpack_row(w.format, codes, groups, levels.data());
+    const uint8_t* codes = rows.codes_of(j);
+    weight_row_scales(w.dtype, rows.scales_of(j), groups, ws.data());
+    if (unpack) unpack_row(w.dtype, codes, groups, levels.data());
     for (int64_t i0 = 0; i0 < m; i0 += kMr) {
       const int mr = static_cast<int>(std::min<int64_t>(kMr, m - i0));
       chunk_combs(ws.data(), d + i0, mr, groups, comb.data());
@@ -497,7 +522,7 @@ MOEKIT_Q512 void quant_dot_vnni(const QuantMatrix& w, int64_t n0, int64_t n1, co
         dot_pairs_rows<0>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
       } else if (unpack) {
         dot_pairs_rows<3>(mr, codes, levels.data(), groups, lut, comb.data(), q + i0, sums);
-      } else if (w.format == DType::kMxfp4) {
+      } else if (w.dtype == DType::kMxfp4) {
         dot_pairs_rows<2>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
       } else {
         dot_pairs_rows<1>(mr, codes, nullptr, groups, lut, comb.data(), q + i0, sums);
@@ -518,25 +543,26 @@ bool cpu_has_vnni() {
   return has;
 }
 
-MOEKIT_Q256 void dequantize_row_avx2(const QuantMatrix& w, int64_t row, float* out) {
+MOEKIT_Q256 void dequantize_row_avx2(const WeightView& w, int64_t row, float* out) {
   const int64_t groups = w.cols / kQuantGroup;
-  const uint8_t* codes = w.codes + row * w.code_bytes;
-  const uint8_t* sc = w.scales + row * w.scale_bytes;
+  const QuantRows rows(w);
+  const uint8_t* codes = rows.codes_of(row);
+  const uint8_t* sc = rows.scales_of(row);
   alignas(32) int8_t lv16[32];
-  if (w.format != DType::kInt8) {
-    std::memcpy(lv16, levels_of(w.format), 16);
-    std::memcpy(lv16 + 16, levels_of(w.format), 16);
+  if (w.dtype != DType::kInt8) {
+    std::memcpy(lv16, levels_of(w.dtype), 16);
+    std::memcpy(lv16 + 16, levels_of(w.dtype), 16);
   }
   const __m256i lut = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv16));
   for (int64_t b = 0; b < groups; ++b) {
     __m256i lv;
     float s;
-    if (w.format == DType::kInt8) {
+    if (w.dtype == DType::kInt8) {
       lv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * b));
       std::memcpy(&s, sc, 4);
     } else {
       lv = unpack_group<true>(codes + 16 * b, lut);  // signed levels through the table
-      if (w.format == DType::kInt4) {
+      if (w.dtype == DType::kInt4) {
         uint16_t h;
         std::memcpy(&h, sc + 2 * b, 2);
         s = _cvtsh_ss(h);  // F16C: exact, as fp16_to_float
@@ -588,8 +614,9 @@ void quantize_activation_row(Isa isa, moekit::DType, const float* x, int64_t col
   }
 }
 
-void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
+void quant_dot(Isa isa, const WeightView& w, int64_t n0, int64_t n1, const int8_t* const* q, const float* const* d,
                int64_t m, float* out, int64_t ldo) {
+  check_quantized("quant_dot: w.dtype", w);
   if (m <= 0 || n1 <= n0) return;
 #ifdef MOEKIT_HAVE_X86
   if (vector_path(isa) && isa >= Isa::kAvx512 && cpu_has_vnni()) return quant_dot_vnni(w, n0, n1, q, d, m, out, ldo);
@@ -598,13 +625,15 @@ void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1, const int8
   quant_dot_scalar(w, n0, n1, q, d, m, out, ldo);
 }
 
-void dequantize_weight_row(Isa isa, const QuantMatrix& w, int64_t row, float* out) {
+void dequantize_weight_row(Isa isa, const WeightView& w, int64_t row, float* out) {
+  check_quantized("dequantize_weight_row: w.dtype", w);
 #ifdef MOEKIT_HAVE_X86
   if (vector_path(isa)) return dequantize_row_avx2(w, row, out);
 #endif
   // The scalar path: the definition itself. (mxfp4: doubled levels times 2^(e−128) equal the
   // E2M1 value times 2^(e−127), both exact.)
-  dequantize_row(w.format, w.codes + row * w.code_bytes, w.scales + row * w.scale_bytes, w.cols, out);
+  const QuantRows rows(w);
+  dequantize_row(w.dtype, rows.codes_of(row), rows.scales_of(row), w.cols, out);
 }
 
 }  // namespace moekit::cpu

@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "cpu/gemm.h"
-#include "moekit/backend.h"
+#include "moekit/weights.h"
 
 namespace moekit::cpu {
 
@@ -29,21 +29,15 @@ int64_t activation_scales_per_row(moekit::DType format, int64_t cols);
 // One row x [cols] → q [cols], d [activation_scales_per_row].
 void quantize_activation_row(Isa isa, moekit::DType format, const float* x, int64_t cols, int8_t* q, float* d);
 
-// Quantized weight rows of one matrix: row j's codes at codes + j·code_bytes, scales at
-// scales + j·scale_bytes (quantized_code_bytes / quantized_scale_bytes of quant.h).
-struct QuantMatrix {
-  moekit::DType format = moekit::DType::kInt8;
-  const uint8_t* codes = nullptr;
-  const uint8_t* scales = nullptr;
-  int64_t cols = 0;
-  int64_t code_bytes = 0;
-  int64_t scale_bytes = 0;
-};
+// The weight w of the dots and of dequantize_weight_row is the WeightView of one expert
+// matrix (weights.h) in a quantized format (w.dtype: int8, int4, mxfp4; anything else is an
+// InputError): row j's codes at w.data + j·quantized_code_bytes(w.dtype, w.cols), its scales
+// at w.scales + j·quantized_scale_bytes(w.dtype, w.cols) (quant.h).
 
 // out[i·ldo + j] = dot(activation row i, weight row n0 + j) for i < m, j < n1 − n0.
 // Activation row i: q[i] [cols] and its scales d[i] [activation_scales_per_row] (pointers, so
 // that an expert's rows are read where the token's quantized row lies: no gather copy).
-void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1,
+void quant_dot(Isa isa, const WeightView& w, int64_t n0, int64_t n1,
                const int8_t* const* q,  // [m] rows of [cols]
                const float* const* d,   // [m] rows of [scales per row]
                int64_t m,
@@ -52,7 +46,7 @@ void quant_dot(Isa isa, const QuantMatrix& w, int64_t n0, int64_t n1,
 
 // The values of one quantized weight row as fp32, exactly dequantize_row's (quant.h), with the
 // vector path where the ISA has one: out [cols].
-void dequantize_weight_row(Isa isa, const QuantMatrix& w, int64_t row, float* out);
+void dequantize_weight_row(Isa isa, const WeightView& w, int64_t row, float* out);
 
 // Experts with at least this many rows (prefill) do not run the integer dots: their quantized
 // weights are dequantized block by block into the fp32 GEMM's panels (bf16 panels where the CPU

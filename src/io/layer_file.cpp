@@ -26,12 +26,6 @@ int64_t product(const std::vector<int64_t>& s) {
   return n;
 }
 
-std::string shape_text(const std::vector<int64_t>& s) {
-  std::string t = "[";
-  for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
-  return t + "]";
-}
-
 }  // namespace
 
 void save_layer_file(const MoeLayer& layer, const std::string& path, const std::map<std::string, std::string>& metadata) {

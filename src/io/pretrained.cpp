@@ -13,12 +13,6 @@ namespace moekit {
 
 namespace {
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 float bf16_bits_to_float(uint16_t b) {
   const uint32_t u = uint32_t{b} << 16;
   float f;
@@ -232,7 +226,7 @@ struct PretrainedLayer::Impl {
     const int64_t total_rows = split ? 2 * rows : rows;
     LoadedParameter s{parameter, pattern,
                       detail::concat(tensor_dtype_name(parts[0]->dtype), " ", experts, (split ? " × 2" : ""), " × ",
-                                     shape_text({rows, cols}), " per expert"),
+                                     shape_text(rows, cols), " per expert"),
                       "borrowed (one pointer per expert)"};
     WeightView w;
     w.experts = experts;

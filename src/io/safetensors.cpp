@@ -59,12 +59,6 @@ int64_t byte_count(const std::vector<int64_t>& shape, int64_t size) {
   return n;
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
 }  // namespace
 
 const char* tensor_dtype_name(TensorDType dtype) {

@@ -10,28 +10,25 @@ namespace {
 size_t dtype_bytes(DType d) { return d == DType::kBF16 ? 2 : 4; }
 }  // namespace
 
-ExpertWeight expert_weight(const WeightView& w, int64_t e) {
-  ExpertWeight x;
+WeightView expert_weight(const WeightView& w, int64_t e) {
+  WeightView x;
+  x.dtype = w.dtype;
+  x.rows = w.rows;
+  x.cols = w.cols;
   if (is_quantized(w.dtype)) {
-    x.dtype = w.dtype;
     x.data = static_cast<const uint8_t*>(w.data) + e * w.rows * quantized_code_bytes(w.dtype, w.cols);
     x.scales = static_cast<const uint8_t*>(w.scales) + e * w.rows * quantized_scale_bytes(w.dtype, w.cols);
-    x.row_stride = quantized_code_bytes(w.dtype, w.cols);  // bytes
     return x;
   }
-  const int64_t offset = e * w.expert_step() * static_cast<int64_t>(dtype_bytes(w.dtype));
-  const auto at = [&](std::span<const void* const> per_expert, const void* base) -> const void* {
-    if (!per_expert.empty()) return per_expert[static_cast<size_t>(e)];
-    return static_cast<const uint8_t*>(base) + offset;
+  // The first element of the expert's matrix (and of its up half), in bytes.
+  const auto at = [&](int64_t r) -> const void* {
+    const WeightView::Element first = w.element(e, r, 0);
+    return static_cast<const uint8_t*>(first.base) + first.offset * static_cast<int64_t>(dtype_bytes(w.dtype));
   };
-  x.data = at(w.expert_data, w.data);
-  x.dtype = w.dtype;
+  x.data = at(0);
   x.row_stride = w.row_step();
   x.col_stride = w.col_step();
-  if (w.up_data != nullptr) {
-    x.up_data = at(w.expert_up_data, w.up_data);
-    x.up_row = w.rows / 2;
-  }
+  if (w.up_data != nullptr) x.up_data = at(w.up_row());
   return x;
 }
 

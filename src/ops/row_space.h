@@ -22,24 +22,6 @@
 
 namespace moekit::ops {
 
-// One expert weight as the kernels read it: W [rows, cols] (out × in, Hugging Face layout) with
-// element (r, c) at data + r·row_stride + c·col_stride (in elements of dtype).
-// Rows from up_row on (the up half of a gated weight) may lie at up_data instead, with the same
-// strides (index − up_row).
-struct ExpertWeight {
-  const void* data = nullptr;
-  DType dtype = DType::kF32;
-  int64_t row_stride = 0;
-  int64_t col_stride = 1;
-  const void* up_data = nullptr;
-  int64_t up_row = 0;
-  // Quantized (int8, int4, mxfp4): data holds the codes, scales the scales, row r of each at
-  // r · quantized_code_bytes / quantized_scale_bytes (quant.h); no strides, no up half.
-  const void* scales = nullptr;
-  // Rows contiguous and in one part: what a reader of W row by row in place needs.
-  bool rows_contiguous() const { return col_stride == 1 && up_data == nullptr; }
-};
-
 // One expert's share of the row space, with everything its GEMMs read.
 struct Group {
   int64_t expert = 0;                 // weight index; num_experts is the shared expert
@@ -54,8 +36,8 @@ struct Group {
   const float* scale = nullptr;       // [num_rows] combine weight / shared gate, or null (1)
   int64_t h_offset = 0;               // this group's [num_rows, d_ff] block in h-sized buffers
   int64_t gu_offset = 0;              // its [num_rows, gu_cols] block in the pre-activations
-  ExpertWeight w_gate_up;             // [gu_cols, d_model]
-  ExpertWeight w_down;                // [d_model, d_ff]
+  WeightView w_gate_up;               // [gu_cols, d_model], one expert (expert_weight)
+  WeightView w_down;                  // [d_model, d_ff], one expert
   const float* b_gate_up = nullptr;   // [gu_cols] or null
   const float* b_down = nullptr;      // [d_model] or null
   int64_t src(int64_t i) const { return a_rows ? a_rows[i] : i; }
@@ -71,8 +53,11 @@ struct RowSpace {
   int64_t max_d_ff = 0;
 };
 
-// The expert weight e of a stack (e = 0 for a shared expert's [1, rows, cols] view).
-ExpertWeight expert_weight(const WeightView& w, int64_t e);
+// The weight of expert e of a stack (e = 0 for a shared expert's [1, rows, cols] view) as a
+// one-expert view: experts = 1, data (and up_data, for a split gated weight) at expert e,
+// explicit row and column strides, no per-expert lists; quantized: data and scales at the
+// expert's first row of codes and of scales.
+WeightView expert_weight(const WeightView& w, int64_t e);
 
 // The permute op: the plan's rows as segments (no copy: routed segments gather hidden_states
 // through the plan's token lists; Soft MoE's read `slot_inputs`), and the shared expert's rows.

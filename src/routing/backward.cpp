@@ -206,7 +206,7 @@ void balance_probs_backward(const RoutingConfig& c, const RoutingSaved<Real>& s,
       // P = σ / (Σσ + ε): dP_i/dσ_j = (δ_ij − P_i)/(Σσ + ε); dσ/dl = σ(1 − σ).
       double sum = 0;
       std::vector<double> sig(static_cast<size_t>(num_experts));
-      for (int64_t e = 0; e < num_experts; ++e) sum += sig[e] = 1.0 / (1.0 + std::exp(-double(s.clean_logits(t, e))));
+      for (int64_t e = 0; e < num_experts; ++e) sum += sig[e] = sigmoid(double(s.clean_logits(t, e)));
       const double denom = sum + kSigmoidNormEps;
       double dot = 0;
       for (int64_t e = 0; e < num_experts; ++e) dot += d_p(t, e) * probs[e];

@@ -32,7 +32,7 @@ void balance_probs(const RoutingConfig& c, const RoutingSaved<Real>& s, int64_t 
     for (int64_t e = 0; e < n; ++e) out[e] = double(s.scores(t, e));
   } else if (uses_sigmoid(c)) {
     double sum = 0;
-    for (int64_t e = 0; e < n; ++e) sum += out[e] = 1.0 / (1.0 + std::exp(-double(s.clean_logits(t, e))));
+    for (int64_t e = 0; e < n; ++e) sum += out[e] = sigmoid(double(s.clean_logits(t, e)));
     for (int64_t e = 0; e < n; ++e) out[e] /= (sum + kSigmoidNormEps);
   } else {  // softmax in double, one exp per expert
     const Real* x = s.clean_logits.row(t);

@@ -21,6 +21,7 @@
 
 #include "moekit/config.h"
 #include "moekit/error.h"
+#include "moekit/math.h"
 #include "moekit/plan.h"
 #include "moekit/routing.h"
 #include "moekit/tensor.h"
@@ -128,10 +129,7 @@ double logsumexp_row(const Real* in,  // [n]
   return max_value + std::log(sum);
 }
 
-template <typename Real>
-Real sigmoid(Real x) {
-  return Real(1) / (Real(1) + std::exp(-x));
-}
+using detail::sigmoid;  // σ(x) = 1 / (1 + e^(−x)), moekit/math.h
 
 // Indices of the k largest keys, best first; ties go to the lower index (selection.cpp).
 void top_k_indices(const double* keys,  // [n]
