@@ -8,6 +8,9 @@
 // Strict means: a repeated key is an error (nlohmann keeps only the last one, which would hide
 // a mistake), a key nobody asked for is an error (a typo must not fall back to a default), and
 // nothing is converted or clamped: 8.0 is not an integer, "8" is not a number, null is not NaN.
+// Documents moekit does not define keep their own rules on top of the parser: a config.json
+// holds keys no family reads, and the files' readers word their messages as they always have
+// ("<file>: header: ...", "config.json <key>: ...") through parse_json and Value::fail.
 #pragma once
 
 #include <cstdint>
