@@ -1,3 +1,4 @@
+// The presets: the embedded files of src/presets/ read through the strict JSON layer (presets.h).
 #include "io/presets.h"
 
 #include <nlohmann/json.hpp>
