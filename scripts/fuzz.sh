@@ -4,21 +4,22 @@
 #
 #   bash scripts/fuzz.sh [SECONDS_PER_TARGET [TARGET...]]     default: 60 s, every target
 #
-# Targets: safetensors, config, checkpoint_index. Each runs on its working corpus
+# Targets: safetensors, config, checkpoint_index, presets, model_family. Each runs on its working corpus
 # build-fuzz/corpus/<target>/ (kept between runs; new inputs go there) with the seeds
 # tests/fuzz/corpus/<target>/ read as well, and the dictionary tests/fuzz/<target>.dict.
 # Prints the executions each target survived. On a crash, a timeout or running out of memory
 # the input is copied into tests/fuzz/regressions/<target>/ (commit it: the replay test
 # fuzz_replay.<target>.<file> then fails until the bug is fixed) and the script exits non-zero
 # after the remaining targets have run. Environment: MOEKIT_JOBS (build jobs), CC/CXX (default clang,
-# clang++), MOEKIT_FUZZ_FLAGS (more libFuzzer flags, e.g. "-max_len=65536").
+# clang++), MOEKIT_FUZZ_FLAGS (more libFuzzer flags, e.g. "-max_len=65536", or "-runs=3000000" to stop
+# after that many executions when it comes before the time limit).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds=${1:-60}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(safetensors config checkpoint_index)
+((${#targets[@]})) || targets=(safetensors config checkpoint_index presets model_family)
 jobs=${MOEKIT_JOBS:-$(nproc 2>/dev/null || echo 2)}
 if ! [[ $seconds =~ ^[0-9]+$ ]] || ((seconds < 1)); then
   echo "fuzz: usage: bash scripts/fuzz.sh [SECONDS_PER_TARGET [TARGET...]]" >&2
@@ -48,11 +49,13 @@ for t in "${targets[@]}"; do
   # The regressions are not read: the replay tests (ctest -R fuzz_replay) run them, and a big
   # one would raise libFuzzer's input size limit (the largest seed) for the whole run.
   seeds=(tests/fuzz/corpus/"$t")
-  # The generated model fixtures, when present, seed the parsers that read their files.
+  # The generated model fixtures, when present, seed the parsers that read their files; the
+  # presets themselves seed the preset reader.
   shopt -s nullglob
   case $t in
-    config) extra=(tests/fixtures/models/*/config.json) ;;
+    config | model_family) extra=(tests/fixtures/models/*/config.json) ;;
     checkpoint_index) extra=(tests/fixtures/models/*/model.safetensors.index.json) ;;
+    presets) extra=(src/presets/*.json) ;;
     *) extra=() ;;
   esac
   shopt -u nullglob

@@ -1,4 +1,5 @@
-// RoutingConfig: JSON parsing and serialisation, peer presets and validation.
+// RoutingConfig: JSON parsing and serialisation, peer presets (read from src/presets/ by
+// io/presets.cpp) and validation.
 //
 // Every canonical key is described once in a field table (key, parser, serialiser), so parsing,
 // serialising, unknown-key suggestions and the alias check cannot drift apart.
@@ -19,6 +20,7 @@
 #include <type_traits>
 
 #include "io/json.h"
+#include "io/presets.h"
 #include "io/routing_config.h"
 #include "moekit/error.h"
 
@@ -362,403 +364,6 @@ const std::vector<FieldSpellings>& field_spellings() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Presets. Each entry reproduces one peer system; the comment above it names the peer files it
-// mirrors. Fields not named keep the RoutingConfig defaults. Designated initialisers must follow
-// declaration order, so entries list fields in that order.
-
-struct PresetSpec {
-  std::string_view name;
-  void (*apply)(RoutingConfig&);  // sets the peer's values on a default RoutingConfig
-};
-
-const std::vector<PresetSpec>& preset_table() {
-  static const std::vector<PresetSpec> kPresets = {
-      // transformers switch_transformers/configuration_switch_transformers.py (defaults) and
-      // modeling_switch_transformers.py (SwitchTransformersTop1Router, router_z_loss_func,
-      // load_balancing_loss_func). Capacity is a fixed 64 per batch row, earliest tokens first;
-      // the weight is the raw top-1 probability; the loss is E²·mean over rows and experts, i.e.
-      // a per-row loss averaged over rows. A dropped token counts for the expert it chose, as in
-      // transformers 5.x; releases before 5 counted it as expert 0 (the argmax of its all-zero
-      // row): set aux_loss_dropped_to_expert0 for those. Jitter 0.01 in training only.
-      {"hf-switch",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 1;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.expert_capacity = 64;
-         c.capacity_scope = Scope::kSequence;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kChoiceMajor;
-         c.router_jitter_noise = 0.01;
-         c.noise_in_eval = false;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kSequence;
-         // transformers 5.x takes the expert index from router_logits.argmax, so a dropped
-         // token counts for the expert it chose; older releases counted it as expert 0.
-         c.aux_loss_dropped_to_expert0 = false;
-         c.router_aux_loss_coef = 0.001;
-         c.router_z_loss_coef = 0.001;
-       }},
-      // transformers mixtral/modeling_mixtral.py (MixtralSparseMoeBlock, load_balancing_loss_func)
-      // and configuration_mixtral.py: softmax over all experts, top-k, w /= Σw, no capacity;
-      // aux = E·Σ f·P over all tokens (k at balance); jitter default 0.
-      {"hf-mixtral",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.001;
-       }},
-      // transformers qwen2_moe/modeling_qwen2_moe.py and configuration_qwen2_moe.py: the Mixtral
-      // router with norm_topk_prob false by default (the shared expert is not routing).
-      {"hf-qwen2-moe",
-       [](RoutingConfig& c) {
-         c.num_experts = 60;
-         c.num_experts_per_tok = 4;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.001;
-       }},
-      // transformers qwen3_moe/modeling_qwen3_moe.py. Qwen3MoeConfig defaults norm_topk_prob to
-      // false, but every released Qwen3-MoE checkpoint sets it true; the preset follows the
-      // checkpoints, which is what users route with.
-      {"hf-qwen3-moe",
-       [](RoutingConfig& c) {
-         c.num_experts = 128;
-         c.num_experts_per_tok = 8;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.001;
-       }},
-      // transformers olmoe/modeling_olmoe.py and configuration_olmoe.py (norm_topk_prob false,
-      // router_aux_loss_coef 0.01).
-      {"hf-olmoe",
-       [](RoutingConfig& c) {
-         c.num_experts = 64;
-         c.num_experts_per_tok = 8;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.01;
-       }},
-      // transformers deepseek_v3/modeling_deepseek_v3.py (DeepseekV3TopkRouter) and
-      // configuration_deepseek_v3.py: sigmoid scores, groups scored by the sum of their top-2
-      // (score + bias), 4 of 8 groups kept, weights = the unbiased sigmoid divided by the sum
-      // (norm_topk_prob, for any k) × 2.5, no aux loss. Experts of dropped groups are filled
-      // with -inf, as in transformers 5.x and the DeepSeek reference; older HF snapshots filled
-      // 0.0 (masked_group_fill zero reproduces them). The correction bias is a zero buffer until
-      // a checkpoint is loaded, hence empty here (give it as e_score_correction_bias or as the
-      // RoutingOptions::selection_bias tensor).
-      {"hf-deepseek-v3",
-       [](RoutingConfig& c) {
-         c.num_experts = 256;
-         c.num_experts_per_tok = 8;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSigmoid;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.routed_scaling_factor = 2.5;
-         c.n_group = 8;
-         c.topk_group = 4;
-         c.group_score = GroupScore::kSumTop2;
-         c.masked_group_fill = MaskedGroupFill::kNegInf;
-         c.aux_loss_type = AuxLossType::kNone;
-       }},
-      // transformers gpt_oss/modeling_gpt_oss.py (GptOssTopKRouter: top-k of the logits, then
-      // softmax over those k) and configuration_gpt_oss.py (router_aux_loss_coef 0.9).
-      {"hf-gpt-oss",
-       [](RoutingConfig& c) {
-         c.num_experts = 32;
-         c.num_experts_per_tok = 4;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kAfterTopK;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.9;
-       }},
-      // Megatron-LM megatron/core/transformer/moe/router.py (TopKRouter) and moe_utils.py
-      // (topk_routing_with_score_function, get_capacity, apply_router_token_dropping,
-      // switch_load_balancing_loss_func). pre_softmax false: softmax over the k selected logits.
-      // With moe_router_pre_softmax true Megatron does not renormalise, so set renormalize none
-      // next to it; renormalize stays before_drop here because sigmoid scores are normalised,
-      // but only when k > 1: a sigmoid top-1 weight is the raw sigmoid.
-      // Dropless until a capacity factor is given. 'position' drops by token index per expert,
-      // hence token-major. Input jitter is applied without a training check.
-      {"megatron",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kAfterTopK;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.renormalize_sigmoid_top1 = false;  // probs = s / (Σ s + 1e-20) only if topk > 1
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = true;
-         c.min_capacity = 0;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kProbs;
-         c.position_order = PositionOrder::kTokenMajor;
-         c.drop_score = DropScore::kWeights;  // 'probs' ranks the final routing probabilities
-         c.noise_in_eval = true;
-         c.aux_loss_recompute_topk = true;  // compute_routing_scores_for_aux_loss
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-       }},
-      // DeepSpeed deepspeed/moe/sharded_moe.py (top1gating, _capacity) and layer.py defaults:
-      // C = max(ceil(T/E·cf), 8), random token selection (use_rts true), combine = raw gate.
-      {"deepspeed-top1",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 1;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.0;
-         c.eval_capacity_factor = 1.0;
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = true;
-         c.min_capacity = 8;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kRandom;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-       }},
-      // DeepSpeed deepspeed/moe/sharded_moe.py (top2gating): C = max(ceil(2·T/E·cf), 8), every
-      // first choice before any second choice, g1 and g2 renormalised over the survivors, l_aux
-      // from first choices only. DeepSpeed's top2_2nd_expert_sampling (Gumbel noise on the second
-      // pick) defaults to on but also samples in evaluation, so eval routing is random
-      // (deepspeed PR #8620); it is off here. For DeepSpeed's exact behaviour set gumbel_noise
-      // "second", and noise_in_eval true to include its evaluation sampling.
-      {"deepspeed-top2",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kAfterDrop;
-         c.capacity_factor = 1.0;
-         c.eval_capacity_factor = 1.0;
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = true;
-         c.min_capacity = 8;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kChoiceMajor;
-         c.gumbel_noise = GumbelNoise::kNone;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kFirstChoice;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-       }},
-      // DeepSpeed deepspeed/moe/sharded_moe.py (topkgating): TopKGate never passes drop_policy,
-      // so it is always 'probs', ranked by the top-k logits; renormalised over the survivors;
-      // l_aux divided by k (1 at balance). 'position' would be a joint cumsum: token-major.
-      {"deepspeed-topk",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kAfterDrop;
-         c.capacity_factor = 1.0;
-         c.eval_capacity_factor = 1.0;
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = true;
-         c.min_capacity = 8;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kProbs;
-         c.position_order = PositionOrder::kTokenMajor;
-         c.drop_score = DropScore::kProbs;  // top-C of the full-softmax probabilities
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-       }},
-      // flaxformer flaxformer/architectures/moe/routing.py (TokensChooseMaskedRouter,
-      // _load_balancing_loss) and moe_layers.py, with t5x's MoE gin defaults (capacity factor
-      // 1.25 train / 2.0 eval, k 2, aux 0.01, router z 0). C = max(round(cf·T_g/E), 4) per
-      // group; the loss is per group, averaged over groups.
-      {"flaxformer-tokens-choose",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.25;
-         c.eval_capacity_factor = 2.0;
-         c.capacity_rounding = CapacityRounding::kRoundHalfEven;
-         c.capacity_times_k = false;
-         c.min_capacity = 4;
-         c.capacity_scope = Scope::kSequence;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kChoiceMajor;
-         c.batch_prioritized_routing = false;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kK;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kSequence;
-         c.router_aux_loss_coef = 0.01;
-         c.router_z_loss_coef = 0.0;
-         c.padding_in_loss_means = true;  // ignore_padding_tokens: means still over all tokens
-       }},
-      // flaxformer flaxformer/architectures/moe/routing.py (ExpertsChooseMaskedRouter): top-C
-      // tokens per expert, combine = p, no aux loss; same capacity rule and gin factors as above.
-      {"flaxformer-experts-choose",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.routing_method = RoutingMethod::kExpertChoice;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.25;
-         c.eval_capacity_factor = 2.0;
-         c.capacity_rounding = CapacityRounding::kRoundHalfEven;
-         c.capacity_times_k = false;
-         c.min_capacity = 4;
-         c.capacity_scope = Scope::kSequence;
-         c.aux_loss_type = AuxLossType::kNone;
-         c.router_z_loss_coef = 0.0;
-         c.padding_in_loss_means = true;
-       }},
-      // google-research/vmoe vmoe/nn/routing.py (NoisyTopExpertsPerItemRouter), vmoe/moe.py
-      // (capacity: ceil(cf·T·k/E), at least 1, up to a multiple of 4) and
-      // vmoe/configs/vmoe_paper/common.py (capacity_factor 1.05, routing per group). Router
-      // defaults weigh importance and load by 1 each; the paper's 0.005 weights are the loss
-      // coefficient here, so aux_loss keeps the router's own value.
-      {"vmoe",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.05;
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = true;
-         c.min_capacity = 1;
-         c.capacity_multiple = 4;
-         c.capacity_scope = Scope::kSequence;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kChoiceMajor;
-         c.batch_prioritized_routing = false;
-         c.noise_std = 1.0;
-         c.aux_loss_type = AuxLossType::kImportanceLoad;
-         c.aux_loss_scope = AuxLossScope::kSequence;
-         c.router_aux_loss_coef = 0.005;
-         c.importance_loss_weight = 1.0;
-         c.load_loss_weight = 1.0;
-       }},
-      // google-research/vmoe vmoe/nn/routing.py (NoisyTopItemsPerExpertRouter: noise_std 1.0 by
-      // default, auxiliary_loss 0) and vmoe/moe.py (top items per expert, capacity ceil, up to a
-      // multiple of 4).
-      {"vmoe-experts-choose",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.routing_method = RoutingMethod::kExpertChoice;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.0;
-         c.capacity_rounding = CapacityRounding::kCeil;
-         c.capacity_times_k = false;
-         c.min_capacity = 1;
-         c.capacity_multiple = 4;
-         c.capacity_scope = Scope::kSequence;
-         c.noise_std = 1.0;
-         c.aux_loss_type = AuxLossType::kNone;
-       }},
-      // microsoft/tutel tutel/impls/moe_layer.py (TopKGate: capacity_factor 1.0, top_k 2,
-      // gates normalised before capacity), tutel/impls/fast_dispatch.py (choice j after all
-      // choices < j) and tutel/impls/losses.py (gshard_loss from first choices, 1 at balance).
-      {"tutel",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kBeforeDrop;
-         c.capacity_factor = 1.0;
-         c.capacity_formula = CapacityFormula::kTutel;
-         c.capacity_rounding = CapacityRounding::kFloor;
-         c.capacity_times_k = true;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kChoiceMajor;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kFirstChoice;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-       }},
-      // databricks/megablocks megablocks/layers/router.py and moe.py (capacity int(cf·k·T/E),
-      // overflow of the expert-sorted bins dropped) with megablocks/layers/arguments.py defaults
-      // (moe_capacity_factor 1, moe_loss_weight 0.1, no weight normalisation).
-      {"megablocks",
-       [](RoutingConfig& c) {
-         c.num_experts = 8;
-         c.num_experts_per_tok = 2;
-         c.routing_method = RoutingMethod::kTopK;
-         c.scoring_func = ScoringFunc::kSoftmax;
-         c.softmax_order = SoftmaxOrder::kBeforeTopK;
-         c.renormalize = Renormalize::kNone;
-         c.capacity_factor = 1.0;
-         c.capacity_rounding = CapacityRounding::kFloor;
-         c.capacity_times_k = true;
-         c.capacity_scope = Scope::kBatch;
-         c.drop_policy = DropPolicy::kPosition;
-         c.position_order = PositionOrder::kTokenMajor;
-         c.aux_loss_type = AuxLossType::kLoadBalancing;
-         c.aux_loss_scale = AuxLossScale::kOne;
-         c.aux_loss_counts = AuxLossCounts::kAllChoices;
-         c.aux_loss_scope = AuxLossScope::kBatch;
-         c.router_aux_loss_coef = 0.1;
-       }},
-  };
-  return kPresets;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Parsing.
 
 void require(bool ok, const std::string& field, const std::string& expected,
@@ -890,7 +495,7 @@ void RoutingConfig::validate() const {
 const std::vector<std::string>& preset_names() {
   static const std::vector<std::string> kNames = [] {
     std::vector<std::string> names;
-    for (const auto& preset : preset_table()) names.emplace_back(preset.name);
+    for (const io::Preset& preset : io::presets()) names.push_back(preset.name);
     return names;
   }();
   return kNames;
@@ -898,11 +503,10 @@ const std::vector<std::string>& preset_names() {
 
 RoutingConfig routing_config_from_preset(const std::string& preset) {
   if (preset.empty()) return RoutingConfig{};
-  for (const auto& spec : preset_table()) {
+  for (const io::Preset& spec : io::presets()) {
     if (spec.name == preset) {
-      RoutingConfig config;
+      RoutingConfig config = spec.routing;
       config.preset = preset;
-      spec.apply(config);
       return config;
     }
   }
@@ -918,11 +522,7 @@ RoutingConfig routing_config_from_preset(const std::string& preset) {
 
 namespace io {
 
-RoutingConfig read_routing_config(ObjectReader& reader) {
-  RoutingConfig config;
-  if (const auto preset = reader.take(kPresetKey)) {
-    config = routing_config_from_preset(preset->string());
-  }
+void read_routing_fields(ObjectReader& reader, RoutingConfig& config) {
   if (const auto dtype = reader.take(kRouterDtypeKey)) {
     dtype->enumeration(std::span<const EnumName<int>>(kRouterDtypeNames));
   }
@@ -932,7 +532,21 @@ RoutingConfig read_routing_config(ObjectReader& reader) {
       (*field.readers[which])(config, *value);
     }
   }
+}
+
+RoutingConfig read_routing_config(ObjectReader& reader) {
+  RoutingConfig config;
+  if (const auto preset = reader.take(kPresetKey)) {
+    config = routing_config_from_preset(preset->string());
+  }
+  read_routing_fields(reader, config);
   return config;
+}
+
+OrderedJson routing_fields_json(const RoutingConfig& config) {
+  OrderedJson out = OrderedJson::object();
+  for (const auto& spec : field_specs()) out[spec.key] = spec.write(config);
+  return out;
 }
 
 }  // namespace io
@@ -949,7 +563,8 @@ RoutingConfig routing_config_from_json(const std::string& json_text) {
 std::string routing_config_to_json(const RoutingConfig& config) {
   OrderedJson out;
   out[std::string(kPresetKey)] = config.preset;
-  for (const auto& spec : field_specs()) out[spec.key] = spec.write(config);
+  const OrderedJson fields = io::routing_fields_json(config);
+  for (auto it = fields.begin(); it != fields.end(); ++it) out[it.key()] = *it;
   return out.dump(2);
 }
 

@@ -3,9 +3,12 @@
 // choice between the MoE block and a dense MLP).
 #include "moekit/model_family.h"
 
-#include <nlohmann/json.hpp>
 #include <algorithm>
+#include <initializer_list>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
+#include <string_view>
 #include <tuple>
 
 #include "io/json.h"
@@ -16,23 +19,44 @@ namespace moekit {
 namespace {
 
 using Json = nlohmann::json;
+using io::ObjectReader;
+using io::Value;
 
-[[noreturn]] void fail(const std::string& key, const std::string& expected, const Json& actual) {
-  throw_config_error("config.json " + key, expected, actual.is_null() ? std::string("none") : actual.dump());
+// config.json is read through the strict JSON layer: one parser (nesting bounded, a key
+// repeated within an object rejected) and every key named by its path after "config.json "
+// ("config.json quantization_config.fmt"). Unlike a moekit config, keys no family reads are not
+// an error (a config.json describes the whole model), and null counts as absent (transformers
+// writes null for an option left unset).
+constexpr const char* kConfigPrefix = "config.json ";
+
+// "<path>: expected <expected>, got <the value as JSON text, or none for null>".
+[[noreturn]] void fail(const Value& value, const std::string& expected) {
+  value.fail(expected, value.is_null() ? std::string("none") : value.json().dump());
+}
+
+[[noreturn]] void fail_absent(const ObjectReader& c, std::string_view key, const std::string& expected) {
+  io::fail(io::Document::kConfig, c.path(key), expected, "none");
+}
+
+// The value under `key` unless it is absent or null.
+std::optional<Value> present(const ObjectReader& c, std::string_view key) {
+  std::optional<Value> value = c.peek(key);
+  if (value && value->is_null()) return std::nullopt;
+  return value;
 }
 
 // The value of the first present key among `names`; all present spellings must agree.
-const Json* pick(const Json& c, const std::vector<std::string>& names) {
-  const Json* found = nullptr;
-  std::string found_name;
-  for (const std::string& n : names) {
-    if (!c.contains(n) || c[n].is_null()) continue;
-    if (found != nullptr && *found != c[n]) {
-      throw_config_error("config.json " + n, detail::concat("the value of ", found_name, " (", found->dump(), ")"),
-                         c[n].dump());
+std::optional<Value> pick(const ObjectReader& c, std::initializer_list<std::string_view> names) {
+  std::optional<Value> found;
+  std::string_view found_name;
+  for (const std::string_view n : names) {
+    std::optional<Value> value = present(c, n);
+    if (!value) continue;
+    if (found && found->json() != value->json()) {
+      value->fail(detail::concat("the value of ", found_name, " (", found->json().dump(), ")"), value->json().dump());
     }
-    if (found == nullptr) {
-      found = &c[n];
+    if (!found) {
+      found = value;
       found_name = n;
     }
   }
@@ -44,32 +68,37 @@ const Json* pick(const Json& c, const std::vector<std::string>& names) {
 // stay in range.
 constexpr int64_t kMaxCount = int64_t{1} << 24;
 
-int64_t integer(const Json& c, const std::vector<std::string>& names, int64_t min_value) {
-  const Json* v = pick(c, names);
-  if (v == nullptr) fail(names.front(), "an integer", Json());
+// An integer in [min_value, kMaxCount] under the first present spelling, named by the first.
+int64_t integer(const ObjectReader& c, std::initializer_list<std::string_view> names, int64_t min_value) {
+  const std::optional<Value> v = pick(c, names);
+  if (!v) fail_absent(c, *names.begin(), "an integer");
+  const Json& j = v->json();
   // is_number_integer covers unsigned values above INT64_MAX too: read them as unsigned first.
-  if (!v->is_number_integer() || (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t(kMaxCount)) ||
-      v->get<int64_t>() < min_value || v->get<int64_t>() > kMaxCount) {
-    fail(names.front(), detail::concat("an integer in [", min_value, ", ", kMaxCount, "]"), *v);
+  if (!j.is_number_integer() || (j.is_number_unsigned() && j.get<uint64_t>() > uint64_t(kMaxCount)) ||
+      j.get<int64_t>() < min_value || j.get<int64_t>() > kMaxCount) {
+    io::fail(io::Document::kConfig, c.path(*names.begin()),
+             detail::concat("an integer in [", min_value, ", ", kMaxCount, "]"), j.dump());
   }
-  return v->get<int64_t>();
+  return j.get<int64_t>();
 }
 
-int64_t integer_or(const Json& c, const std::vector<std::string>& names, int64_t fallback, int64_t min_value) {
-  return pick(c, names) == nullptr ? fallback : integer(c, names, min_value);
+int64_t integer_or(const ObjectReader& c, std::initializer_list<std::string_view> names, int64_t fallback,
+                   int64_t min_value) {
+  return pick(c, names) ? integer(c, names, min_value) : fallback;
 }
 
 // Copies a key the layer config reads under the same name, when present.
-void copy_key(const Json& c, Json& out, const std::string& from, const std::string& to) {
-  if (c.contains(from) && !c[from].is_null()) out[to] = c[from];
+void copy_key(const ObjectReader& c, Json& out, std::string_view from, const std::string& to) {
+  if (const std::optional<Value> value = present(c, from)) out[to] = value->json();
 }
 
-std::vector<int64_t> int_list(const Json& c, const std::string& name) {
+std::vector<int64_t> int_list(const ObjectReader& c, std::string_view name) {
   std::vector<int64_t> out;
-  if (!c.contains(name) || c[name].is_null()) return out;
-  if (!c[name].is_array()) fail(name, "an array of layer indices", c[name]);
-  for (const Json& v : c[name]) {
-    if (!v.is_number_integer()) fail(name, "an array of layer indices", c[name]);
+  const std::optional<Value> list = present(c, name);
+  if (!list) return out;
+  if (!list->json().is_array()) fail(*list, "an array of layer indices");
+  for (const Json& v : list->json()) {
+    if (!v.is_number_integer()) fail(*list, "an array of layer indices");
     out.push_back(v.get<int64_t>());
   }
   return out;
@@ -77,27 +106,45 @@ std::vector<int64_t> int_list(const Json& c, const std::string& name) {
 
 // quantization_config: the formats the loader dequantizes (quant.h); any other method is an
 // error rather than weights read as if they were plain.
-void read_quantization(const Json& c, ModelFamily& f) {
-  if (!c.contains("quantization_config") || c["quantization_config"].is_null()) return;
-  const Json& q = c["quantization_config"];
+void read_quantization(const ObjectReader& c, ModelFamily& f) {
+  const std::optional<Value> config = present(c, "quantization_config");
+  if (!config) return;
+  const Json& q = config->json();
   if (!q.is_object() || !q.contains("quant_method") || !q["quant_method"].is_string()) {
-    fail("quantization_config", "an object with a quant_method string", q);
+    fail(*config, "an object with a quant_method string");
   }
-  f.quant_method = q["quant_method"].get<std::string>();
+  const ObjectReader quantization(*config);
+  const Value method = *quantization.peek("quant_method");
+  f.quant_method = method.string();
   if (f.quant_method == "fp8") {
-    if (q.contains("fmt") && q["fmt"] != "e4m3") fail("quantization_config.fmt", "\"e4m3\"", q["fmt"]);
-    if (q.contains("weight_block_size") && !q["weight_block_size"].is_null()) {
-      const Json& b = q["weight_block_size"];
+    if (const auto fmt = quantization.peek("fmt"); fmt && fmt->json() != "e4m3") fail(*fmt, "\"e4m3\"");
+    if (const auto block = present(quantization, "weight_block_size")) {
+      const Json& b = block->json();
       if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
           b[0].get<int64_t>() < 1 || b[1].get<int64_t>() < 1) {
-        fail("quantization_config.weight_block_size", "two positive integers [rows, cols]", b);
+        fail(*block, "two positive integers [rows, cols]");
       }
       f.fp8_block_rows = b[0].get<int64_t>();
       f.fp8_block_cols = b[1].get<int64_t>();
     }
   } else if (f.quant_method != "mxfp4") {
-    fail("quantization_config.quant_method", "\"fp8\" or \"mxfp4\" (the formats moekit dequantizes)", q["quant_method"]);
+    fail(method, "\"fp8\" or \"mxfp4\" (the formats moekit dequantizes)");
   }
+}
+
+// The text as a JSON object, whole-text faults named "config.json".
+Json parse_config_json(const std::string& text) {
+  io::ParsedJson parsed = io::parse_json(text);
+  if (parsed.too_deep) {
+    throw_config_error("config.json", detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"),
+                       "deeper nesting");
+  }
+  if (!parsed.invalid.empty()) throw_config_error("config.json", "well-formed JSON", parsed.invalid);
+  if (!parsed.root.is_object()) throw_config_error("config.json", "a JSON object", parsed.root.type_name());
+  if (!parsed.repeated_path.empty()) {
+    throw_config_error(kConfigPrefix + parsed.repeated_path, "the key at most once", "it repeated");
+  }
+  return std::move(parsed.root);
 }
 
 // Switch Transformers (SwitchTransformersSparseMLP): an encoder and a decoder stack of
@@ -105,7 +152,7 @@ void read_quantization(const Json& c, ModelFamily& f) {
 // when s == 1 or i % s == 1 (transformers' SwitchTransformersStack), else a dense T5 MLP of
 // d_ff. Experts are ungated MLPs of d_ff with dense_act_fn; top-1 with a fixed expert_capacity
 // applied per sequence (per batch row), as the original model and transformers ≥ 5.23 do.
-ModelFamily switch_family(const Json& c, ModelFamily f, Json out) {
+ModelFamily switch_family(const ObjectReader& c, ModelFamily f, Json out) {
   out["preset"] = "hf-switch";
   const int64_t d_ff = integer(c, {"d_ff"}, 1);
   out["d_ff"] = d_ff;
@@ -114,8 +161,8 @@ ModelFamily switch_family(const Json& c, ModelFamily f, Json out) {
   copy_key(c, out, "router_jitter_noise", "router_jitter_noise");
   copy_key(c, out, "router_z_loss_coef", "router_z_loss_coef");
   copy_key(c, out, "router_bias", "router_bias");
-  const Json* act = pick(c, {"dense_act_fn"});
-  out["hidden_act"] = act == nullptr ? Json("relu") : *act;
+  const std::optional<Value> act = pick(c, {"dense_act_fn"});
+  out["hidden_act"] = act ? act->json() : Json("relu");
   f.layer_config_json = out.dump();
   f.layer = moe_layer_config_from_json(f.layer_config_json);
   const int64_t num_encoder = integer(c, {"num_layers"}, 1);
@@ -169,19 +216,13 @@ const ModelLayer& find_model_layer(const ModelFamily& family, const std::string&
 }
 
 ModelFamily model_family_from_config(const std::string& config_json) {
-  Json c;
-  if (io::json_nesting_depth(config_json.data(), config_json.data() + config_json.size()) > io::kMaxJsonDepth) {
-    throw_config_error("config.json", detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
-  }
-  try {
-    c = Json::parse(config_json);
-  } catch (const Json::exception& e) {
-    throw_config_error("config.json", "well-formed JSON", e.what());
-  }
-  if (!c.is_object()) throw_config_error("config.json", "a JSON object", c.type_name());
-  if (!c.contains("model_type") || !c["model_type"].is_string()) fail("model_type", "a string", c.value("model_type", Json()));
+  const Json root = parse_config_json(config_json);
+  const ObjectReader c(root, io::Document::kConfig, kConfigPrefix);
+  const std::optional<Value> model_type = c.peek("model_type");
+  if (!model_type) fail_absent(c, "model_type", "a string");
+  if (!model_type->json().is_string()) fail(*model_type, "a string");
   ModelFamily f;
-  f.model_type = c["model_type"].get<std::string>();
+  f.model_type = model_type->string();
   const std::string& t = f.model_type;
   Json out = Json::object();
   const int64_t d_model = integer(c, {"hidden_size", "d_model"}, 1);
@@ -263,7 +304,8 @@ ModelFamily model_family_from_config(const std::string& config_json) {
     out["d_ff"] = integer(c, {"intermediate_size"}, 1);
     out["num_experts"] = integer(c, {"num_local_experts", "num_experts"}, 1);
     out["activation"] = "swiglu_clamped";
-    out["clamp_limit"] = c.contains("swiglu_limit") && !c["swiglu_limit"].is_null() ? c["swiglu_limit"] : Json(7.0);
+    const std::optional<Value> limit = present(c, "swiglu_limit");
+    out["clamp_limit"] = limit ? limit->json() : Json(7.0);
     out["clamp_alpha"] = 1.702;
     out["router_bias"] = true;
     out["expert_bias"] = true;

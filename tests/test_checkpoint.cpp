@@ -88,5 +88,11 @@ TEST(Checkpoint, EveryBrokenIndexIsAnErrorNamingIt) {
   expect_fault("type", R"({"weight_map": {"a": 3}})", "weight_map.a: expected a shard file name");
 }
 
+TEST(Checkpoint, ARepeatedKeyInTheIndexIsAnError) {
+  // The index is read through the strict JSON layer: a tensor listed twice is ambiguous.
+  expect_fault("repeated", R"({"weight_map": {"a": "shard-1.safetensors", "a": "shard-1.safetensors"}})",
+               "model.safetensors.index.json: weight_map.a: expected the key at most once, got it repeated");
+}
+
 }  // namespace
 }  // namespace moekit

@@ -183,6 +183,49 @@ TEST(JsonParse, OutOfRangeLiteralIsInvalidJson) {
   EXPECT_NE(input_error(R"(, "d_z_loss": -1e999)").find("-1e999"), std::string::npos);
 }
 
+TEST(JsonParse, ParseJsonReportsFaultsWithoutThrowing) {
+  const io::ParsedJson deep = io::parse_json(std::string(200, '[') + std::string(200, ']'));
+  EXPECT_TRUE(deep.too_deep);
+  EXPECT_TRUE(deep.root.is_null());
+  const io::ParsedJson invalid = io::parse_json(R"({"a": )");
+  EXPECT_FALSE(invalid.too_deep);
+  EXPECT_NE(invalid.invalid.find("parse error"), std::string::npos) << invalid.invalid;
+  const io::ParsedJson repeated = io::parse_json(R"({"a": [{"b": 1, "b": 2}], "a": 3})");
+  EXPECT_TRUE(repeated.invalid.empty());
+  EXPECT_EQ(repeated.repeated_path, "a[0].b");  // the first repeat found
+  const io::ParsedJson array = io::parse_json("[1, 2]");  // any JSON value: the caller asks for more
+  EXPECT_TRUE(array.invalid.empty() && array.repeated_path.empty() && array.root.is_array());
+}
+
+TEST(JsonParse, AFileNamesTheDocument) {
+  EXPECT_EQ(message_of<ConfigError>([] { io::parse_object("[1]", Document::kConfig, "dir/a.json"); }),
+            "dir/a.json: expected a JSON object, got array [1]");
+  EXPECT_EQ(message_of<ConfigError>([] { io::parse_object(R"({"x": {"y": 1, "y": 1}})", Document::kConfig, "a.json"); }),
+            "a.json: x.y: expected the key at most once, got it repeated");
+}
+
+TEST(JsonReader, StringsMembersAndPeek) {
+  const io::Json root = io::parse_object(R"({"s": ["a", "b"], "bad": ["a", 1], "o": {"k": 1, "j": "x"}})",
+                                         Document::kInput);
+  io::ObjectReader reader(root, Document::kInput, "f: ");
+  EXPECT_EQ(reader.peek("s")->strings(), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(message_of<InputError>([&] { reader.peek("bad")->strings(); }), "f: bad[1]: expected a string, got number 1");
+  EXPECT_EQ(message_of<InputError>([&] { reader.peek("o")->strings(); }),
+            "f: o: expected an array of strings, got object {\"j\":\"x\",\"k\":1}");
+  const auto members = reader.peek("o")->members();
+  ASSERT_EQ(members.size(), 2u);
+  EXPECT_EQ(members[0].first, "j");  // key order
+  EXPECT_EQ(members[0].second.path(), "f: o.j");
+  EXPECT_EQ(members[1].second.integer(), 1);
+  EXPECT_EQ(message_of<InputError>([&] { reader.peek("s")->members(); }),
+            "f: s: expected a JSON object, got array [\"a\",\"b\"]");
+  // peek neither takes the key nor needs it untaken.
+  EXPECT_FALSE(reader.peek("absent"));
+  EXPECT_TRUE(reader.take("s"));
+  EXPECT_TRUE(reader.peek("s"));
+  EXPECT_FALSE(reader.take("s"));
+}
+
 TEST(JsonReader, NonFiniteNumbersAreRejected) {
   // Values built in code (not parsed) can hold infinity or NaN; they are not numbers to moekit.
   const io::Json inf = std::numeric_limits<double>::infinity();

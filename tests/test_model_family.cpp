@@ -53,5 +53,33 @@ TEST(ModelFamily, FaultsAreErrorsNamingTheKey) {
             std::string::npos);  // the layer config's own check
 }
 
+TEST(ModelFamily, ConfigJsonIsReadThroughTheStrictJsonLayer) {
+  auto message = [](const std::string& json) {
+    try {
+      model_family_from_config(json);
+    } catch (const ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  // A key repeated within one object is ambiguous (nlohmann would keep the last one).
+  EXPECT_EQ(message(R"({"model_type": "mixtral", "hidden_size": 8, "hidden_size": 16})"),
+            "config.json hidden_size: expected the key at most once, got it repeated");
+  EXPECT_EQ(message(R"({"model_type": "deepseek_v3", "quantization_config": {"fmt": "e4m3", "fmt": "e4m3"}})"),
+            "config.json quantization_config.fmt: expected the key at most once, got it repeated");
+  EXPECT_EQ(message(R"({"model_type": 3})"), "config.json model_type: expected a string, got 3");
+  EXPECT_EQ(message(R"({"model_type": null})"), "config.json model_type: expected a string, got none");
+  EXPECT_EQ(message(R"({"model_type": "deepseek_v3", "hidden_size": 8, "num_hidden_layers": 1,
+      "quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}})"),
+            "config.json quantization_config.fmt: expected \"e4m3\", got \"e5m2\"");
+  EXPECT_EQ(message("[1]"), "config.json: expected a JSON object, got array");
+  EXPECT_EQ(message(std::string(300, '[')), "config.json: expected JSON nested at most 128 levels, got deeper nesting");
+  EXPECT_EQ(message("{").rfind("config.json: expected well-formed JSON, got ", 0), 0u);
+  // Keys no family reads stay ignored, null counts as absent.
+  EXPECT_EQ(message(R"({"model_type": "olmoe", "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 4,
+      "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 5, "rope_scaling": null, "norm_topk_prob": null})"),
+            "accepted");
+}
+
 }  // namespace
 }  // namespace moekit

@@ -138,5 +138,10 @@ TEST(Safetensors, EveryMalformedHeaderIsAnErrorNamingTheField) {
   EXPECT_THROW(SafetensorsFile::open(temp_path("does_not_exist")), InputError);
 }
 
+TEST(Safetensors, ARepeatedKeyIsNamedByItsPath) {
+  expect_fault("repeated_nested", R"({"t":{"dtype":"F32","shape":[2],"dtype":"F32","data_offsets":[0,8]}})", 8,
+               "header: expected each key once, got key 't.dtype' repeated");
+}
+
 }  // namespace
 }  // namespace moekit

@@ -3,11 +3,11 @@
 //
 // Supported here: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss and
 // switch_transformers (an encoder-decoder: its blocks are named "N" or "encoder.N" and
-// "decoder.N"). Keys the family does not
-// define are ignored (a config.json describes the whole model); the ones it reads are checked
-// (types, ranges, through the layer config), and two spellings of one key that disagree are an
-// error. Which keys each family reads and what they become is in docs/config.md ("Model
-// families"). Dense (non-MoE) layers are reported as such: DeepSeek's first
+// "decoder.N"). Keys the family does not define are ignored (a config.json describes the whole
+// model); the ones it reads are checked (types, ranges, through the layer config), and two
+// spellings of one key that disagree are an error, as is a key repeated within one object (the
+// text is read by the strict JSON layer). Which keys each family reads and what they become is
+// in docs/config.md ("Model families"). Dense (non-MoE) layers are reported as such: DeepSeek's first
 // first_k_dense_replace layers, Qwen's mlp_only_layers and layers off decoder_sparse_step,
 // Switch's blocks off encoder_sparse_step / decoder_sparse_step.
 #pragma once

@@ -78,31 +78,29 @@ Checkpoint Checkpoint::open(const std::string& dir) {
     return c;
   }
   if (!is_file(index)) fail(dir, "model.safetensors or model.safetensors.index.json", "neither");
-  nlohmann::json j;
-  const std::string text = read_text(index);
-  if (io::json_nesting_depth(text.data(), text.data() + text.size()) > io::kMaxJsonDepth) {
-    fail(index, detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
-  }
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail(index, "well-formed JSON", e.what());
-  }
+  // The index is read through the strict JSON layer (nesting bounded, a repeated key rejected by
+  // its path); its faults are named "<index>: ..." and its entries "<index>: weight_map.<tensor>".
+  const io::ParsedJson parsed = io::parse_json(read_text(index));
+  if (parsed.too_deep) fail(index, detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
+  if (!parsed.invalid.empty()) fail(index, "well-formed JSON", parsed.invalid);
+  const nlohmann::json& j = parsed.root;
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
     fail(index, "an object with a \"weight_map\" object", j.is_object() ? "no weight_map object" : j.type_name());
   }
+  if (!parsed.repeated_path.empty()) fail(index + ": " + parsed.repeated_path, "the key at most once", "it repeated");
+  const io::Value weight_map = *io::ObjectReader(j, io::Document::kInput, index + ": ").peek("weight_map");
   std::map<std::string, size_t> shard_index;
   std::vector<std::pair<std::string, std::string>> wanted;  // (tensor, shard)
-  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-    if (!it.value().is_string()) fail(index + ": weight_map." + it.key(), "a shard file name", it.value().type_name());
-    const std::string shard = it.value().get<std::string>();
+  for (const auto& [tensor, entry] : weight_map.members()) {
+    if (!entry.json().is_string()) entry.fail("a shard file name", entry.json().type_name());
+    const std::string shard = entry.string();
     if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
-      fail(index + ": weight_map." + it.key(), "a file name inside the directory", "\"" + shard + "\"");
+      entry.fail("a file name inside the directory", "\"" + shard + "\"");
     }
-    wanted.emplace_back(it.key(), shard);
+    wanted.emplace_back(tensor, shard);
     if (!shard_index.count(shard)) {
       const std::string path = dir + "/" + shard;
-      if (!is_file(path)) fail(index + ": weight_map." + it.key(), "an existing shard", "no file " + path);
+      if (!is_file(path)) entry.fail("an existing shard", "no file " + path);
       shard_index[shard] = k.files.size();
       k.files.push_back(SafetensorsFile::open(path));
     }

@@ -143,18 +143,21 @@ int json_nesting_depth(const char* begin, const char* end, int stop_above) {
   return deepest;
 }
 
-Json parse_object(const std::string& text, Document document) {
-  if (json_nesting_depth(text.data(), text.data() + text.size()) > kMaxJsonDepth) {
-    fail(document, document_name(document), "a JSON object", detail::concat("nesting deeper than ", kMaxJsonDepth, " levels"));
+ParsedJson parse_json(std::string_view text) {
+  ParsedJson parsed;
+  const char* begin = text.data();
+  const char* end = begin + text.size();
+  if (json_nesting_depth(begin, end) > kMaxJsonDepth) {
+    parsed.too_deep = true;
+    return parsed;
   }
   // nlohmann keeps the last of repeated keys without a word, so repeats are caught while
   // parsing, at any depth; the first one found is reported once the text is known to be JSON.
   std::vector<Frame> frames;
-  std::string repeated;
   auto element_done = [&frames] {
     if (!frames.empty() && frames.back().is_array) ++frames.back().index;
   };
-  const Json::parser_callback_t on_event = [&](int, Json::parse_event_t event, Json& parsed) {
+  const Json::parser_callback_t on_event = [&](int, Json::parse_event_t event, Json& value) {
     switch (event) {
       case Json::parse_event_t::object_start: frames.emplace_back(); break;
       case Json::parse_event_t::array_start:
@@ -163,8 +166,10 @@ Json parse_object(const std::string& text, Document document) {
         break;
       case Json::parse_event_t::key: {
         Frame& frame = frames.back();
-        frame.key = parsed.get<std::string>();
-        if (!frame.keys.insert(frame.key).second && repeated.empty()) repeated = path_of(frames);
+        frame.key = value.get<std::string>();
+        if (!frame.keys.insert(frame.key).second && parsed.repeated_path.empty()) {
+          parsed.repeated_path = path_of(frames);
+        }
         break;
       }
       case Json::parse_event_t::object_end:
@@ -176,17 +181,29 @@ Json parse_object(const std::string& text, Document document) {
     }
     return true;
   };
-  Json root;
   try {
-    root = Json::parse(text, on_event);
+    parsed.root = Json::parse(begin, end, on_event);
   } catch (const Json::exception& error) {
     // parse_error, and out_of_range for a number literal beyond double (1e999).
-    fail(document, document_name(document), "a JSON object",
-         std::string("invalid JSON (") + error.what() + ")");
+    parsed.invalid = error.what();
+    parsed.repeated_path.clear();
   }
-  if (!root.is_object()) fail(document, document_name(document), "a JSON object", describe(root));
-  if (!repeated.empty()) fail(document, repeated, "the key at most once", "it repeated");
-  return root;
+  return parsed;
+}
+
+Json parse_object(const std::string& text, Document document, const std::string& file) {
+  const std::string name = file.empty() ? std::string(document_name(document)) : file;
+  ParsedJson parsed = parse_json(text);
+  if (parsed.too_deep) {
+    fail(document, name, "a JSON object", detail::concat("nesting deeper than ", kMaxJsonDepth, " levels"));
+  }
+  if (!parsed.invalid.empty()) fail(document, name, "a JSON object", "invalid JSON (" + parsed.invalid + ")");
+  if (!parsed.root.is_object()) fail(document, name, "a JSON object", describe(parsed.root));
+  if (!parsed.repeated_path.empty()) {
+    const std::string path = file.empty() ? parsed.repeated_path : file + ": " + parsed.repeated_path;
+    fail(document, path, "the key at most once", "it repeated");
+  }
+  return std::move(parsed.root);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,6 +282,22 @@ std::vector<int64_t> Value::integers(int64_t min, int64_t max) const {
   return out;
 }
 
+std::vector<std::string> Value::strings() const {
+  if (!json_->is_array()) fail("an array of strings", describe(*json_));
+  std::vector<std::string> out;
+  out.reserve(json_->size());
+  for (std::size_t i = 0; i < json_->size(); ++i) out.push_back(element(i).string());
+  return out;
+}
+
+std::vector<std::pair<std::string, Value>> Value::members() const {
+  if (!json_->is_object()) fail("a JSON object", describe(*json_));
+  std::vector<std::pair<std::string, Value>> out;
+  out.reserve(json_->size());
+  for (const auto& [key, value] : json_->items()) out.emplace_back(key, Value(value, path_ + "." + key, document_));
+  return out;
+}
+
 NumberMatrix Value::number_matrix() const {
   if (!json_->is_array() || json_->empty()) fail("a non-empty array of rows", describe(*json_));
   NumberMatrix m;
@@ -311,6 +344,12 @@ std::optional<Value> ObjectReader::take(std::string_view key) {
   const auto it = object_->find(std::string(key));
   if (it == object_->end() || taken_.count(key)) return std::nullopt;
   taken_.emplace(key);
+  return Value(*it, path(key), document_);
+}
+
+std::optional<Value> ObjectReader::peek(std::string_view key) const {
+  const auto it = object_->find(std::string(key));
+  if (it == object_->end()) return std::nullopt;
   return Value(*it, path(key), document_);
 }
 

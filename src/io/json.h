@@ -1,5 +1,6 @@
 // The strict JSON layer every moekit document is read through: the routing configuration, the
-// layer configuration and the `moekit route` INPUT. One set of readers means one wording: a
+// layer configuration, the presets (src/presets/*.json), the `moekit route` INPUT, a model's
+// config.json, safetensors headers and checkpoint indexes. One set of readers means one wording: a
 // fault names the field's full path (`num_experts`, `logits[0][2]`, `routing.top_k`), what was
 // expected and what was found, in the shape "<path>: expected <what>, got <actual>", whichever
 // document it is in.
@@ -7,6 +8,9 @@
 // Strict means: a repeated key is an error (nlohmann keeps only the last one, which would hide
 // a mistake), a key nobody asked for is an error (a typo must not fall back to a default), and
 // nothing is converted or clamped: 8.0 is not an integer, "8" is not a number, null is not NaN.
+// Documents moekit does not define keep their own rules on top of the parser: a config.json
+// holds keys no family reads, and the files' readers word their messages as they always have
+// ("<file>: header: ...", "config.json <key>: ...") through parse_json and Value::fail.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +21,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace moekit::io {
@@ -55,9 +60,24 @@ inline constexpr int kMaxJsonDepth = 128;
 // stops counting (and returns) once it exceeds `stop_above`.
 int json_nesting_depth(const char* begin, const char* end, int stop_above = kMaxJsonDepth);
 
-// Parses `text` as one JSON object. Invalid JSON, nesting deeper than kMaxJsonDepth, a root that is not an object and a key
-// repeated in any object (named by its full path, e.g. `a.b` or `rows[2].name`) are rejected.
-Json parse_object(const std::string& text, Document document);
+// A text read as JSON without throwing, for the readers that word whole-text faults their own
+// way (a safetensors header names its file and "header", config.json itself): each fault is
+// reported here and the caller turns it into its message.
+struct ParsedJson {
+  Json root;                  // null unless the text is JSON and not too deep
+  bool too_deep = false;      // nested deeper than kMaxJsonDepth: not parsed at all
+  std::string invalid;        // not JSON: the parser's message; "" when it is JSON
+  std::string repeated_path;  // the first key repeated within one object, by its full path
+                              // (`a.b`, `rows[2].name`); "" when none is
+};
+ParsedJson parse_json(std::string_view text);
+
+// Parses `text` as one JSON object. Invalid JSON, nesting deeper than kMaxJsonDepth, a root that
+// is not an object and a key repeated in any object (named by its full path, e.g. `a.b` or
+// `rows[2].name`) are rejected. `file`, when given, names the text in place of the document's
+// name ("src/presets/megatron.json: expected a JSON object, ...") and comes before every path
+// ("src/presets/megatron.json: routing.top_k: ...").
+Json parse_object(const std::string& text, Document document, const std::string& file = "");
 
 // One accepted spelling of an enum value.
 template <typename E>
@@ -132,6 +152,9 @@ class Value {
   // A non-empty array of non-empty rows of equal length; each entry "a finite number", named
   // `<path>[row][col]`.
   NumberMatrix number_matrix() const;
+  std::vector<std::string> strings() const;  // "an array of strings", each "a string"
+  // An object's members in key order, each named `<path>.<key>`; "a JSON object" otherwise.
+  std::vector<std::pair<std::string, Value>> members() const;
 
  private:
   const Json* json_;
@@ -156,6 +179,9 @@ class ObjectReader {
 
   // Present and not taken yet.
   bool contains(std::string_view key) const;
+  // The value under `key`, taken or not, without taking it: for documents whose keys are read
+  // where they are needed, and whose other keys are not an error (a model's config.json).
+  std::optional<Value> peek(std::string_view key) const;
   // The value under `key` unless it is absent or already taken; marks it taken.
   std::optional<Value> take(std::string_view key);
   // The same, where `keys` are spellings of one field (a key and its aliases): at most one of

@@ -13,7 +13,9 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
+#include <string_view>
 #include <utility>
 
 #include "io/json.h"
@@ -57,6 +59,69 @@ int64_t byte_count(const std::vector<int64_t>& shape, int64_t size) {
     n *= s;
   }
   return n;
+}
+
+// __metadata__: an object of strings, each named "<file>: __metadata__.<key>".
+void read_metadata(const io::Value& metadata, std::map<std::string, std::string>& out) {
+  if (!metadata.json().is_object()) metadata.fail("an object of strings", metadata.json().type_name());
+  for (const auto& [key, value] : metadata.members()) {
+    if (!value.json().is_string()) value.fail("a string", value.json().type_name());
+    out[key] = value.string();
+  }
+}
+
+// One tensor's entry, named "<file>: tensor '<name>'", its keys "<file>: tensor '<name>' <key>":
+// its dtype, its shape and its data_offsets [begin, end) within the `data_size` bytes of `data`,
+// which must hold exactly Π shape · element size bytes. `begin` receives the offset.
+TensorView read_tensor_entry(const io::Value& entry, const std::string& name, const uint8_t* data, int64_t data_size,
+                             uint64_t* begin) {
+  const nlohmann::json& v = entry.json();
+  if (!v.is_object()) entry.fail("an object with dtype, shape and data_offsets", v.type_name());
+  for (auto k = v.begin(); k != v.end(); ++k) {
+    if (k.key() != "dtype" && k.key() != "shape" && k.key() != "data_offsets") {
+      entry.fail("only the keys dtype, shape and data_offsets", "key '" + k.key() + "'");
+    }
+  }
+  const io::ObjectReader keys(v, io::Document::kInput, entry.path() + " ");
+  const auto absent = [&](std::string_view key, const std::string& expected) {
+    io::fail(io::Document::kInput, keys.path(key), expected, "none");
+  };
+  TensorView t;
+  t.name = name;
+  const std::optional<io::Value> dtype = keys.peek("dtype");
+  if (!dtype || !dtype->json().is_string()) absent("dtype", known_dtypes());
+  const std::string dt = dtype->string();
+  const DTypeName* known = nullptr;
+  for (const DTypeName& d : kDTypes)
+    if (dt == d.name) known = &d;
+  if (known == nullptr) dtype->fail(known_dtypes(), "\"" + dt + "\"");
+  t.dtype = known->dtype;
+  const std::optional<io::Value> shape = keys.peek("shape");
+  if (!shape || !shape->json().is_array()) absent("shape", "an array of extents");
+  for (const nlohmann::json& s : shape->json()) {
+    if (!s.is_number_integer() || s.get<int64_t>() < 0) shape->fail("non-negative integer extents", s.dump());
+    t.shape.push_back(s.get<int64_t>());
+  }
+  const std::optional<io::Value> offsets = keys.peek("data_offsets");
+  if (!offsets) absent("data_offsets", "[begin, end] of non-negative integers");
+  const nlohmann::json& o = offsets->json();
+  if (!o.is_array() || o.size() != 2 || !o[0].is_number_unsigned() || !o[1].is_number_unsigned()) {
+    offsets->fail("[begin, end] of non-negative integers", o.dump());
+  }
+  const uint64_t b = o[0].get<uint64_t>(), e = o[1].get<uint64_t>();
+  if (b > e || e > static_cast<uint64_t>(data_size)) {
+    offsets->fail(detail::concat("begin <= end <= ", data_size, " (the data's size)"), detail::concat("[", b, ", ", e, "]"));
+  }
+  const int64_t want = byte_count(t.shape, known->size);
+  if (want < 0 || static_cast<uint64_t>(want) != e - b) {
+    offsets->fail(detail::concat(want < 0 ? std::string("a shape whose size fits in 64 bits") : std::to_string(want),
+                                 " bytes (", shape_text(t.shape), " × ", known->size, ")"),
+                  detail::concat(e - b, " bytes"));
+  }
+  t.data = data + b;
+  t.bytes = static_cast<int64_t>(e - b);
+  *begin = b;
+  return t;
 }
 
 }  // namespace
@@ -147,28 +212,15 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const uint8_t* data = bytes + 8 + header_size;
   const int64_t data_size = file_size - 8 - static_cast<int64_t>(header_size);
 
-  // Parse with a callback that rejects repeated keys (nlohmann keeps the last one).
-  std::vector<std::set<std::string>> seen;
-  std::string repeated;
-  nlohmann::json::parser_callback_t cb = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    using E = nlohmann::json::parse_event_t;
-    if (event == E::object_start) seen.emplace_back();
-    if (event == E::object_end && !seen.empty()) seen.pop_back();
-    if (event == E::key && !seen.empty() && !seen.back().insert(parsed.get<std::string>()).second && repeated.empty())
-      repeated = parsed.get<std::string>();
-    (void)depth;
-    return true;
-  };
-  if (io::json_nesting_depth(header, header + header_size) > io::kMaxJsonDepth) {
+  // The header is read through the strict JSON layer (nesting bounded, a repeated key rejected
+  // by its path), its faults worded as "<file>: header: ..." and "<file>: tensor '<name>' ...".
+  const io::ParsedJson parsed = io::parse_json(std::string_view(header, header_size));
+  if (parsed.too_deep) {
     fail(path, "header", detail::concat("JSON nested at most ", io::kMaxJsonDepth, " levels"), "deeper nesting");
   }
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(header, header + header_size, cb);
-  } catch (const nlohmann::json::exception& e) {
-    fail(path, "header", "well-formed JSON", e.what());
-  }
-  if (!repeated.empty()) fail(path, "header", "each key once", "key '" + repeated + "' repeated");
+  if (!parsed.invalid.empty()) fail(path, "header", "well-formed JSON", parsed.invalid);
+  if (!parsed.repeated_path.empty()) fail(path, "header", "each key once", "key '" + parsed.repeated_path + "' repeated");
+  const nlohmann::json& j = parsed.root;
   if (!j.is_object()) fail(path, "header", "a JSON object", j.type_name());
 
   struct Range {
@@ -178,54 +230,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   std::vector<Range> ranges;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& name = it.key();
-    const nlohmann::json& v = it.value();
     if (name == "__metadata__") {
-      if (!v.is_object()) fail(path, "__metadata__", "an object of strings", v.type_name());
-      for (auto m = v.begin(); m != v.end(); ++m) {
-        if (!m.value().is_string()) fail(path, "__metadata__." + m.key(), "a string", m.value().type_name());
-        f.metadata[m.key()] = m.value().get<std::string>();
-      }
+      read_metadata(io::Value(it.value(), path + ": __metadata__", io::Document::kInput), f.metadata);
       continue;
     }
-    const std::string where = "tensor '" + name + "'";
-    if (!v.is_object()) fail(path, where, "an object with dtype, shape and data_offsets", v.type_name());
-    for (auto k = v.begin(); k != v.end(); ++k)
-      if (k.key() != "dtype" && k.key() != "shape" && k.key() != "data_offsets")
-        fail(path, where, "only the keys dtype, shape and data_offsets", "key '" + k.key() + "'");
-    if (!v.contains("dtype") || !v["dtype"].is_string()) fail(path, where + " dtype", known_dtypes(), "none");
-    TensorView t;
-    t.name = name;
-    const std::string dt = v["dtype"].get<std::string>();
-    const DTypeName* known = nullptr;
-    for (const DTypeName& d : kDTypes)
-      if (dt == d.name) known = &d;
-    if (known == nullptr) fail(path, where + " dtype", known_dtypes(), "\"" + dt + "\"");
-    t.dtype = known->dtype;
-    if (!v.contains("shape") || !v["shape"].is_array()) fail(path, where + " shape", "an array of extents", "none");
-    for (const nlohmann::json& s : v["shape"]) {
-      if (!s.is_number_integer() || s.get<int64_t>() < 0)
-        fail(path, where + " shape", "non-negative integer extents", s.dump());
-      t.shape.push_back(s.get<int64_t>());
-    }
-    if (!v.contains("data_offsets") || !v["data_offsets"].is_array() || v["data_offsets"].size() != 2 ||
-        !v["data_offsets"][0].is_number_unsigned() || !v["data_offsets"][1].is_number_unsigned()) {
-      fail(path, where + " data_offsets", "[begin, end] of non-negative integers",
-           v.contains("data_offsets") ? v["data_offsets"].dump() : "none");
-    }
-    const uint64_t b = v["data_offsets"][0].get<uint64_t>(), e = v["data_offsets"][1].get<uint64_t>();
-    if (b > e || e > static_cast<uint64_t>(data_size)) {
-      fail(path, where + " data_offsets", detail::concat("begin <= end <= ", data_size, " (the data's size)"),
-           detail::concat("[", b, ", ", e, "]"));
-    }
-    const int64_t want = byte_count(t.shape, known->size);
-    if (want < 0 || static_cast<uint64_t>(want) != e - b) {
-      fail(path, where + " data_offsets",
-           detail::concat(want < 0 ? std::string("a shape whose size fits in 64 bits") : std::to_string(want),
-                          " bytes (", shape_text(t.shape), " × ", known->size, ")"),
-           detail::concat(e - b, " bytes"));
-    }
-    t.data = data + b;
-    t.bytes = static_cast<int64_t>(e - b);
+    const io::Value entry(it.value(), path + ": tensor '" + name + "'", io::Document::kInput);
+    uint64_t b = 0;
+    TensorView t = read_tensor_entry(entry, name, data, data_size, &b);
+    const uint64_t e = b + static_cast<uint64_t>(t.bytes);
     ranges.push_back({static_cast<int64_t>(b), static_cast<int64_t>(e), f.tensors.size()});
     f.tensors.push_back(std::move(t));
   }
