@@ -206,7 +206,7 @@ ExpertRows MoeStages::permute(const MoeParams& p, const RoutingPlan& plan, Const
     ops::soft_dispatch_forward(ctx, plan, shape, x, rows.slot_inputs.view());
   }
   if (c.shared_expert_gate) rows.shared_gate = ops::shared_gate_forward(ctx, x, p.shared_gate);
-  ops::permute_rows(c, plan, x.data, rows);
+  ops::permute_rows(ctx, c, plan, x.data, rows);
   ctx.phase("dispatch");
   return rows;
 }

@@ -1,6 +1,7 @@
 // The CPU backend object: every op of ops/backend.h on x86-64 kernels chosen from the CPU's
 // features (the ISA is fixed when the object is made). One implementation file per op:
-// router.cpp, routing.cpp, combine.cpp (token sum, row gathers, Soft MoE slots, shared gate),
+// router.cpp, routing.cpp, permute.cpp, combine.cpp (token sum, row gathers, Soft MoE slots,
+// shared gate),
 // expert_ffn.cpp and quant_ffn.cpp (the expert FFN per weight format), backend.cpp (what it
 // supports, the expert FFN per format).
 #pragma once
@@ -44,6 +45,8 @@ class CpuBackend final : public ops::BackendOps {
                                            const RouterParams<float>& params, ConstMatrixView<float> d_logits,
                                            ConstMatrixView<float> d_noisy_logits) const override;
 
+  void permute_rows(const ops::OpContext& ctx, const MoeLayerConfig& config, const RoutingPlan& plan,
+                    const float* hidden_states, ExpertRows& rows) const override;
   void token_sum(const ops::OpContext& ctx, const RoutingPlan& plan, ConstMatrixView<float> rows,
                  std::span<const float> weights, int64_t shared_begin, MatrixView<float> out) const override;
   void gather_rows(const ops::OpContext& ctx, ConstMatrixView<float> source, std::span<const int32_t> source_rows,

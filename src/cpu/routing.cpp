@@ -1,4 +1,4 @@
-// CPU implementation of the routing op (ops/routing_op.h): the routing core (routing.h) on the
+// CPU implementation of the routing op (ops/backend.h): the routing core (routing.h) on the
 // process-wide pool.
 #include "cpu/backend.h"
 

@@ -1,7 +1,7 @@
 // The backend object: one implementation of every op of the layer, for one kind of device.
 //
-// Each op has a header under src/ops/ (router.h, routing_op.h, permute.h, expert_ffn.h,
-// combine.h) that states its math and shapes, checks its arguments and dispatches to
+// Each op has a header under src/ops/ (router.h, row_space.h (permute), expert_ffn.h,
+// combine.h; routing's is the routing core, routing.h) that states its math and shapes, checks its arguments and dispatches to
 // ctx.backend; a backend implements the ops in one file per op (src/cpu/<op>.cpp, later
 // src/cuda/<op>.cu) and is listed in src/ops/registry.cpp. The layer and the stages see only
 // this interface, so adding a backend adds files and registry rows, not edits to the layer.
@@ -18,17 +18,22 @@
 
 #include "moekit/backend.h"
 #include "moekit/config.h"
+#include "moekit/layer_config.h"
 #include "moekit/plan.h"
 #include "moekit/routing.h"
 #include "moekit/tensor.h"
 #include "ops/context.h"
 
+namespace moekit {
+struct ExpertRows;
+}
+
 namespace moekit::ops {
 
 enum class Op {
   kRouter,      // router projection and its backward (router.h)
-  kRouting,     // routing method: logits → plan, losses, statistics, and the backward (routing_op.h)
-  kPermute,     // plan → expert-major rows, and the token sum of row gradients (permute.h)
+  kRouting,     // routing method: logits → plan, losses, statistics, and the backward (routing.h)
+  kPermute,     // plan → expert-major rows (row_space.h), and the token sum of row gradients
   kExperts,     // the grouped expert FFN (expert_ffn.h)
   kCombine,     // expert rows → token outputs in choice order (combine.h)
   kSoftSlots,   // Soft MoE's slot dispatch and combine (combine.h)
@@ -72,7 +77,7 @@ class BackendOps {
                                ConstMatrixView<double> d_logits, MatrixView<double> d_x, MatrixView<double> d_weight,
                                std::span<double> d_bias) const = 0;
 
-  // Routing (routing_op.h).
+  // Routing (the routing core, routing.h).
   virtual RoutingResult<float> route_logits(const OpContext& ctx, const RoutingConfig& config,
                                             ConstMatrixView<float> logits, const RoutingOptions& options) const = 0;
   virtual RoutingResult<float> route_hidden(const OpContext& ctx, const RoutingConfig& config,
@@ -86,7 +91,9 @@ class BackendOps {
                                                    const RouterParams<float>& params, ConstMatrixView<float> d_logits,
                                                    ConstMatrixView<float> d_noisy_logits) const = 0;
 
-  // Permute and the token sum (permute.h, combine.h).
+  // Permute (row_space.h) and the token sum (combine.h).
+  virtual void permute_rows(const OpContext& ctx, const MoeLayerConfig& config, const RoutingPlan& plan,
+                            const float* hidden_states, ExpertRows& rows) const = 0;
   virtual void token_sum(const OpContext& ctx, const RoutingPlan& plan, ConstMatrixView<float> rows,
                          std::span<const float> weights, int64_t shared_begin, MatrixView<float> out) const = 0;
   virtual void gather_rows(const OpContext& ctx, ConstMatrixView<float> source, std::span<const int32_t> source_rows,

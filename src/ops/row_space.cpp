@@ -2,7 +2,9 @@
 
 #include <algorithm>
 
+#include "moekit/error.h"
 #include "moekit/quant.h"
+#include "ops/backend.h"
 
 namespace moekit::ops {
 
@@ -32,7 +34,16 @@ WeightView expert_weight(const WeightView& w, int64_t e) {
   return x;
 }
 
-void permute_rows(const MoeLayerConfig& c, const RoutingPlan& plan, const float* hidden_states, ExpertRows& rows) {
+void permute_rows(const OpContext& ctx, const MoeLayerConfig& config, const RoutingPlan& plan,
+                  const float* hidden_states, ExpertRows& rows) {
+  if (rows.weights != CombineWeights::kInExperts && rows.weights != CombineWeights::kInCombine) {
+    throw_input_error("permute combine weights", "kInExperts or kInCombine", static_cast<int>(rows.weights));
+  }
+  ctx.backend->permute_rows(ctx, config, plan, hidden_states, rows);
+}
+
+void index_permute_rows(const MoeLayerConfig& c, const RoutingPlan& plan, const float* hidden_states,
+                        ExpertRows& rows) {
   const int64_t num_experts = c.num_experts(), d = c.d_model;
   const bool soft = c.routing.routing_method == RoutingMethod::kSoftMoe;
   const int64_t slot_rows = rows.num_sequences * c.routing.slots_per_expert;

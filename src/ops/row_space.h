@@ -19,6 +19,7 @@
 #include "moekit/params.h"
 #include "moekit/plan.h"
 #include "moekit/stages.h"
+#include "ops/context.h"
 
 namespace moekit::ops {
 
@@ -59,12 +60,18 @@ struct RowSpace {
 // expert's first row of codes and of scales.
 WeightView expert_weight(const WeightView& w, int64_t e);
 
-// The permute op: the plan's rows as segments (no copy: routed segments gather hidden_states
-// through the plan's token lists; Soft MoE's read `slot_inputs`), and the shared expert's rows.
-// `rows` receives the segments; its slot_inputs and shared_gate must already be filled when used.
-void permute_rows(const MoeLayerConfig& config, const RoutingPlan& plan,
+// The permute op: the plan's rows as segments, and the shared expert's rows. `rows` receives the
+// segments; its slot_inputs and shared_gate must already be filled. Dispatches to ctx.backend.
+void permute_rows(const OpContext& ctx, const MoeLayerConfig& config, const RoutingPlan& plan,
                   const float* hidden_states,  // [num_tokens, d_model]
                   ExpertRows& rows);
+
+// The permutation as index lists, no copy: routed segments gather hidden_states through the
+// plan's token lists (Soft MoE's read `slot_inputs`); what a backend whose GEMMs gather rows
+// (the CPU's) implements permute_rows with.
+void index_permute_rows(const MoeLayerConfig& config, const RoutingPlan& plan,
+                        const float* hidden_states,  // [num_tokens, d_model]
+                        ExpertRows& rows);
 
 // The row space of `rows` with the expert weights of `params` bound to each segment; with
 // `d_y` (backward) each group reads its output gradient there.
