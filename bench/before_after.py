@@ -3,6 +3,7 @@
 change did not move performance.
 
     python3 bench/before_after.py --before OLD/moekit --after build/moekit [--rounds 2] [--threads 2]
+                                  [--shapes coarse,fine,decode] [--dtypes fp32,bf16,int8,int4]
 
 For each of the README's three shapes (coarse 512·1024·3584·8·2, fine-grained 1024·1024·384·64·8,
 decode 8·2048·768·128·8) and each dtype (fp32 and bf16 with --backward: forward, train forward,
@@ -18,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-SHAPES = [(512, 1024, 3584, 8, 2), (1024, 1024, 384, 64, 8), (8, 2048, 768, 128, 8)]
+SHAPES = {"coarse": (512, 1024, 3584, 8, 2), "fine": (1024, 1024, 384, 64, 8), "decode": (8, 2048, 768, 128, 8)}
 TRAIN_FIGURES = [("forward", "forward_ms"), ("train forward", "train_forward_ms"), ("backward", "backward_ms"),
                  ("step", "step_ms")]
 
@@ -41,9 +42,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16,int8,int4")
+    ap.add_argument("--shapes", default="coarse,fine,decode", help="a subset of coarse,fine,decode")
     a = ap.parse_args()
     rows = []
-    for shape in SHAPES:
+    for shape in [SHAPES[name] for name in a.shapes.split(",")]:
         for dtype in a.dtypes.split(","):
             figures = TRAIN_FIGURES if dtype in ("fp32", "bf16") else TRAIN_FIGURES[:1]
             got = {"before": [], "after": []}
